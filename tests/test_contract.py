@@ -1,0 +1,49 @@
+"""Contract tests, run on every pruner that list_pruners() returns (plugins included)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenprune import create_pruner, keep_count, list_pruners
+from tokenprune.testing import check_pruner_contract, synthetic_inputs
+
+ALL_PRUNERS = list_pruners()
+
+
+def test_plugin_is_collected():
+    assert "l2norm" in ALL_PRUNERS, "the fixture plugin must be discovered, or the plugin contract goes untested"
+
+
+@pytest.mark.parametrize("name", ALL_PRUNERS)
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.1, 0.01])
+def test_contract(name, ratio):
+    check_pruner_contract(create_pruner(name, ratio=ratio), synthetic_inputs(grid=(6, 8)))
+
+
+@pytest.mark.parametrize("name", ALL_PRUNERS)
+def test_contract_merged_patches_and_odd_grid(name):
+    check_pruner_contract(create_pruner(name, ratio=0.3), synthetic_inputs(grid=(5, 7), patch_merge=4, seed=3))
+
+
+@pytest.mark.parametrize("name", ALL_PRUNERS)
+def test_ratio_one_keeps_everything_unchanged(name):
+    inputs = synthetic_inputs()
+    out = create_pruner(name, ratio=1.0)(inputs)
+    assert out.indices.tolist() == [list(range(inputs.num_tokens))] * inputs.batch_size
+    torch.testing.assert_close(out.apply(inputs.tokens), inputs.tokens, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_PRUNERS if not create_pruner(n).quantised])
+def test_ratio_rule(name):
+    for n, ratio, k in [(576, 0.25, 144), (576, 0.1, 58), (10, 0.05, 1), (10, 0.25, 3), (9, 0.5, 5)]:
+        assert keep_count(ratio, n) == k
+        assert create_pruner(name, ratio=ratio).num_kept(n, (1, n)) == k
+
+
+@pytest.mark.parametrize("name", ALL_PRUNERS)
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), "abc", None, True])
+def test_bad_ratio_is_rejected(name, bad):
+    from tokenprune import OptionError
+
+    with pytest.raises(OptionError, match=r"\(0, 1\]"):
+        create_pruner(name, ratio=bad)

@@ -1,0 +1,111 @@
+"""The ``tokenprune`` command line.
+
+User errors (:class:`~tokenprune.errors.TokenpruneError`) print one line and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import OptionError, TokenpruneError
+from .pruner import PRUNERS, pruner_from_spec, validate_ratio
+from .registry import Registry
+
+# Registries shown by `tokenprune list`, in order; later issues add models and tasks here.
+LISTED: list[tuple[str, Registry, Callable]] = []
+
+
+def _pruner_row(entry) -> list[str]:
+    cls = entry.obj
+    if cls is None:
+        return [entry.name, "?", entry.origin, f"failed to load: {entry.error}"]
+    return [entry.name, cls.stage.value, entry.origin, entry.description]
+
+
+LISTED.append(("pruners", PRUNERS, _pruner_row))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for r in [header, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(r, widths)] + [str(r[-1])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print every registered pruner (and, as they land, model and task) with its origin."""
+    headers = {"pruners": ["name", "stage", "origin", "description"]}
+    for title, registry, row in LISTED:
+        if args.kind and args.kind != title:
+            continue
+        rows = [row(e) for e in registry.entries()]
+        print(f"{title}:")
+        print(_table(headers.get(title, ["name", "origin", "description"]), rows) if rows else "  (none)")
+        print()
+    return 0
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+        if h < 1 or w < 1:
+            raise ValueError
+    except ValueError:
+        raise OptionError(f"--grid must be HxW with positive integers, e.g. 24x24; got {text!r}") from None
+    return h, w
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Validate a pruner spec and print its options, needs and kept-token count on a grid."""
+    overrides = {} if args.ratio is None else {"ratio": validate_ratio(args.ratio)}
+    pruner = pruner_from_spec(args.spec, **overrides)
+    grid = _parse_grid(args.grid)
+    n = grid[0] * grid[1]
+    entry = PRUNERS.entry(pruner.name)
+    print(f"{pruner.name} ({entry.origin}, stage {pruner.stage.value}): {entry.description}")
+    for key, value in pruner.options.items():
+        print(f"  {key} = {value!r}")
+    print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
+    kept = pruner.num_kept(n, grid)
+    print(f"  keeps {kept} of {n} tokens on a {grid[0]}x{grid[1]} grid ({kept / n:.1%})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tokenprune`` command."""
+    parser = argparse.ArgumentParser(
+        prog="tokenprune", description="Compare visual-token pruning methods for vision-language models."
+    )
+    parser.add_argument("--version", action="version", version=f"tokenprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_list = sub.add_parser("list", help="list pruners (and models, tasks) with their origin")
+    p_list.add_argument("kind", nargs="?", choices=[t for t, _, _ in LISTED], help="only this registry")
+    p_list.set_defaults(func=cmd_list)
+
+    p_desc = sub.add_parser("describe", help="check a pruner spec and show what it keeps")
+    p_desc.add_argument("spec", help="pruner name with options, e.g. fopru_row:ratio=0.25:fill=rank")
+    p_desc.add_argument("--ratio", help="retention ratio in (0, 1] (overrides the spec)")
+    p_desc.add_argument("--grid", default="24x24", help="token grid HxW to count on (default 24x24, LLaVA-1.5)")
+    p_desc.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokenprune`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenpruneError as exc:
+        print(f"tokenprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The TokenPruner interface: what a pruner sees, what it must return, and how it is created.
+
+A pruner is pure, batched tensor code with no model knowledge. A model adapter builds a
+:class:`PruningInputs` (visual tokens, their patch grid and whatever scores the pruner asked for in
+:attr:`TokenPruner.needs`), calls the pruner, and applies the :class:`Reduction` it returns.
+
+Shapes use ``B`` for batch (one entry per image view), ``N = h * w`` for visual tokens as the LLM
+sees them in raster order, ``D`` for their width, ``P = N * patch_merge`` for vision-encoder
+patches and ``Q`` for LLM query rows.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Hashable, Literal, Sequence
+
+import torch
+import yaml
+
+from .errors import OptionError
+from .registry import Registry
+
+
+class Stage(str, Enum):
+    """Where a pruner acts: on the visual tokens before the LLM, or inside the LLM at a layer."""
+
+    PRE_LLM = "pre_llm"
+    IN_LLM = "in_llm"
+
+
+@dataclass(frozen=True)
+class PrunerNeeds:
+    """What a pruner asks the adapter to compute; everything else is left out, for speed.
+
+    Attributes:
+        vision_attention_layer: vision-encoder layer (Python-style index, ``-2`` = penultimate)
+            whose head-averaged attention probabilities the pruner needs, or ``None``.
+        vision_attention_rows: ``"all"`` (the whole map) or ``"prefix"`` (only the rows of the
+            CLS/prefix tokens, e.g. for CLS-attention scoring), so the adapter can skip the rest.
+        llm_attention_layer: 0-based decoder layer whose attention (head-averaged, to the image
+            tokens) an in-LLM pruner needs, or ``None``.
+        llm_attention_queries: ``"last"`` (only the last token's row) or ``"all"`` query rows.
+    """
+
+    vision_attention_layer: int | None = None
+    vision_attention_rows: Literal["all", "prefix"] = "all"
+    llm_attention_layer: int | None = None
+    llm_attention_queries: Literal["last", "all"] = "last"
+
+    def describe(self) -> dict[str, object]:
+        """Only the fields that matter: what is asked for, and which rows of it."""
+        out: dict[str, object] = {}
+        if self.vision_attention_layer is not None:
+            out.update(vision_attention_layer=self.vision_attention_layer, vision_attention_rows=self.vision_attention_rows)
+        if self.llm_attention_layer is not None:
+            out.update(llm_attention_layer=self.llm_attention_layer, llm_attention_queries=self.llm_attention_queries)
+        return out
+
+
+@dataclass
+class PruningInputs:
+    """Everything a pruner may look at, for a batch of ``B`` image views.
+
+    Attributes:
+        tokens: ``[B, N, D]`` visual tokens (after the projector for pre-LLM pruners; the image
+            span of the hidden states for in-LLM pruners).
+        grid: ``(h, w)`` with ``h * w == N``; token ``i`` sits at row ``i // w``, column ``i % w``.
+        sample_ids: one stable id per batch entry (dataset id + view); seeds random pruners so a
+            sample gets the same tokens whatever batch it is in.
+        vision_attention: ``[B, T, T]`` head-averaged attention probabilities of the requested
+            vision layer over ``T = vision_prefix + P`` tokens (rows ``[:vision_prefix]`` only,
+            shape ``[B, vision_prefix, T]``, when the pruner asked for ``"prefix"`` rows).
+        vision_prefix: how many non-patch tokens (CLS, registers) lead the vision sequence.
+        patch_merge: vision patches per LLM token; patch ``p`` belongs to token ``p // patch_merge``
+            (adapters put patches in that order, e.g. Qwen2-VL's 2x2 merge groups).
+        llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the image
+            tokens at the requested LLM layer.
+        llm_query_mask: ``[B, Q]`` bool, ``True`` for real (non-padding) query rows.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    sample_ids: Sequence[Hashable] | None = None
+    vision_attention: torch.Tensor | None = None
+    vision_prefix: int = 0
+    patch_merge: int = 1
+    llm_attention: torch.Tensor | None = None
+    llm_query_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 3:
+            raise ValueError(f"tokens must be [B, N, D], got shape {tuple(self.tokens.shape)}")
+        h, w = self.grid
+        if h * w != self.tokens.shape[1]:
+            raise ValueError(f"grid {h}x{w} does not match N={self.tokens.shape[1]} tokens")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def select(self, index: int) -> "PruningInputs":
+        """The inputs of batch entry ``index`` alone (batch of 1)."""
+        sl = slice(index, index + 1)
+        return PruningInputs(
+            tokens=self.tokens[sl],
+            grid=self.grid,
+            sample_ids=None if self.sample_ids is None else [self.sample_ids[index]],
+            vision_attention=None if self.vision_attention is None else self.vision_attention[sl],
+            vision_prefix=self.vision_prefix,
+            patch_merge=self.patch_merge,
+            llm_attention=None if self.llm_attention is None else self.llm_attention[sl],
+            llm_query_mask=None if self.llm_query_mask is None else self.llm_query_mask[sl],
+        )
+
+
+@dataclass
+class Reduction:
+    """What a pruner returns: which visual tokens the LLM gets.
+
+    Attributes:
+        indices: ``[B, k]`` long, strictly increasing per row. For selecting pruners, the kept
+            token indices into ``N``; for merging pruners, the source token that stands for each
+            new token (its position id under the ``keep`` position policy).
+        tokens: ``[B, k, D]`` new tokens for merging pruners; ``None`` means "gather ``indices``".
+        grid: ``(h', w')`` if the result is still a full rectangular grid (pooling, whole rows),
+            else ``None``; adapters that renumber positions 2-D (M-RoPE) use it.
+    """
+
+    indices: torch.Tensor
+    tokens: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+
+    @property
+    def num_kept(self) -> int:
+        return self.indices.shape[1]
+
+    def apply(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reduced tokens ``[B, k, D]`` from the full ``[B, N, D]`` ones."""
+        if self.tokens is not None:
+            return self.tokens
+        return gather_tokens(tokens, self.indices)
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, indices[b]]`` for every ``b``: ``[B, N, D]``, ``[B, k]`` -> ``[B, k, D]``."""
+    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def keep_count(ratio: float, n_tokens: int) -> int:
+    """Tokens kept at retention ``ratio`` out of ``n_tokens``: ``max(1, round(ratio * n))``.
+
+    Rounds half up (not Python's banker's rounding) so that counts are what a reader computes.
+    """
+    return max(1, min(n_tokens, math.floor(ratio * n_tokens + 0.5)))
+
+
+def validate_ratio(value: Any, name: str = "ratio") -> float:
+    """``value`` as a float in (0, 1]; anything else raises :class:`OptionError` saying what is allowed."""
+    if isinstance(value, bool):
+        raise OptionError(f"{name} must be a number in (0, 1], got {value!r}")
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not (0.0 < ratio <= 1.0):  # also rejects NaN
+        raise OptionError(f"{name} must be a number in (0, 1] (the share of visual tokens kept), got {value!r}")
+    return ratio
+
+
+def validate_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else an :class:`OptionError` listing them."""
+    if value not in choices:
+        raise OptionError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def validate_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` as an int (``>= minimum`` if given), else an :class:`OptionError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise OptionError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise OptionError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+class TokenPruner(ABC):
+    """Base class of every visual-token pruner.
+
+    Subclasses take their options as keyword arguments of ``__init__`` and store each as an
+    attribute of the same name (dataclasses do this for free), validate them there, and
+    implement :meth:`select`. Register one with ``@register_pruner("name")``.
+
+    Class attributes:
+        name: the registry name (set on registration).
+        stage: :attr:`Stage.PRE_LLM` or :attr:`Stage.IN_LLM`.
+        quantised: ``True`` if the kept count is not ``keep_count(ratio, N)`` (e.g. whole rows);
+            such a pruner overrides :meth:`num_kept` and says how it rounds in its docstring.
+    """
+
+    name: ClassVar[str] = "unregistered"
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    quantised: ClassVar[bool] = False
+    ratio: float
+
+    @property
+    def needs(self) -> PrunerNeeds:
+        """The scores this pruner needs from the adapter (default: none, tokens only)."""
+        return PrunerNeeds()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The resolved options, ``{parameter of __init__: current value}``."""
+        params = inspect.signature(type(self)).parameters
+        return {p: getattr(self, p) for p in params if hasattr(self, p)}
+
+    def num_kept(self, n_tokens: int, grid: tuple[int, int]) -> int:
+        """How many tokens this pruner keeps out of ``n_tokens`` laid out as ``grid``."""
+        return keep_count(self.ratio, n_tokens)
+
+    @abstractmethod
+    def select(self, inputs: PruningInputs) -> Reduction:
+        """Choose (or build) the visual tokens to keep for every batch entry of ``inputs``."""
+
+    def __call__(self, inputs: PruningInputs) -> Reduction:
+        return self.select(inputs)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({opts})"
+
+
+def _name_pruner_class(name: str, cls: type[TokenPruner]) -> None:
+    """Check that a registered object is a TokenPruner class and tell it its registry name."""
+    if not (isinstance(cls, type) and issubclass(cls, TokenPruner)):
+        raise TypeError(f"pruner {name!r} must be a TokenPruner subclass, got {cls!r}")
+    cls.name = name
+
+
+PRUNERS: Registry[type[TokenPruner]] = Registry(
+    "pruner", "tokenprune.pruners", builtin_modules=("tokenprune.methods",), on_register=_name_pruner_class
+)
+
+
+def register_pruner(name: str):
+    """Class decorator registering a :class:`TokenPruner` subclass under ``name``."""
+    return PRUNERS.register(name)
+
+
+def list_pruners() -> list[str]:
+    """Names of every available pruner: built-ins and ``tokenprune.pruners`` entry points."""
+    return PRUNERS.names()
+
+
+def create_pruner(name: str, **options: Any) -> TokenPruner:
+    """Instantiate the pruner registered as ``name`` with ``options``.
+
+    Unknown names list the known pruners; unknown options list the valid ones; bad values say
+    what is allowed. All three raise :class:`~tokenprune.errors.TokenpruneError` subclasses.
+    """
+    cls = PRUNERS.get(name)
+    params = inspect.signature(cls).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(params))
+    if unknown and not takes_kwargs:
+        raise OptionError(
+            f"pruner {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(params) or '(none)'}"
+        )
+    try:
+        return cls(**options)
+    except TypeError as exc:  # e.g. a plugin with a required option the user left out
+        raise OptionError(f"cannot create pruner {name!r}: {exc}") from None
+
+
+def parse_pruner_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"name:key=value:key=value"`` into the name and typed options.
+
+    Values are parsed as YAML scalars (``3`` -> int, ``0.5`` -> float, ``mean`` -> str).
+    Example: ``parse_pruner_spec("fastv:k=3:query=mean") == ("fastv", {"k": 3, "query": "mean"})``.
+    """
+    name, *parts = spec.strip().split(":")
+    if not name:
+        raise OptionError(f"empty pruner name in {spec!r}; write e.g. fastv:k=3")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"malformed option {part!r} in {spec!r}; write name:key=value, e.g. fastv:k=3")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return name, options
+
+
+def pruner_from_spec(spec: str, **overrides: Any) -> TokenPruner:
+    """``create_pruner`` from a ``"name:key=value"`` spec; ``overrides`` win over the spec's options."""
+    name, options = parse_pruner_spec(spec)
+    options.update(overrides)
+    return create_pruner(name, **options)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest ``scores`` per row, returned in ascending (original) order.
+
+    ``scores`` is ``[B, N]``; the result is ``[B, k]`` long. Ties go to the lower index (a stable
+    sort, unlike ``torch.topk``), so selections are deterministic and hand-checkable.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=-1).values

@@ -1,0 +1,77 @@
+"""Helpers for testing pruners, built-in or plugin: synthetic inputs and the contract checks.
+
+A plugin's own test suite can run ``check_pruner_contract(MyPruner(ratio=0.25))``; tokenprune's
+suite runs it on every pruner that ``list_pruners()`` returns, plugins included.
+"""
+from __future__ import annotations
+
+import torch
+
+from .pruner import PruningInputs, Reduction, TokenPruner, keep_count
+
+
+def synthetic_inputs(
+    batch: int = 3,
+    grid: tuple[int, int] = (6, 8),
+    dim: int = 16,
+    vision_prefix: int = 1,
+    patch_merge: int = 1,
+    n_queries: int = 5,
+    seed: int = 0,
+) -> PruningInputs:
+    """Random but valid :class:`PruningInputs` with every optional field filled.
+
+    Attention maps are row-softmaxes of random logits (each row sums to 1); the LLM query mask
+    marks the first query row of batch entry 0 as padding, as left padding would.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    t = vision_prefix + n * patch_merge
+    mask = torch.ones(batch, n_queries, dtype=torch.bool)
+    mask[0, 0] = False
+    return PruningInputs(
+        tokens=torch.randn(batch, n, dim, generator=g),
+        grid=grid,
+        sample_ids=[f"sample-{seed}-{i}" for i in range(batch)],
+        vision_attention=(3 * torch.randn(batch, t, t, generator=g)).softmax(-1),
+        vision_prefix=vision_prefix,
+        patch_merge=patch_merge,
+        llm_attention=(3 * torch.randn(batch, n_queries, n, generator=g)).softmax(-1),
+        llm_query_mask=mask,
+    )
+
+
+def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduction) -> None:
+    """Assert that ``reduction`` is a valid output of ``pruner`` for ``inputs``.
+
+    Checks: shapes ``[B, k]`` / ``[B, k, D]``; ``k`` equals ``pruner.num_kept`` (and the ratio rule
+    ``max(1, round(r*N))`` unless the pruner is ``quantised``); indices in range, unique and
+    strictly increasing; a declared output grid matches ``k``.
+    """
+    b, n, d = inputs.tokens.shape
+    idx = reduction.indices
+    k = pruner.num_kept(n, inputs.grid)
+    assert idx.dtype == torch.long, f"indices must be long, got {idx.dtype}"
+    assert idx.shape == (b, k), f"indices shape {tuple(idx.shape)}, expected {(b, k)}"
+    if not pruner.quantised:
+        assert k == keep_count(pruner.ratio, n), f"k={k} breaks the ratio rule for r={pruner.ratio}, N={n}"
+    assert 1 <= k <= n
+    assert int(idx.min()) >= 0 and int(idx.max()) < n, "indices out of range"
+    assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be unique and in original order"
+    if reduction.tokens is not None:
+        assert reduction.tokens.shape == (b, k, d), f"merged tokens shape {tuple(reduction.tokens.shape)}"
+    if reduction.grid is not None:
+        assert reduction.grid[0] * reduction.grid[1] == k, "output grid does not match k"
+    assert reduction.apply(inputs.tokens).shape == (b, k, d)
+
+
+def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = None) -> None:
+    """Run :func:`check_reduction` and check that the batched result equals one-by-one results."""
+    inputs = inputs if inputs is not None else synthetic_inputs()
+    batched = pruner(inputs)
+    check_reduction(pruner, inputs, batched)
+    for i in range(inputs.batch_size):
+        single = pruner(inputs.select(i))
+        assert torch.equal(single.indices[0], batched.indices[i]), f"batch entry {i} differs when run alone"
+        if batched.tokens is not None:
+            torch.testing.assert_close(single.tokens[0], batched.tokens[i])
