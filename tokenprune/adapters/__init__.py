@@ -1,0 +1,60 @@
+"""Model adapters: one per model family, found by ``config.model_type``.
+
+``tokenprune.load(id_or_path)`` builds the Hugging Face model + processor and wraps them;
+``tokenprune.wrap(model, processor)`` wraps objects you already have.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnknownNameError
+from ..registry import Registry
+from .base import GenerationOutput, PrunableLVLM, SampleStats, View
+
+MODELS: Registry[type[PrunableLVLM]] = Registry("model family", "tokenprune.models")
+
+
+def register_model(cls: type[PrunableLVLM]) -> type[PrunableLVLM]:
+    """Register an adapter class under its ``family`` (and each of its ``model_types``)."""
+    MODELS.register(cls.family)(cls)
+    return cls
+
+
+def _builtin() -> None:
+    from .llava import LlavaLVLM
+
+    for cls in (LlavaLVLM,):
+        if cls.family not in MODELS:
+            register_model(cls)
+
+
+def adapter_for(model_type: str) -> type[PrunableLVLM]:
+    """The adapter class whose ``model_types`` include ``model_type``."""
+    _builtin()
+    for entry in MODELS.entries():
+        if entry.obj is not None and model_type in entry.obj.model_types:
+            return entry.obj
+    supported = sorted(t for e in MODELS.entries() if e.obj is not None for t in e.obj.model_types)
+    raise UnknownNameError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")
+
+
+def wrap(model: Any, processor: Any) -> PrunableLVLM:
+    """Wrap a loaded Hugging Face LVLM and its processor; the family comes from ``config.model_type``."""
+    return adapter_for(model.config.model_type)(model, processor)
+
+
+def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
+    """Load a model and its processor with ``from_pretrained`` and wrap them.
+
+    ``hf_kwargs`` go to the model's ``from_pretrained`` (``torch_dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(model_id_or_path)
+    adapter_for(config.model_type)  # fail before loading weights
+    model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **hf_kwargs)
+    processor = AutoProcessor.from_pretrained(model_id_or_path)
+    return wrap(model, processor)
+
+
+__all__ = ["GenerationOutput", "MODELS", "PrunableLVLM", "SampleStats", "View", "adapter_for", "load", "register_model", "wrap"]

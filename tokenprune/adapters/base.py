@@ -1,0 +1,254 @@
+"""The model-agnostic half of every adapter: pruning, sequence assembly, generation, stats.
+
+A family adapter (LLaVA, Qwen2-VL, InternVL, ...) implements four things -- build the processor
+batch, encode the images into :class:`View` s (tokens, grid, where they sit in the sequence, and
+the vision attention a pruner asked for), the full position ids, and where the decoder lives.
+Everything else (running pre-LLM pruners, cutting the sequence, position policies, padding,
+decoding, statistics) is here, once.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import OptionError
+from ..pruner import PrunerNeeds, PruningInputs, Stage, TokenPruner, validate_choice
+from .decoder import DecoderRunner, LLMInputs, gather_seq, left_pack
+
+POSITION_POLICIES = ("keep", "compact")
+
+
+@dataclass
+class View:
+    """The visual tokens of one image view (an image, a tile, an anyres crop).
+
+    Attributes:
+        sample: batch index of the sample the view belongs to.
+        tokens: ``[N, D]`` visual tokens after the projector, raster order over ``grid``.
+        grid: ``(h, w)``, ``h * w == N``.
+        seq_index: ``[N]`` positions of these tokens in the sample's ``input_ids`` row.
+        vision_attention: ``[T, T]`` (or ``[prefix, T]``) head-averaged vision attention, if asked.
+        vision_prefix: CLS/register tokens leading the vision sequence.
+        patch_merge: vision patches per token, patches in merge order.
+    """
+
+    sample: int
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    seq_index: torch.Tensor
+    vision_attention: torch.Tensor | None = None
+    vision_prefix: int = 0
+    patch_merge: int = 1
+
+
+@dataclass
+class SampleStats:
+    """Per-sample accounting of one :meth:`PrunableLVLM.generate` call.
+
+    ``tokens_per_layer[i]`` is the sequence length decoder layer ``i`` processed at prefill;
+    ``visual_per_layer[i]`` the visual tokens among them.
+    """
+
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    text_tokens: int
+    tokens_per_layer: list[int]
+    visual_per_layer: list[int]
+    new_tokens: int
+    vision_patches: int
+
+
+@dataclass
+class GenerationOutput:
+    """``texts``: decoded answers (prompt excluded); ``stats``: one :class:`SampleStats` each.
+
+    ``token_ids`` ``[B, T]`` and ``first_logits`` ``[B, V]`` are kept for exactness checks;
+    ``timings`` holds wall-clock seconds of ``vision``, ``prefill`` + ``decode`` (``llm``).
+    """
+
+    texts: list[str]
+    stats: list[SampleStats]
+    token_ids: torch.Tensor
+    first_logits: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class PrunableLVLM(ABC):
+    """A Hugging Face vision-language model that runs any registered pruner.
+
+    Use :func:`tokenprune.load` or :func:`tokenprune.wrap` rather than a subclass directly.
+    """
+
+    family: ClassVar[str] = "?"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        text_model, lm_head = self.decoder()
+        # Our decoder loop passes 4-D boolean masks: SDPA's (and eager's) format.
+        if text_model.config._attn_implementation not in ("sdpa", "eager"):
+            text_model.config._attn_implementation = "sdpa"
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.runner = DecoderRunner(text_model, lm_head, pad_id=pad, eos_ids=self.eos_ids())
+
+    # -- what a family provides -----------------------------------------------------------------
+    @abstractmethod
+    def decoder(self) -> tuple[nn.Module, nn.Module]:
+        """``(text_model, lm_head)``: the decoder stack and the output projection."""
+
+    @abstractmethod
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs) with the
+        model's chat template and image placeholder applied to each prompt."""
+
+    @abstractmethod
+    def encode_images(self, batch: dict[str, torch.Tensor], needs: PrunerNeeds) -> list[View]:
+        """Vision encoder + projector: every view of every sample, in sequence order."""
+
+    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full-sequence position ids, ``[B, L]`` (1-D RoPE; M-RoPE families return ``[3, B, L]``)."""
+        mask = batch["attention_mask"].bool()
+        return (mask.long().cumsum(1) - 1).clamp_min(0)
+
+    def compact_positions(self, positions: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """Positions renumbered without gaps, for ``position_policy="compact"``."""
+        return (mask.long().cumsum(1) - 1).clamp_min(0)
+
+    def eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+        return [i for i in ids if i is not None]
+
+    # -- the shared pipeline ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        pruner: TokenPruner | None = None,
+        max_new_tokens: int = 16,
+        position_policy: str = "keep",
+        sample_ids: Sequence[str] | None = None,
+        use_cache: bool = True,
+    ) -> GenerationOutput:
+        """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
+
+        Args:
+            images: one PIL image per sample.
+            prompts: one question per sample; the chat template and image placeholder are added.
+            pruner: any registered pruner, or ``None`` for the unpruned model.
+            max_new_tokens: generation budget per sample.
+            position_policy: ``"keep"`` kept visual tokens keep their original position ids;
+                ``"compact"`` positions are renumbered without gaps (pre-LLM pruners only).
+            sample_ids: stable ids (seed random pruners); default: the batch index.
+            use_cache: ``False`` re-runs the whole pruned sequence per token (a reference).
+        """
+        if len(images) != len(prompts):
+            raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+        if max_new_tokens < 1:
+            raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        validate_choice(position_policy, "position_policy", POSITION_POLICIES)
+        ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
+        needs = pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        t0 = time.perf_counter()
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
+        views = self.encode_images(batch, needs)
+        sync()
+        t1 = time.perf_counter()
+        llm_inputs, n_in, n_kept, patches = self._assemble(batch, views, pruner, position_policy, ids)
+        in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache)
+        sync()
+        t2 = time.perf_counter()
+
+        texts = self.tokenizer.batch_decode(
+            [row[: int(n)] for row, n in zip(result.tokens.tolist(), result.new_tokens.tolist())],
+            skip_special_tokens=True,
+        )
+        text_tokens = (llm_inputs.mask & ~llm_inputs.image_mask).sum(1).tolist()
+        stats = [
+            SampleStats(
+                visual_tokens_in=n_in[i], visual_tokens_kept=n_kept[i], text_tokens=text_tokens[i],
+                tokens_per_layer=result.prefill_tokens[i].tolist(), visual_per_layer=result.visual_tokens[i].tolist(),
+                new_tokens=int(result.new_tokens[i]), vision_patches=patches[i],
+            )
+            for i in range(len(prompts))
+        ]
+        return GenerationOutput(texts=[t.strip() for t in texts], stats=stats, token_ids=result.tokens,
+                                first_logits=result.first_logits, timings={"vision": t1 - t0, "llm": t2 - t1})
+
+    def _assemble(self, batch, views: list[View], pruner, position_policy, ids):
+        """Embed the prompt, place the (pruned) visual tokens, cut and left-pack the sequence."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        b = input_ids.shape[0]
+        positions = self.position_ids(batch)
+        embeds = self.runner.embed(input_ids)
+        pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
+        kept_views = self._prune_views(views, pre, ids) if pre is not None else [(v.seq_index, v.tokens) for v in views]
+
+        image_mask = torch.zeros_like(mask)
+        keep = mask.clone()
+        n_in, n_kept, patches = [0] * b, [0] * b, [0] * b
+        if views:
+            rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in views])
+            image_mask[rows_all, torch.cat([v.seq_index for v in views])] = True
+            keep &= ~image_mask
+            rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _) in zip(views, kept_views)])
+            cols = torch.cat([s for s, _ in kept_views])
+            keep[rows, cols] = True
+            embeds = embeds.index_put((rows, cols), torch.cat([t for _, t in kept_views]).to(embeds.dtype))
+            for v, (s, _) in zip(views, kept_views):
+                n_in[v.sample] += v.tokens.shape[0]
+                n_kept[v.sample] += s.shape[0]
+                patches[v.sample] += v.tokens.shape[0] * v.patch_merge
+        index = left_pack(keep)
+        new_mask = gather_seq(keep, index, 1)
+        new_image = gather_seq(image_mask, index, 1) & new_mask
+        new_pos = gather_seq(positions, index, positions.dim() - 1)
+        if position_policy == "compact":
+            new_pos = self.compact_positions(new_pos, new_mask, new_image)
+        return (
+            LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image, sample_ids=ids),
+            n_in, n_kept, patches,
+        )
+
+    @staticmethod
+    def _prune_views(views: list[View], pruner: TokenPruner, ids: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch."""
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
+        groups: dict[tuple, list[int]] = {}
+        for i, v in enumerate(views):
+            att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
+            groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att), []).append(i)
+        view_no: dict[int, int] = {}
+        for (grid, merge, prefix, att), members in groups.items():
+            for i in members:
+                view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample)
+            inputs = PruningInputs(
+                tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
+                sample_ids=[f"{ids[views[i].sample]}/{view_no[i]}" for i in members],
+                vision_attention=None if att is None else torch.stack([views[i].vision_attention for i in members]),
+                vision_prefix=prefix, patch_merge=merge,
+            )
+            red = pruner(inputs)
+            new_tokens = red.apply(inputs.tokens)
+            for j, i in enumerate(members):
+                out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j])
+        return out  # type: ignore[return-value]

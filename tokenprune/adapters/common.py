@@ -1,0 +1,42 @@
+"""Helpers shared by family adapters: chat prompts, vision attention modules, layer choice."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import OptionError
+
+
+def chat_prompts(processor: Any, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as a one-turn conversation with one image, through the processor's chat template."""
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        for p in prompts
+    ]
+
+
+def attention_modules(tower: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a vision tower, in layer order.
+
+    Any module that dispatches through ``config._attn_implementation`` carries ``is_causal``
+    (a transformers 5 convention) and a ``config``; nested ones are not double-counted.
+    """
+    mods = [m for m in tower.modules() if hasattr(m, "is_causal") and hasattr(m, "config") and m is not tower]
+    return [m for m in mods if not any(o is not m and m in set(o.modules()) for o in mods)]
+
+
+def layer_index(layer: int, n_layers: int, what: str = "vision_layer") -> int:
+    """A Python-style layer index resolved against ``n_layers`` (clear error when out of range)."""
+    if not -n_layers <= layer < n_layers:
+        raise OptionError(f"{what}={layer} is out of range for a vision encoder with {n_layers} layers")
+    return layer % n_layers
+
+
+def head_map(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate recorded ``[b, rows, T]`` maps along the batch."""
+    return torch.cat(maps, dim=0)

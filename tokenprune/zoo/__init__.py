@@ -1,0 +1,1 @@
+"""Model builders: tiny random models of every supported family (tests, benchmarks)."""

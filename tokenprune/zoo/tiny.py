@@ -1,0 +1,95 @@
+"""Tiny randomly initialised LVLMs of every supported family, built from configs in code.
+
+No hub access: the tokenizer is a word-level one made here with ``tokenizers``, and each
+processor is assembled from its parts. The models are real transformers classes, so adapters
+are tested on exactly the code they run on with real weights; only sizes differ.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = (
+    "what is in the image ? a an of on color shape how many are there is it yes no left right top bottom "
+    "red green blue yellow circle square triangle dog cat one two three four answer question describe "
+    "picture with word single using phrase letter option from given choices directly ."
+).split()
+SPECIAL = [
+    "<pad>", "<unk>", "<s>", "</s>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+    "<|vision_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>",
+]
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    " {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(**extra_attrs) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small vocabulary with every family's special tokens."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + ["USER:", "ASSISTANT:", "user", "assistant", "\n"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=SPECIAL[4:], **extra_attrs,
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def _text_config(vocab_size: int, **kw) -> dict:
+    base = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return base
+
+
+def _finish(model, seed: int):
+    model.eval()
+    return model
+
+
+def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_implementation: str = "sdpa"):
+    """A tiny ``LlavaForConditionalGeneration`` (CLIP tower with CLS, Llama LLM) and its processor.
+
+    ``image_size // patch_size`` squared visual tokens per image (default 8x8 = 64).
+    """
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=32,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", attn_implementation=attn_implementation,
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return _finish(model, seed), processor
