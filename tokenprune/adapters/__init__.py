@@ -22,8 +22,9 @@ def register_model(cls: type[PrunableLVLM]) -> type[PrunableLVLM]:
 
 def _builtin() -> None:
     from .llava import LlavaLVLM
+    from .qwen2_vl import QwenVLLVLM
 
-    for cls in (LlavaLVLM,):
+    for cls in (LlavaLVLM, QwenVLLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

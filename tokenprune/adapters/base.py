@@ -119,9 +119,22 @@ class PrunableLVLM(ABC):
         mask = batch["attention_mask"].bool()
         return (mask.long().cumsum(1) - 1).clamp_min(0)
 
-    def compact_positions(self, positions: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """Positions renumbered without gaps, for ``position_policy="compact"``."""
-        return (mask.long().cumsum(1) - 1).clamp_min(0)
+    @staticmethod
+    def compact_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Positions renumbered without gaps, for ``position_policy="compact"``.
+
+        Every position value that no kept token uses (on any axis) is removed by an
+        order-preserving renumbering of the values in use. For 1-D RoPE this is ``0..L'-1``; for
+        M-RoPE the kept image tokens keep their relative layout and the text after the image
+        moves up by the extent that pruning freed. ``positions`` is ``[B, L]`` or ``[3, B, L]``.
+        """
+        pos = positions if positions.dim() == 3 else positions.unsqueeze(0)
+        out = torch.zeros_like(pos)
+        for b in range(pos.shape[1]):  # per sample: the set of values in use differs
+            values = pos[:, b][:, mask[b]]
+            used = torch.unique(values)
+            out[:, b][:, mask[b]] = torch.searchsorted(used, values.contiguous())
+        return out if positions.dim() == 3 else out[0]
 
     def eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -145,6 +158,7 @@ class PrunableLVLM(ABC):
         position_policy: str = "keep",
         sample_ids: Sequence[str] | None = None,
         use_cache: bool = True,
+        ignore_eos: bool = False,
     ) -> GenerationOutput:
         """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
 
@@ -157,6 +171,7 @@ class PrunableLVLM(ABC):
                 ``"compact"`` positions are renumbered without gaps (pre-LLM pruners only).
             sample_ids: stable ids (seed random pruners); default: the batch index.
             use_cache: ``False`` re-runs the whole pruned sequence per token (a reference).
+            ignore_eos: decode exactly ``max_new_tokens`` (fixed-length latency measurements).
         """
         if len(images) != len(prompts):
             raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
@@ -174,7 +189,8 @@ class PrunableLVLM(ABC):
         t1 = time.perf_counter()
         llm_inputs, n_in, n_kept, patches = self._assemble(batch, views, pruner, position_policy, ids)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
-        result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache)
+        result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
+                                     ignore_eos=ignore_eos)
         sync()
         t2 = time.perf_counter()
 
@@ -223,7 +239,7 @@ class PrunableLVLM(ABC):
         new_image = gather_seq(image_mask, index, 1) & new_mask
         new_pos = gather_seq(positions, index, positions.dim() - 1)
         if position_policy == "compact":
-            new_pos = self.compact_positions(new_pos, new_mask, new_image)
+            new_pos = self.compact_positions(new_pos, new_mask)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image, sample_ids=ids),
             n_in, n_kept, patches,

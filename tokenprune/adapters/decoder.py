@@ -173,16 +173,17 @@ class DecoderRunner:
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int, pruner: TokenPruner | None = None,
-                 use_cache: bool = True) -> DecodeResult:
+                 use_cache: bool = True, ignore_eos: bool = False) -> DecodeResult:
         """Greedy decoding of up to ``max_new_tokens`` per sample.
 
         With ``use_cache=False`` every step re-runs the whole (pruned) sequence: the reference
         that cached decoding must match. An in-LLM pruner selects once, at prefill; the reference
-        replays that selection, as the cache does.
+        replays that selection, as the cache does. ``ignore_eos`` always decodes
+        ``max_new_tokens`` (fixed-length latency runs, decoding tests).
         """
         b = inputs.embeds.shape[0]
         device = inputs.embeds.device
-        eos = self.eos_ids.to(device)
+        eos = self.eos_ids.to(device) if not ignore_eos else torch.empty(0, dtype=torch.long, device=device)
         cache = DynamicCache() if use_cache else None
         h, n_tok, n_vis, keep = self._run_layers(inputs.embeds, inputs.mask, inputs.positions, inputs.image_mask,
                                                  cache, pruner, None, inputs.sample_ids, inputs.embeds.shape[1])

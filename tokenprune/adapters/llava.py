@@ -56,3 +56,14 @@ class LlavaLVLM(PrunableLVLM):
             views.append(View(sample=b, tokens=feats[b], grid=(side, side), seq_index=seq_index,
                               vision_attention=None if attn is None else attn[b], vision_prefix=prefix))
         return views
+
+    def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
+        """Head-averaged vision attention of ``layer`` via eager attention + ``output_attentions``."""
+        tower = self.model.model.vision_tower
+        old = tower.config._attn_implementation
+        tower.config._attn_implementation = "eager"
+        try:
+            out = tower(batch["pixel_values"].to(tower.dtype), output_attentions=True, return_dict=True)
+        finally:
+            tower.config._attn_implementation = old
+        return list(out.attentions[layer].float().mean(dim=1))

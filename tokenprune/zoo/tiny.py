@@ -93,3 +93,83 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
         vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
     )
     return _finish(model, seed), processor
+
+
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+
+@torch.no_grad()
+def eager_vision_attention(lvlm, batch, layer: int) -> list[torch.Tensor]:
+    """Reference vision attention via eager attention + ``output_attentions`` (slow, tests only).
+
+    Returns one ``[T, T]`` head-averaged map per view, in the layout the adapter hands to
+    pruners (prefix tokens first, patches in merge order).
+    """
+    return lvlm.reference_vision_attention(batch, layer)
+
+
+def without_video(processor_cls):
+    """``processor_cls`` accepting ``video_processor=None``.
+
+    Video processors need torchvision, which we do not install (its PyPI wheel breaks the PIL
+    image processors on CPU); transformers' processors refuse a missing one in their constructor.
+    """
+
+    class ImageOnlyProcessor(processor_cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = processor_cls.__name__
+    return ImageOnlyProcessor
+
+
+def _qwen_processor(tok, patch_size: int):
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+        min_pixels=(patch_size * 2) ** 2 * 4, max_pixels=(patch_size * 2) ** 2 * 64,
+        size={"shortest_edge": (patch_size * 2) ** 2 * 4, "longest_edge": (patch_size * 2) ** 2 * 64},
+    )
+    return without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                            chat_template=QWEN_TEMPLATE)
+
+
+def _qwen_ids(tok) -> dict:
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8):
+    """A tiny ``Qwen2VLForConditionalGeneration``: native resolution (up to 64 merged tokens), M-RoPE."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    torch.manual_seed(seed)
+    text = _text_config(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=patch_size,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=text, **_qwen_ids(tok), attn_implementation="sdpa",
+    )
+    return _finish(Qwen2VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8):
+    """A tiny ``Qwen2_5_VLForConditionalGeneration``: windowed vision attention except block 1."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    torch.manual_seed(seed)
+    text = _text_config(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                           patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=patch_size * 4, fullatt_block_indexes=[1]),
+        text_config=text, **_qwen_ids(tok), attn_implementation="sdpa",
+    )
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size)
