@@ -21,10 +21,11 @@ def register_model(cls: type[PrunableLVLM]) -> type[PrunableLVLM]:
 
 
 def _builtin() -> None:
+    from .internvl import InternVLLVLM
     from .llava import LlavaLVLM
     from .qwen2_vl import QwenVLLVLM
 
-    for cls in (LlavaLVLM, QwenVLLVLM):
+    for cls in (LlavaLVLM, QwenVLLVLM, InternVLLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

@@ -95,7 +95,7 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
     return _finish(model, seed), processor
 
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
 @torch.no_grad()
@@ -173,3 +173,32 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8):
         text_config=text, **_qwen_ids(tok), attn_implementation="sdpa",
     )
     return _finish(Qwen2_5_VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size)
+
+
+def tiny_internvl(seed: int = 0, tile_size: int = 32, patch_size: int = 4, max_tiles: int = 4):
+    """A tiny ``InternVLForConditionalGeneration``: up to ``max_tiles`` tiles + a thumbnail per image,
+    each ``(tile/patch)^2 / 4`` tokens after pixel shuffle (default 16 on a 4x4 grid)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = tiny_tokenizer(extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    })
+    torch.manual_seed(seed)
+    n_tokens = (tile_size // patch_size) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                           image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size]),
+        text_config=dict(model_type="qwen2", **_text_config(len(tok))),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=n_tokens,
+        vision_feature_layer=-1, attn_implementation="sdpa", tie_word_embeddings=False,
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+    )
+    processor = without_video(InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tok, video_processor=None, image_seq_length=n_tokens,
+        chat_template=INTERNVL_TEMPLATE,
+    )
+    return _finish(InternVLForConditionalGeneration(config), seed), processor

@@ -1,0 +1,101 @@
+"""InternVL (``InternVLForConditionalGeneration``): tiles + thumbnail, InternViT with CLS, pixel shuffle.
+
+Each tile is a view, pruned on its own (a per-tile budget, proportional by construction). Pixel
+shuffle (0.5) folds 2x2 patches into one token; where each patch goes is read off the model's
+own ``pixel_shuffle`` applied to patch indices, so the attention map handed to a pruner is in
+merge order (patch ``p`` -> token ``p // 4``) without re-deriving the reshape arithmetic.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import OptionError
+from ..pruner import PrunerNeeds
+from .attention import record_attention
+from .base import PrunableLVLM, View
+from .common import attention_modules, chat_prompts, layer_index
+
+
+class InternVLLVLM(PrunableLVLM):
+    """Adapter for ``InternVLForConditionalGeneration`` (InternVL 2.5 / 3 in transformers format)."""
+
+    family = "internvl"
+    model_types = ("internvl",)
+
+    def decoder(self):
+        return self.model.model.language_model, self.model.lm_head
+
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]):
+        texts = chat_prompts(self.processor, prompts)
+        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
+
+    def _merge_order(self, side: int) -> torch.Tensor:
+        """``[side*side]`` patch indices in merge order (4 consecutive patches = one token)."""
+        ratio = self.model.config.downsample_ratio
+        index = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
+        shuffled = self.model.model.pixel_shuffle(index, scale_factor=ratio)  # [1, s', s', 1/ratio^2]
+        return shuffled.reshape(-1).long()
+
+    def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise OptionError("InternVL with several vision_feature_layers is not supported; use one layer")
+        tower = self.model.model.vision_tower
+        record = contextlib.nullcontext(None)
+        if needs.vision_attention_layer is not None:
+            mods = attention_modules(tower)
+            module = mods[layer_index(needs.vision_attention_layer, len(mods))]
+            record = record_attention(module, rows="prefix" if needs.vision_attention_rows == "prefix" else "all")
+        with record as rec:
+            feats = self.model.model.get_image_features(
+                pixel_values=batch["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            ).pooler_output  # [tiles, n, D]
+        tiles, n, _ = feats.shape
+        side = math.isqrt(n)
+        prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        merge = round(1 / cfg.downsample_ratio ** 2)
+        maps = None
+        if rec is not None:
+            att = rec.maps[0]  # [tiles, rows, T] over CLS + patches in raster order
+            order = torch.cat([torch.arange(prefix), prefix + self._merge_order(math.isqrt(att.shape[-1] - prefix))])
+            order = order.to(att.device)
+            maps = att[:, :, order]
+            if att.shape[1] == att.shape[2]:  # all rows: permute them too
+                maps = maps[:, order]
+        image_pos = batch["input_ids"] == cfg.image_token_id
+        views, tile = [], 0
+        for b in range(image_pos.shape[0]):
+            seq = image_pos[b].nonzero().flatten()
+            for chunk in seq.split(n):
+                views.append(View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
+                                  vision_attention=None if maps is None else maps[tile],
+                                  vision_prefix=prefix, patch_merge=merge))
+                tile += 1
+        if tile != tiles:
+            raise RuntimeError(f"{tiles} tiles encoded but {tile} placed in the prompt")
+        return views
+
+    @torch.no_grad()
+    def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
+        """Eager ``output_attentions`` reference, permuted into merge order with explicit 2x2 arithmetic."""
+        tower = self.model.model.vision_tower
+        old = tower.config._attn_implementation
+        tower.config._attn_implementation = "eager"
+        try:
+            out = tower(pixel_values=batch["pixel_values"].to(tower.dtype), output_attentions=True, return_dict=True)
+        finally:
+            tower.config._attn_implementation = old
+        att = out.attentions[layer].float().mean(dim=1)  # [tiles, T, T]
+        side = math.isqrt(att.shape[-1] - 1)
+        # Token (i, j) covers patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1).
+        i, j = torch.meshgrid(torch.arange(side // 2), torch.arange(side // 2), indexing="ij")
+        rows = torch.stack([2 * i, 2 * i, 2 * i + 1, 2 * i + 1], -1).reshape(-1)
+        cols = torch.stack([2 * j, 2 * j + 1, 2 * j, 2 * j + 1], -1).reshape(-1)
+        order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + rows * side + cols])
+        return list(att[:, order][:, :, order])
