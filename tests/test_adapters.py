@@ -96,7 +96,7 @@ def test_llm_receives_text_plus_kept_tokens(family, name, ratio):
     p = pruner(name, ratio)
     imgs, prompts = images(1), PROMPTS[:1]
     batch = lvlm.prepare(imgs, prompts)
-    views = lvlm.encode_images({k: v for k, v in batch.items()}, PrunerNeeds())
+    views = [v for v in lvlm.encode_images(batch, PrunerNeeds()) if v.prunable]  # not LLaVA-NeXT newlines
     n_visual = sum(v.tokens.shape[0] for v in views)
     n_text = batch["input_ids"].shape[1] - n_visual
     expected_kept = sum(p.num_kept(v.tokens.shape[0], v.grid) for v in views)
@@ -146,7 +146,7 @@ def test_batch_equals_samples_alone(family, name):
 def test_fopru_attention_equals_eager_reference(family, layer):
     lvlm = lvlm_for(family)
     batch = lvlm.prepare(images(), PROMPTS)
-    views = lvlm.encode_images(batch, PrunerNeeds(vision_attention_layer=layer))
+    views = [v for v in lvlm.encode_images(batch, PrunerNeeds(vision_attention_layer=layer)) if v.prunable]
     reference = tiny.eager_vision_attention(lvlm, batch, layer)  # list of [T, T], one per view
     assert len(reference) == len(views)
     for view, ref in zip(views, reference):

@@ -23,9 +23,10 @@ def register_model(cls: type[PrunableLVLM]) -> type[PrunableLVLM]:
 def _builtin() -> None:
     from .internvl import InternVLLVLM
     from .llava import LlavaLVLM
+    from .llava_next import LlavaNextLVLM
     from .qwen2_vl import QwenVLLVLM
 
-    for cls in (LlavaLVLM, QwenVLLVLM, InternVLLVLM):
+    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

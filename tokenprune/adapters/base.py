@@ -36,6 +36,8 @@ class View:
         vision_attention: ``[T, T]`` (or ``[prefix, T]``) head-averaged vision attention, if asked.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
+        prunable: ``False`` for structural embeddings that are placed but never pruned nor counted
+            as visual tokens (LLaVA-NeXT's row newlines).
     """
 
     sample: int
@@ -45,6 +47,7 @@ class View:
     vision_attention: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
+    prunable: bool = True
 
 
 @dataclass
@@ -222,18 +225,21 @@ class PrunableLVLM(ABC):
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
         n_in, n_kept, patches = [0] * b, [0] * b, [0] * b
-        if views:
-            rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in views])
-            image_mask[rows_all, torch.cat([v.seq_index for v in views])] = True
+        prunable = [v for v in views if v.prunable]
+        if prunable:
+            rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in prunable])
+            image_mask[rows_all, torch.cat([v.seq_index for v in prunable])] = True
             keep &= ~image_mask
+        if views:
             rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _) in zip(views, kept_views)])
             cols = torch.cat([s for s, _ in kept_views])
             keep[rows, cols] = True
             embeds = embeds.index_put((rows, cols), torch.cat([t for _, t in kept_views]).to(embeds.dtype))
             for v, (s, _) in zip(views, kept_views):
-                n_in[v.sample] += v.tokens.shape[0]
-                n_kept[v.sample] += s.shape[0]
-                patches[v.sample] += v.tokens.shape[0] * v.patch_merge
+                if v.prunable:
+                    n_in[v.sample] += v.tokens.shape[0]
+                    n_kept[v.sample] += s.shape[0]
+                    patches[v.sample] += v.tokens.shape[0] * v.patch_merge
         index = left_pack(keep)
         new_mask = gather_seq(keep, index, 1)
         new_image = gather_seq(image_mask, index, 1) & new_mask
@@ -251,12 +257,15 @@ class PrunableLVLM(ABC):
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
         groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(views):
+            if not v.prunable:
+                out[i] = (v.seq_index, v.tokens)
+                continue
             att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
             groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att), []).append(i)
         view_no: dict[int, int] = {}
         for (grid, merge, prefix, att), members in groups.items():
             for i in members:
-                view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample)
+                view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample and views[j].prunable)
             inputs = PruningInputs(
                 tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
                 sample_ids=[f"{ids[views[i].sample]}/{view_no[i]}" for i in members],

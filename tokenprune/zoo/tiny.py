@@ -95,7 +95,7 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
     return _finish(model, seed), processor
 
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
 @torch.no_grad()
@@ -202,3 +202,33 @@ def tiny_internvl(seed: int = 0, tile_size: int = 32, patch_size: int = 4, max_t
         chat_template=INTERNVL_TEMPLATE,
     )
     return _finish(InternVLForConditionalGeneration(config), seed), processor
+
+
+def tiny_llava_next(seed: int = 0, crop_size: int = 32, patch_size: int = 8):
+    """A tiny ``LlavaNextForConditionalGeneration``: anyres with 1x2 / 2x1 / 2x2 crop grids of 4x4 tokens."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    pinpoints = [[crop_size, crop_size * 2], [crop_size * 2, crop_size], [crop_size * 2, crop_size * 2]]
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, image_size=crop_size, patch_size=patch_size, projection_dim=32,
+        ),
+        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints, attn_implementation="sdpa",
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    torch.nn.init.normal_(model.model.image_newline)  # real checkpoints have a trained newline
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop_size}, crop_size={"height": crop_size, "width": crop_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return _finish(model, seed), processor

@@ -1,0 +1,147 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres = a base view + stitched high-res crops.
+
+Two views per image, each pruned with the same ratio (a budget proportional to its size):
+
+* the base view: the whole image resized, ``s x s`` tokens;
+* the high-res view: the crops stitched into one grid and unpadded to the image's aspect ratio,
+  ``H' x W'`` tokens. Its attention map is the block-diagonal composition of the crops' maps
+  (a patch attends within its crop only), with each crop's CLS merged into one prefix row/column.
+
+The newline embedding that ends every high-res row is structure: placed, never pruned, counted
+with the text. Which stitched token survives unpadding is read off the model's own ``unpad_image``
+applied to token indices.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from ..errors import OptionError
+from ..pruner import PrunerNeeds
+from .attention import record_attention
+from .base import View
+from .common import attention_modules, layer_index
+from .llava import LlavaLVLM
+
+
+def _stitch(x: torch.Tensor, nph: int, npw: int, side: int) -> torch.Tensor:
+    """Crops ``[nph*npw, side*side, C]`` -> one grid ``[C, nph*side, npw*side]``, as LLaVA-NeXT packs them."""
+    x = x.view(nph, npw, side, side, -1).permute(4, 0, 2, 1, 3).contiguous()
+    return x.flatten(1, 2).flatten(2, 3)
+
+
+class LlavaNextLVLM(LlavaLVLM):
+    """Adapter for LLaVA-NeXT (LLaVA-1.6) anyres models."""
+
+    family = "llava_next"
+    model_types = ("llava_next",)
+
+    def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise OptionError("LLaVA-NeXT with several vision_feature_layers is not supported; use one layer")
+        inner = self.model.model
+        tower = inner.vision_tower
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        sizes = batch["image_sizes"]
+        n_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
+        record = contextlib.nullcontext(None)
+        if needs.vision_attention_layer is not None:
+            mods = attention_modules(tower)
+            module = mods[layer_index(needs.vision_attention_layer, len(mods))]
+            record = record_attention(module, rows="all")  # block composition needs every row
+        with record as rec:
+            out = tower(pixels, output_hidden_states=True, return_dict=True)
+        prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        feats = inner.multi_modal_projector(out.hidden_states[cfg.vision_feature_layer][:, prefix:])
+        maps = rec.maps[0] if rec is not None else None  # [crops, T, T]
+        newline = inner.image_newline
+        image_pos = batch["input_ids"] == cfg.image_token_id
+        views, start = [], 0
+        n = side * side
+        for b, crops in enumerate(n_crops):
+            seq = image_pos[b].nonzero().flatten()
+            f = feats[start:start + crops]
+            m = maps[start:start + crops] if maps is not None else None
+            views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
+                              vision_attention=None if m is None else m[0], vision_prefix=prefix))
+            if crops == 1:
+                views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False))
+            else:
+                nph, npw = get_anyres_image_grid_shape(sizes[b], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                index = torch.arange((crops - 1) * n, device=f.device, dtype=torch.float32)[:, None]
+                kept = unpad_image(_stitch(index.view(crops - 1, n, 1), nph, npw, side), sizes[b])[0].long()  # [H', W']
+                h, w = kept.shape
+                tokens = f[1:].reshape((crops - 1) * n, -1)[kept.flatten()]
+                hi_seq = seq[n:].view(h, w + 1)
+                attn = None
+                if m is not None:
+                    attn = self._compose(m[1:], kept.flatten(), prefix)
+                views.append(View(sample=b, tokens=tokens, grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
+                                  vision_attention=attn, vision_prefix=prefix))
+                views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
+                                  seq_index=hi_seq[:, w], prunable=False))
+            start += crops
+        return views
+
+    @staticmethod
+    def _compose(maps: torch.Tensor, kept: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Per-crop maps ``[c, T, T]`` -> one map over the kept stitched tokens ``[prefix + k, prefix + k]``.
+
+        Patch-patch entries are block-diagonal (attention stays within a crop); the prefix row
+        holds each patch's own crop's CLS->patch attention, the prefix column patch->own CLS.
+        """
+        patches = torch.block_diag(*maps[:, prefix:, prefix:])[kept][:, kept]
+        if prefix == 0:
+            return patches
+        cls_row = maps[:, 0, prefix:].reshape(-1)[kept]
+        cls_col = maps[:, prefix:, 0].reshape(-1)[kept]
+        top = torch.cat([maps[:, 0, 0].mean().view(1), cls_row])
+        return torch.cat([top[None], torch.cat([cls_col[:, None], patches], 1)], 0)
+
+    @torch.no_grad()
+    def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
+        """Eager ``output_attentions`` reference for every prunable view, in the adapter's layout."""
+        cfg = self.model.config
+        tower = self.model.model.vision_tower
+        sizes = batch["image_sizes"]
+        n_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
+        old = tower.config._attn_implementation
+        tower.config._attn_implementation = "eager"
+        try:
+            att = tower(pixels, output_attentions=True, return_dict=True).attentions[layer].float().mean(1)
+        finally:
+            tower.config._attn_implementation = old
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        out, start = [], 0
+        for b, crops in enumerate(n_crops):
+            out.append(att[start])
+            if crops > 1:
+                # Independent layout: crop (i, j) of the grid covers rows i*side.., columns j*side..
+                nph, npw = get_anyres_image_grid_shape(sizes[b], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                rows, cols = torch.meshgrid(torch.arange(nph * side), torch.arange(npw * side), indexing="ij")
+                crop = (rows // side) * npw + cols // side
+                token = (rows % side) * side + cols % side
+                full = torch.zeros(1, nph * side, npw * side)
+                unpadded = unpad_image(full, sizes[b])[0]
+                # unpad_image crops centred padding: find the offsets by shape.
+                dh, dw = (nph * side - unpadded.shape[0]) // 2, (npw * side - unpadded.shape[1]) // 2
+                sel = (slice(dh, dh + unpadded.shape[0]), slice(dw, dw + unpadded.shape[1]))
+                crop, token = crop[sel].flatten(), token[sel].flatten()
+                m = att[start + 1:start + crops]
+                same = crop[:, None] == crop[None, :]
+                pp = m[crop[:, None], 1 + token[:, None], 1 + token[None, :]] * same
+                cls_row = m[crop, 0, 1 + token]
+                cls_col = m[crop, 1 + token, 0]
+                top = torch.cat([m[:, 0, 0].mean().view(1), cls_row])
+                out.append(torch.cat([top[None], torch.cat([cls_col[:, None], pp], 1)], 0))
+            start += crops
+        return out
