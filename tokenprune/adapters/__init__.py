@@ -21,6 +21,7 @@ def register_model(cls: type[PrunableLVLM]) -> type[PrunableLVLM]:
 
 
 def _builtin() -> None:
+    """Register the built-in families (imported on first use: they pull in transformers)."""
     from .internvl import InternVLLVLM
     from .llava import LlavaLVLM
     from .llava_next import LlavaNextLVLM

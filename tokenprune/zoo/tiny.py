@@ -66,21 +66,24 @@ def _finish(model, seed: int):
     return model
 
 
-def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_implementation: str = "sdpa"):
+def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_implementation: str = "sdpa",
+               vision: dict | None = None, text: dict | None = None):
     """A tiny ``LlavaForConditionalGeneration`` (CLIP tower with CLS, Llama LLM) and its processor.
 
-    ``image_size // patch_size`` squared visual tokens per image (default 8x8 = 64).
+    ``image_size // patch_size`` squared visual tokens per image (default 8x8 = 64); ``vision`` /
+    ``text`` override config fields (see :func:`mid_llava` for a realistic size).
     """
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=32,
-        ),
-        text_config=dict(model_type="llama", **_text_config(len(tok))),
+        vision_config={
+            **dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=32),
+            **(vision or {}),
+        },
+        text_config=dict(model_type="llama", **_text_config(len(tok), **(text or {}))),
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", attn_implementation=attn_implementation,
     )
@@ -123,6 +126,17 @@ def without_video(processor_cls):
 
     ImageOnlyProcessor.__name__ = processor_cls.__name__
     return ImageOnlyProcessor
+
+
+def mid_llava(seed: int = 0):
+    """A randomly initialised LLaVA of realistic shape: CLIP-B/14 tower at 336 px (24x24 = 576
+    visual tokens, 12 layers, width 768) and a 12-layer Llama of width 768 (GQA 12/4 heads)."""
+    return tiny_llava(
+        seed=seed, image_size=336, patch_size=14,
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4),
+    )
 
 
 def _qwen_processor(tok, patch_size: int):
