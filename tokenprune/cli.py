@@ -13,9 +13,10 @@ from . import __version__
 from .errors import OptionError, TokenpruneError
 from .pruner import PRUNERS, pruner_from_spec, validate_ratio
 from .registry import Registry
+from .tasks import TASKS, get_task
 
-# Registries shown by `tokenprune list`, in order; later issues add models and tasks here.
-LISTED: list[tuple[str, Registry, Callable]] = []
+# Registries shown by `tokenprune list`, in order: (title, registry or a function returning it, row).
+LISTED: list[tuple[str, Registry | Callable[[], Registry], Callable]] = []
 
 
 def _pruner_row(entry) -> list[str]:
@@ -26,6 +27,34 @@ def _pruner_row(entry) -> list[str]:
 
 
 LISTED.append(("pruners", PRUNERS, _pruner_row))
+
+
+def _model_registry() -> Registry:
+    from .adapters import MODELS, _builtin
+
+    _builtin()
+    return MODELS
+
+
+def _model_row(entry) -> list[str]:
+    cls = entry.obj
+    if cls is None:
+        return [entry.name, "?", entry.origin, f"failed to load: {entry.error}"]
+    return [entry.name, ", ".join(cls.model_types), entry.origin, entry.description]
+
+
+LISTED.append(("models", _model_registry, _model_row))
+
+
+def _task_row(entry) -> list[str]:
+    cls = entry.obj
+    if cls is None:
+        return [entry.name, "?", "?", entry.origin, f"failed to load: {entry.error}"]
+    data = cls.dataset_path + (f" ({cls.dataset_name})" if cls.dataset_name else "") + f" [{cls.split}]"
+    return [entry.name, data, cls.headline, entry.origin, entry.description]
+
+
+LISTED.append(("tasks", TASKS, _task_row))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -39,10 +68,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print every registered pruner (and, as they land, model and task) with its origin."""
-    headers = {"pruners": ["name", "stage", "origin", "description"]}
+    headers = {
+        "pruners": ["name", "stage", "origin", "description"],
+        "models": ["family", "model_type", "origin", "description"],
+        "tasks": ["name", "dataset [split]", "headline", "origin", "description"],
+    }
     for title, registry, row in LISTED:
         if args.kind and args.kind != title:
             continue
+        registry = registry() if callable(registry) else registry  # heavy registries load on demand
         rows = [row(e) for e in registry.entries()]
         print(f"{title}:")
         print(_table(headers.get(title, ["name", "origin", "description"]), rows) if rows else "  (none)")
@@ -76,6 +110,19 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Load a task's data (hub, cache or --data-dir) and report what is usable."""
+    task = get_task(args.task)
+    data = task.load(data_dir=args.data_dir, limit=args.limit)
+    first = None
+    for sample in data:
+        first = first or sample
+    print(data.report())
+    if first is not None:
+        print(f"first prompt ({first.id}): {task.prompt(first)!r}; reference: {first.answers[:3]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tokenprune`` command."""
     parser = argparse.ArgumentParser(
@@ -93,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_desc.add_argument("--ratio", help="retention ratio in (0, 1] (overrides the spec)")
     p_desc.add_argument("--grid", default="24x24", help="token grid HxW to count on (default 24x24, LLaVA-1.5)")
     p_desc.set_defaults(func=cmd_describe)
+
+    p_data = sub.add_parser("check-data", help="load a task's dataset and report usable / skipped samples")
+    p_data.add_argument("task", help="task name (see `tokenprune list tasks`)")
+    p_data.add_argument("--data-dir", help="local copy of the dataset (a folder load_dataset reads)")
+    p_data.add_argument("--limit", type=int, help="read only the first N samples")
+    p_data.set_defaults(func=cmd_check_data)
     return parser
 
 
