@@ -49,6 +49,10 @@ def test_generate_input_errors(saved_llava):
         lvlm.generate([image()], ["a", "b"])
     with pytest.raises(tp.OptionError, match="max_new_tokens"):
         lvlm.generate([image()], ["a"], max_new_tokens=0)
+    with pytest.raises(tp.OptionError, match="do_sample=True is not supported"):
+        lvlm.generate([image()], ["a"], do_sample=True)
+    out = lvlm.generate([image()], ["a"], max_new_tokens=2, do_sample=False, num_beams=1, temperature=0)
+    assert out.stats[0].new_tokens >= 1
 
 
 @pytest.mark.parametrize("name", ["fopru_rank", "fastv", "pool"])

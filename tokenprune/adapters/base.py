@@ -82,6 +82,19 @@ class GenerationOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+GREEDY_EQUIVALENT = {"do_sample": (False,), "num_beams": (1,), "temperature": (0, 0.0, None), "top_p": (1, 1.0, None),
+                     "top_k": (None,), "use_cache": (True,)}
+
+
+def _check_greedy(gen_kwargs: dict[str, Any]) -> None:
+    for key, value in gen_kwargs.items():
+        if key not in GREEDY_EQUIVALENT or value not in GREEDY_EQUIVALENT[key]:
+            raise OptionError(
+                f"generation option {key}={value!r} is not supported: tokenprune decodes greedily "
+                f"(accepted: {', '.join(f'{k}={v[0]!r}' for k, v in GREEDY_EQUIVALENT.items())})"
+            )
+
+
 class PrunableLVLM(ABC):
     """A Hugging Face vision-language model that runs any registered pruner.
 
@@ -162,6 +175,7 @@ class PrunableLVLM(ABC):
         sample_ids: Sequence[str] | None = None,
         use_cache: bool = True,
         ignore_eos: bool = False,
+        **gen_kwargs: Any,
     ) -> GenerationOutput:
         """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
 
@@ -175,7 +189,11 @@ class PrunableLVLM(ABC):
             sample_ids: stable ids (seed random pruners); default: the batch index.
             use_cache: ``False`` re-runs the whole pruned sequence per token (a reference).
             ignore_eos: decode exactly ``max_new_tokens`` (fixed-length latency measurements).
+            gen_kwargs: Hugging Face generation options; decoding is greedy, so only values that
+                mean greedy (``do_sample=False``, ``num_beams=1``, ``temperature=0``, ``top_p=1``)
+                are accepted, anything else is refused rather than silently ignored.
         """
+        _check_greedy(gen_kwargs)
         if len(images) != len(prompts):
             raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         if max_new_tokens < 1:
