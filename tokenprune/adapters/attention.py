@@ -10,7 +10,8 @@ Every other layer never leaves its fast kernel.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal
+import sys
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -58,8 +59,7 @@ def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)[row_sel]
         scores = scores.masked_fill(~causal, float("-inf"))
     rec.maps.append(scores.softmax(dim=-1).mean(dim=1))  # [B, rows, Lk], head-averaged
-    inner = ALL_ATTENTION_FUNCTIONS[rec.inner_impl]
-    return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return rec.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(RECORDING_IMPL, _record_forward)
@@ -72,10 +72,10 @@ class AttentionRecorder:
     map per image, in order.
     """
 
-    def __init__(self, rows: Rows, n_prefix: int, inner_impl: str):
+    def __init__(self, rows: Rows, n_prefix: int, inner: Callable):
         self.rows = rows
         self.n_prefix = n_prefix
-        self.inner_impl = inner_impl
+        self.inner = inner
         self.maps: list[torch.Tensor] = []
 
 
@@ -89,11 +89,13 @@ def record_attention(module: nn.Module, rows: Rows = "all", n_prefix: int = 1) -
         n_prefix: number of rows for ``"prefix"``.
     """
     config = module.config
-    inner = config._attn_implementation or "sdpa"
-    if inner == RECORDING_IMPL:
+    impl = config._attn_implementation or "sdpa"
+    if impl == RECORDING_IMPL:
         raise RuntimeError("nested attention recording on one module")
-    if inner not in ALL_ATTENTION_FUNCTIONS:  # "eager" is each model's own function, not registered
-        inner = "sdpa"
+    if impl in ALL_ATTENTION_FUNCTIONS:
+        inner = ALL_ATTENTION_FUNCTIONS[impl]
+    else:  # "eager" is each modeling file's own function, not a registered one
+        inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
     recorder = AttentionRecorder(rows, n_prefix, inner)
     module.config = _ConfigView(config, RECORDING_IMPL)
     module._tokenprune_recorder = recorder

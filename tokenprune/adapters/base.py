@@ -36,6 +36,8 @@ class View:
         vision_attention: ``[T, T]`` (or ``[prefix, T]``) head-averaged vision attention, if asked.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
+        encoder_seqs: lengths of the vision-encoder sequences this view cost (FLOPs accounting).
+        encoder_windows: attention-window lengths of windowed vision layers (Qwen2.5-VL).
         prunable: ``False`` for structural embeddings that are placed but never pruned nor counted
             as visual tokens (LLaVA-NeXT's row newlines).
     """
@@ -48,6 +50,8 @@ class View:
     vision_prefix: int = 0
     patch_merge: int = 1
     prunable: bool = True
+    encoder_seqs: tuple[int, ...] = ()
+    encoder_windows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -55,7 +59,8 @@ class SampleStats:
     """Per-sample accounting of one :meth:`PrunableLVLM.generate` call.
 
     ``tokens_per_layer[i]`` is the sequence length decoder layer ``i`` processed at prefill;
-    ``visual_per_layer[i]`` the visual tokens among them.
+    ``visual_per_layer[i]`` the visual tokens among them; ``vision_seqs`` the lengths of the
+    vision-encoder sequences (one per image / tile / crop) that produced the visual tokens.
     """
 
     visual_tokens_in: int
@@ -65,6 +70,8 @@ class SampleStats:
     visual_per_layer: list[int]
     new_tokens: int
     vision_patches: int
+    vision_seqs: list[int] = field(default_factory=list)
+    vision_windows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +79,8 @@ class GenerationOutput:
     """``texts``: decoded answers (prompt excluded); ``stats``: one :class:`SampleStats` each.
 
     ``token_ids`` ``[B, T]`` and ``first_logits`` ``[B, V]`` are kept for exactness checks;
-    ``timings`` holds wall-clock seconds of ``vision``, ``prefill`` + ``decode`` (``llm``).
+    ``timings`` holds wall-clock seconds of the batch: ``vision`` (processor + vision tower +
+    projector), ``llm`` (placing tokens + ``prefill`` + ``decode``), and ``prefill`` / ``decode``.
     """
 
     texts: list[str]
@@ -152,6 +160,12 @@ class PrunableLVLM(ABC):
             out[:, b][:, mask[b]] = torch.searchsorted(used, values.contiguous())
         return out if positions.dim() == 3 else out[0]
 
+    def vision_spec(self):
+        """The vision tower's shape for FLOPs accounting (:class:`tokenprune.cost.VisionSpec`)."""
+        from ..cost import vision_spec_from_config
+
+        return vision_spec_from_config(self.model.config)
+
     def eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         gen = getattr(self.model, "generation_config", None)
@@ -208,7 +222,7 @@ class PrunableLVLM(ABC):
         views = self.encode_images(batch, needs)
         sync()
         t1 = time.perf_counter()
-        llm_inputs, n_in, n_kept, patches = self._assemble(batch, views, pruner, position_policy, ids)
+        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(batch, views, pruner, position_policy, ids)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
                                      ignore_eos=ignore_eos)
@@ -224,12 +238,14 @@ class PrunableLVLM(ABC):
             SampleStats(
                 visual_tokens_in=n_in[i], visual_tokens_kept=n_kept[i], text_tokens=text_tokens[i],
                 tokens_per_layer=result.prefill_tokens[i].tolist(), visual_per_layer=result.visual_tokens[i].tolist(),
-                new_tokens=int(result.new_tokens[i]), vision_patches=patches[i],
+                new_tokens=int(result.new_tokens[i]), vision_patches=patches[i], vision_seqs=seqs[i],
+                vision_windows=windows[i],
             )
             for i in range(len(prompts))
         ]
+        timings = {"vision": t1 - t0, "llm": t2 - t1, **result.timings}
         return GenerationOutput(texts=[t.strip() for t in texts], stats=stats, token_ids=result.tokens,
-                                first_logits=result.first_logits, timings={"vision": t1 - t0, "llm": t2 - t1})
+                                first_logits=result.first_logits, timings=timings)
 
     def _assemble(self, batch, views: list[View], pruner, position_policy, ids):
         """Embed the prompt, place the (pruned) visual tokens, cut and left-pack the sequence."""
@@ -243,6 +259,11 @@ class PrunableLVLM(ABC):
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
         n_in, n_kept, patches = [0] * b, [0] * b, [0] * b
+        seqs: list[list[int]] = [[] for _ in range(b)]
+        windows: list[list[int]] = [[] for _ in range(b)]
+        for v in views:
+            seqs[v.sample].extend(v.encoder_seqs)
+            windows[v.sample].extend(v.encoder_windows)
         prunable = [v for v in views if v.prunable]
         if prunable:
             rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in prunable])
@@ -266,7 +287,7 @@ class PrunableLVLM(ABC):
             new_pos = self.compact_positions(new_pos, new_mask)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image, sample_ids=ids),
-            n_in, n_kept, patches,
+            n_in, n_kept, patches, (seqs, windows),
         )
 
     @staticmethod

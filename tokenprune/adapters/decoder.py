@@ -8,6 +8,7 @@ parent model calls it; masks are 4-D boolean ``[B, 1, Lq, Lk]`` (SDPA's format).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -183,12 +184,16 @@ class DecoderRunner:
         """
         b = inputs.embeds.shape[0]
         device = inputs.embeds.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
         eos = self.eos_ids.to(device) if not ignore_eos else torch.empty(0, dtype=torch.long, device=device)
         cache = DynamicCache() if use_cache else None
         h, n_tok, n_vis, keep = self._run_layers(inputs.embeds, inputs.mask, inputs.positions, inputs.image_mask,
                                                  cache, pruner, None, inputs.sample_ids, inputs.embeds.shape[1])
         logits = self._logits(h)
         first_logits = logits
+        sync()  # timing boundaries only: never inside the decode loop
+        t_prefill = time.perf_counter()
         out = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         new_tokens = torch.zeros(b, dtype=torch.long, device=device)
@@ -226,8 +231,10 @@ class DecoderRunner:
                 h, _, _, _ = self._run_layers(embeds, full_mask, full_pos, full_img, None, pruner, keep_mask,
                                               inputs.sample_ids, embeds.shape[1])
             logits = self._logits(h)
+        sync()
+        t_end = time.perf_counter()
         return DecodeResult(tokens=out, first_logits=first_logits, prefill_tokens=n_tok, visual_tokens=n_vis,
-                            new_tokens=new_tokens)
+                            new_tokens=new_tokens, timings={"prefill": t_prefill - t0, "decode": t_end - t_prefill})
 
     def _decode_step(self, tok_emb, full_mask, pos, pruned_mask, cache, k_layer):
         """One cached step: layers < K attend over the full cache, layers >= K over the pruned one."""

@@ -75,7 +75,7 @@ class InternVLLVLM(PrunableLVLM):
             for chunk in seq.split(n):
                 views.append(View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
                                   vision_attention=None if maps is None else maps[tile],
-                                  vision_prefix=prefix, patch_merge=merge))
+                                  vision_prefix=prefix, patch_merge=merge, encoder_seqs=(prefix + n * merge,)))
                 tile += 1
         if tile != tiles:
             raise RuntimeError(f"{tiles} tiles encoded but {tile} placed in the prompt")

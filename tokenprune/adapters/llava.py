@@ -54,7 +54,8 @@ class LlavaLVLM(PrunableLVLM):
         for b in range(feats.shape[0]):
             seq_index = image_pos[b].nonzero().flatten()
             views.append(View(sample=b, tokens=feats[b], grid=(side, side), seq_index=seq_index,
-                              vision_attention=None if attn is None else attn[b], vision_prefix=prefix))
+                              vision_attention=None if attn is None else attn[b], vision_prefix=prefix,
+                              encoder_seqs=(hidden.shape[1],)))
         return views
 
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:

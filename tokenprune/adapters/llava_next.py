@@ -70,8 +70,10 @@ class LlavaNextLVLM(LlavaLVLM):
             seq = image_pos[b].nonzero().flatten()
             f = feats[start:start + crops]
             m = maps[start:start + crops] if maps is not None else None
+            seq_len = out.hidden_states[0].shape[1]
             views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
-                              vision_attention=None if m is None else m[0], vision_prefix=prefix))
+                              vision_attention=None if m is None else m[0], vision_prefix=prefix,
+                              encoder_seqs=(seq_len,)))
             if crops == 1:
                 views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False))
             else:
@@ -85,7 +87,7 @@ class LlavaNextLVLM(LlavaLVLM):
                 if m is not None:
                     attn = self._compose(m[1:], kept.flatten(), prefix)
                 views.append(View(sample=b, tokens=tokens, grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
-                                  vision_attention=attn, vision_prefix=prefix))
+                                  vision_attention=attn, vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1)))
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
                                   seq_index=hi_seq[:, w], prunable=False))
             start += crops

@@ -81,15 +81,37 @@ class QwenVLLVLM(PrunableLVLM):
             if orders is not None:
                 inverse = [torch.argsort(o) for o in orders]
                 maps = [m[inv][:, inv] for m, inv in zip(maps, inverse)]
+        windows = self._window_lengths(grid_thw)
         image_pos = batch["input_ids"] == self.model.config.image_token_id
         views, img = [], 0
         for b in range(image_pos.shape[0]):
             seq_index = image_pos[b].nonzero().flatten()
             _, h, w = grid_thw[img].tolist()
             views.append(View(sample=b, tokens=feats[img], grid=(h // merge, w // merge), seq_index=seq_index,
-                              vision_attention=None if maps is None else maps[img], patch_merge=merge * merge))
+                              vision_attention=None if maps is None else maps[img], patch_merge=merge * merge,
+                              encoder_seqs=(h * w,), encoder_windows=windows[img]))
             img += 1
         return views
+
+    def _window_lengths(self, grid_thw: torch.Tensor) -> list[tuple[int, ...]]:
+        """Per image, the patch counts of its attention windows (empty without windowed blocks)."""
+        visual = self.model.model.visual
+        if not getattr(visual, "fullatt_block_indexes", None):
+            return [()] * len(grid_thw)
+        from transformers.vision_utils import get_vision_window_index
+
+        _, cu = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                        window_size=visual.window_size, patch_size=visual.patch_size)
+        lengths = [n for n in torch.as_tensor(cu).diff().tolist() if n > 0]
+        out, start = [], 0
+        for total in grid_thw.prod(-1).tolist():  # windows never cross images
+            mine, acc = [], 0
+            while acc < total:
+                mine.append(lengths[start])
+                acc += lengths[start]
+                start += 1
+            out.append(tuple(mine))
+        return out
 
     def position_ids(self, batch) -> torch.Tensor:
         positions, _ = self.model.model.get_rope_index(
