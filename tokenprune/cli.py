@@ -123,6 +123,36 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run (or resume) a benchmark sweep."""
+    from .sweep import load_config, run_sweep
+
+    overrides = {
+        "model": args.model, "tasks": args.tasks, "methods": args.methods, "ratios": args.ratios,
+        "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
+        "dtype": args.dtype, "output": args.output, "wandb_project": args.wandb_project,
+        "wandb_mode": args.wandb_mode, "max_new_tokens": args.max_new_tokens,
+        "position_policy": args.position_policy, "bootstrap": args.bootstrap,
+    }
+    if args.data_dir is not None:
+        pairs = [p for p in args.data_dir.split(",") if p]
+        if all("=" in p for p in pairs):
+            overrides["data_dir"] = dict(p.split("=", 1) for p in pairs)
+        elif len(pairs) == 1:
+            overrides["data_dir"] = pairs[0]
+        else:
+            raise OptionError("--data-dir takes one folder, or task=folder pairs separated by commas")
+    run_sweep(load_config(args.config, overrides))
+    return 0
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tokenprune`` command."""
     parser = argparse.ArgumentParser(
@@ -146,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_data.add_argument("--data-dir", help="local copy of the dataset (a folder load_dataset reads)")
     p_data.add_argument("--limit", type=int, help="read only the first N samples")
     p_data.set_defaults(func=cmd_check_data)
+
+    p_bench = sub.add_parser("bench", help="run a method x ratio x task sweep (resumable)",
+                             description="Accuracy and cost of each method x ratio x task; the unpruned model "
+                                         "is always run once as the reference. Flags override --config.")
+    p_bench.add_argument("--model", help="tokenprune.load id or path, or a zoo model (default: tiny-llava)")
+    p_bench.add_argument("--tasks", help="comma list, e.g. pope,gqa (see `tokenprune list tasks`)")
+    p_bench.add_argument("--methods", help="comma list of pruner specs, e.g. fopru_rank,fastv:k=3")
+    p_bench.add_argument("--ratios", help="comma list of retention ratios in (0, 1], e.g. 0.5,0.25,0.1")
+    p_bench.add_argument("--limit", type=_int, help="samples per task (a seeded subset)")
+    p_bench.add_argument("--batch-size", type=_int)
+    p_bench.add_argument("--seed", type=_int)
+    p_bench.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p_bench.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
+    p_bench.add_argument("--output", help="results folder (default runs/bench); a rerun resumes it")
+    p_bench.add_argument("--config", help="YAML file with any of these options (flags win)")
+    p_bench.add_argument("--data-dir", help="local dataset copy: a folder, or task=folder,task=folder")
+    p_bench.add_argument("--max-new-tokens", type=_int, help="answer budget (default: the task's)")
+    p_bench.add_argument("--position-policy", help="keep (default) or compact")
+    p_bench.add_argument("--bootstrap", type=_int, help="bootstrap resamples for the CIs (default 1000)")
+    p_bench.add_argument("--wandb-project", help="log the sweep to this W&B project")
+    p_bench.add_argument("--wandb-mode", help="online, offline or disabled (default: offline without an API key)")
+    p_bench.set_defaults(func=cmd_bench)
     return parser
 
 

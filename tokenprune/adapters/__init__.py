@@ -50,11 +50,29 @@ def wrap(model: Any, processor: Any) -> PrunableLVLM:
 def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
     """Load a model and its processor with ``from_pretrained`` and wrap them.
 
-    ``hf_kwargs`` go to the model's ``from_pretrained`` (``torch_dtype``, ``device_map``, ...).
+    ``hf_kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``device_map``, ...). Zoo names
+    (``tiny-llava``, ... see :mod:`tokenprune.zoo`) build a tiny random model without any download.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    config = AutoConfig.from_pretrained(model_id_or_path)
+    from ..zoo import zoo_builder
+
+    build = zoo_builder(model_id_or_path)
+    if build is not None:  # a tiny random model built in code (no hub)
+        model, processor = build()
+        if "dtype" in hf_kwargs:
+            model = model.to(hf_kwargs["dtype"])
+        return wrap(model, processor)
+    try:
+        config = AutoConfig.from_pretrained(model_id_or_path)
+    except OSError as exc:
+        from ..errors import TokenpruneError
+        from ..zoo import ZOO
+
+        raise TokenpruneError(
+            f"cannot load model {model_id_or_path!r}: {str(exc).splitlines()[0][:200]}. Give a local path, a "
+            f"reachable hub id, or a built-in model: {', '.join(ZOO)}"
+        ) from None
     adapter_for(config.model_type)  # fail before loading weights
     model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **hf_kwargs)
     processor = AutoProcessor.from_pretrained(model_id_or_path)

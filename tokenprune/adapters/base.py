@@ -236,7 +236,9 @@ class PrunableLVLM(ABC):
         text_tokens = (llm_inputs.mask & ~llm_inputs.image_mask).sum(1).tolist()
         stats = [
             SampleStats(
-                visual_tokens_in=n_in[i], visual_tokens_kept=n_kept[i], text_tokens=text_tokens[i],
+                # kept = what reaches the last decoder layer (FastV prunes inside the LLM)
+                visual_tokens_in=n_in[i], visual_tokens_kept=min(n_kept[i], int(result.visual_tokens[i].min())),
+                text_tokens=text_tokens[i],
                 tokens_per_layer=result.prefill_tokens[i].tolist(), visual_per_layer=result.visual_tokens[i].tolist(),
                 new_tokens=int(result.new_tokens[i]), vision_patches=patches[i], vision_seqs=seqs[i],
                 vision_windows=windows[i],

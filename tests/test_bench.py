@@ -1,0 +1,205 @@
+"""tokenprune bench: outputs, resume after SIGKILL, refusal of a changed sweep, W&B offline, bad input."""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from datasets import Features, Image as ImageFeature, Value
+from PIL import Image
+
+import tokenprune as tp
+from tokenprune.report import SUMMARY_COLUMNS
+from tokenprune.sweep import load_config, read_rows, row_key, run_sweep
+
+N_SAMPLES = 12
+
+
+@pytest.fixture(scope="module")
+def pope_dir(tmp_path_factory):
+    """A local POPE copy (real schema) with 12 random images."""
+    root = tmp_path_factory.mktemp("pope")
+    rng = np.random.default_rng(0)
+
+    def png():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    feats = Features({"id": Value("string"), "question_id": Value("string"), "question": Value("string"),
+                      "answer": Value("string"), "image_source": Value("string"), "image": ImageFeature(),
+                      "category": Value("string")})
+    (root / "data").mkdir()
+    datasets.Dataset.from_dict({
+        "id": [str(i) for i in range(N_SAMPLES)], "question_id": [str(100 + i) for i in range(N_SAMPLES)],
+        "question": ["Is there a dog in the image?"] * N_SAMPLES, "answer": ["yes", "no"] * (N_SAMPLES // 2),
+        "image_source": ["x"] * N_SAMPLES, "image": [png() for _ in range(N_SAMPLES)],
+        "category": ["adversarial", "popular", "random"] * (N_SAMPLES // 3),
+    }, features=feats).to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+    return root
+
+
+def bench_args(pope_dir, out, **extra):
+    args = {"tasks": "pope", "data_dir": str(pope_dir), "methods": "fopru_rank,random,fastv", "ratios": "0.5,0.25",
+            "limit": 6, "output": str(out), "bootstrap": 200, "max_new_tokens": 3}
+    args.update(extra)
+    return args
+
+
+def read_summary(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_every_output(pope_dir, tmp_path):
+    out = run_sweep(load_config(None, bench_args(pope_dir, tmp_path / "run")), log=lambda *_: None)
+    for name in ["samples.jsonl", "summary.csv", "pareto.csv", "pareto_pope.png", "report.md", "config.yaml"]:
+        assert (out / name).exists(), name
+    rows = read_rows(out / "samples.jsonl")
+    assert len(rows) == 6 * 7 and len({row_key(r) for r in rows}) == len(rows)  # 1 reference + 3 methods x 2 ratios
+    summary = read_summary(out / "summary.csv")
+    assert list(summary[0]) == SUMMARY_COLUMNS
+    assert [(r["method"], r["ratio"]) for r in summary][:3] == [("none", "1"), ("fopru_rank", "0.5"), ("fopru_rank", "0.25")]
+    by = {(r["method"], float(r["ratio"])): r for r in summary}
+    assert float(by[("none", 1.0)]["visual_tokens_kept"]) == 64
+    assert float(by[("fopru_rank", 0.25)]["visual_tokens_kept"]) == 16
+    assert float(by[("fastv", 0.25)]["visual_tokens_kept"]) == 16  # counted inside the LLM, after layer K
+    assert float(by[("fopru_rank", 0.25)]["flops_ratio"]) < float(by[("fopru_rank", 0.5)]["flops_ratio"]) < 1
+    for r in summary:
+        assert float(r["score_ci_low"]) <= float(r["score"]) <= float(r["score_ci_high"])
+    prov = yaml.safe_load((out / "config.yaml").read_text())
+    assert prov["config"]["methods"] == ["fopru_rank", "random", "fastv"] and prov["seed"] == 0
+    assert set(prov["versions"]) >= {"tokenprune", "torch", "transformers"} and prov["git_commit"]
+    front = list(csv.DictReader((out / "pareto.csv").open()))
+    assert any(r["on_front"] == "True" for r in front)
+    report = (out / "report.md").read_text()
+    assert "Pareto front" in report and "pareto_pope.png" in report and "mcnemar" in report
+
+
+def test_rerun_computes_nothing_and_changed_sweep_is_refused(pope_dir, tmp_path):
+    args = bench_args(pope_dir, tmp_path / "run", methods="pool", ratios="0.25")
+    out = run_sweep(load_config(None, args), log=lambda *_: None)
+    before = (out / "samples.jsonl").read_text()
+    run_sweep(load_config(None, args), log=lambda *_: None)
+    assert (out / "samples.jsonl").read_text() == before
+    with pytest.raises(tp.TokenpruneError, match="holds a different sweep .*ratios"):
+        run_sweep(load_config(None, {**args, "ratios": "0.5"}), log=lambda *_: None)
+
+
+def test_truncated_last_line_is_dropped(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": 2, "b"')
+    assert read_rows(path) == [{"a": 1}]
+    assert path.read_text() == json.dumps({"a": 1}) + "\n"
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "tokenprune", "bench", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def flags(pope_dir, out):
+    return ["--tasks", "pope", "--data-dir", str(pope_dir), "--methods", "fopru_rank,pool", "--ratios", "0.5,0.25",
+            "--limit", str(N_SAMPLES), "--output", str(out), "--bootstrap", "200", "--max-new-tokens", "3"]
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(pope_dir, tmp_path):
+    full = cli(*flags(pope_dir, tmp_path / "full"))
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    out = tmp_path / "killed"
+    proc = cli(*flags(pope_dir, out))
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once some, but not all, rows are on disk
+        if samples.exists() and samples.read_text().count("\n") >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = samples.read_text().count("\n")
+    total = N_SAMPLES * 5
+    assert 20 <= partial < total, f"kill came too late ({partial} rows): the test did not interrupt the run"
+
+    resumed = cli(*flags(pope_dir, out))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f"{total} sample-runs, {partial} already in" in stdout
+
+    rows = read_rows(samples)
+    assert len(rows) == total and len({row_key(r) for r in rows}) == total  # no duplicates, nothing missing
+    timing = {"prefill_ms", "latency_ms"}  # wall clock differs between runs; everything else must match
+    a, b = read_summary(tmp_path / "full" / "summary.csv"), read_summary(out / "summary.csv")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in b]
+
+
+def test_wandb_offline_table(pope_dir, tmp_path):
+    args = bench_args(pope_dir, tmp_path / "run", methods="fopru_row", ratios="0.5", wandb_project="tp-test",
+                      wandb_mode="offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    out = run_sweep(load_config(None, args), log=lambda *_: None)
+    tables = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "table" / "summary_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(Path(tables[0]).read_text())
+    assert table["columns"] == SUMMARY_COLUMNS
+    summary = read_summary(out / "summary.csv")
+    assert [(r[2], r[3]) for r in table["data"]] == [(s["method"], float(s["ratio"])) for s in summary]
+    assert [round(r[SUMMARY_COLUMNS.index("tflops")], 9) for r in table["data"]] == \
+           [round(float(s["tflops"]), 9) for s in summary]
+    images = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "**" / "*.png"), recursive=True)
+    assert images, "the Pareto PNG is logged as an image"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--limit", "0"], "--limit must be a positive integer"),
+    (["--methods", ""], "no methods given"),
+    (["--methods", "fopru_rnk"], "unknown pruner 'fopru_rnk'"),
+    (["--methods", "fastv:k=0"], "k must be >= 1"),
+    (["--ratios", "0.5,1.5"], "each ratio must be a number in (0, 1]"),
+    (["--ratios", "0"], "each ratio must be a number in (0, 1]"),
+    (["--tasks", "popee"], "unknown task 'popee'"),
+    (["--dtype", "float8"], "--dtype must be one of"),
+    (["--wandb-mode", "sometimes"], "--wandb-mode must be one of"),
+    (["--config", "nope.yaml"], "config file nope.yaml does not exist; shipped configs: configs/ablations"),
+])
+def test_bad_input_is_one_line_exit_2(argv, expected):
+    proc = subprocess.run([sys.executable, "-m", "tokenprune", "bench", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "Traceback" not in proc.stderr
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("methods: [fopru_rank]\nratio: 0.5\n")
+    with pytest.raises(tp.OptionError, match="unknown key.*ratio.*valid keys: .*ratios"):
+        load_config(bad_key, {})
+    broken = tmp_path / "b.yaml"
+    broken.write_text("methods: [fopru_rank\nratios: 0.5\n")
+    with pytest.raises(tp.OptionError, match="not valid YAML"):
+        load_config(broken, {})
+
+
+@pytest.mark.parametrize("name", ["configs/default.yaml", "configs/ablations/fopru_rank_vs_row.yaml",
+                                  "configs/ablations/fopru_vision_layer.yaml", "configs/ablations/fopru_score_axis.yaml",
+                                  "configs/ablations/fastv_k_r_grid.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = load_config(name, {})
+    assert cfg.methods and cfg.ratios and cfg.tasks
+
+
+def test_flags_override_config(tmp_path):
+    cfg = load_config("configs/ablations/fastv_k_r_grid.yaml", {"ratios": "0.1", "limit": 5})
+    assert cfg.ratios == [0.1] and cfg.limit == 5 and cfg.methods[0] == "fastv:k=2"

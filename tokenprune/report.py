@@ -1,0 +1,275 @@
+"""Results files of a sweep, all recomputed from ``samples.jsonl``: ``summary.csv``, ``pareto.csv``,
+``pareto_<task>.png``, ``report.md``, and (if asked) a Weights & Biases run."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import netrc
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .stats import bootstrap_ci, paired_test, pareto_front
+
+SUMMARY_COLUMNS = [
+    "model", "task", "method", "ratio", "n", "n_skipped", "score", "score_ci_low", "score_ci_high", "tflops",
+    "tflops_paper", "tflops_vision", "flops_ratio", "prefill_ms", "latency_ms", "visual_tokens_in",
+    "visual_tokens_kept", "test_vs_none", "p_vs_none",
+]
+
+
+def _sample_metric(task, rows: list[dict]) -> str:
+    """The per-sample score used for paired tests: the headline if per-sample, else the first key."""
+    keys = list(rows[0]["scores"]) if rows else []
+    return task.headline if task.headline in keys else (keys[0] if keys else task.headline)
+
+
+def _aggregate(task, rows: list[dict]) -> dict[str, float]:
+    from .tasks import Sample
+
+    samples = [Sample(r["sample_id"], None, "", r["answers"], r["category"], r["extra"]) for r in rows]
+    return task.aggregate([r["scores"] for r in rows], samples)
+
+
+def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> list[dict[str, Any]]:
+    """One summary row per (task, method, ratio), in sweep order."""
+    from .sweep import REFERENCE, method_runs
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"], float(r["ratio"]))].append(r)
+    out = []
+    for task_name, task in tasks.items():
+        ref_rows = {r["sample_id"]: r for r in groups.get((task_name, REFERENCE, 1.0), [])}
+        ref_flops = np.mean([r["tflops"] for r in ref_rows.values()]) if ref_rows else math.nan
+        for method, ratio in method_runs(cfg):
+            g = sorted(groups.get((task_name, method, ratio), []), key=lambda r: r["sample_id"])
+            if not g:
+                continue
+            score = _aggregate(task, g).get(task.headline, math.nan)
+            low, high = bootstrap_ci(len(g), lambda idx: _aggregate(task, [g[i] for i in idx]).get(task.headline, math.nan),
+                                     n_resamples=cfg.bootstrap, seed=cfg.seed)
+            test, p = "", math.nan
+            if method != REFERENCE:
+                metric = _sample_metric(task, g)
+                paired = [(r["scores"][metric], ref_rows[r["sample_id"]]["scores"][metric]) for r in g if r["sample_id"] in ref_rows]
+                if paired:
+                    test, p = paired_test([a for a, _ in paired], [b for _, b in paired])
+            mean = lambda key: float(np.mean([r[key] for r in g]))  # noqa: E731
+            out.append({
+                "model": cfg.model, "task": task_name, "method": method, "ratio": ratio, "n": len(g),
+                "n_skipped": skipped.get(task_name, 0), "score": score, "score_ci_low": low, "score_ci_high": high,
+                "tflops": mean("tflops"), "tflops_paper": mean("tflops_paper"), "tflops_vision": mean("tflops_vision"),
+                "flops_ratio": mean("tflops") / ref_flops if ref_rows else math.nan,
+                "prefill_ms": mean("prefill_ms"), "latency_ms": mean("latency_ms"),
+                "visual_tokens_in": mean("visual_tokens_in"), "visual_tokens_kept": mean("visual_tokens_kept"),
+                "test_vs_none": test, "p_vs_none": p,
+            })
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
+
+
+def pareto_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every (task, method, ratio) point with ``on_front`` = not dominated in (TFLOPs down, score up)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in summary):
+        pts = [r for r in summary if r["task"] == task]
+        flags = pareto_front([(r["tflops"], r["score"]) for r in pts])
+        out += [{"task": task, "method": r["method"], "ratio": r["ratio"], "tflops": r["tflops"], "score": r["score"],
+                 "on_front": flag} for r, flag in zip(pts, flags)]
+    return out
+
+
+def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any]]) -> None:
+    """Accuracy vs TFLOPs: one line per method over its ratios, the reference as a star, the front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        by_method[p["method"]].append(p)
+    for method, pts in by_method.items():
+        pts = sorted(pts, key=lambda p: p["tflops"])
+        if method == "none":
+            ax.scatter([p["tflops"] for p in pts], [p["score"] for p in pts], marker="*", s=180, color="black",
+                       zorder=4, label="none (unpruned)")
+            continue
+        ax.plot([p["tflops"] for p in pts], [p["score"] for p in pts], marker="o", label=method)
+        for p in pts:
+            ax.annotate(f"{p['ratio']:g}", (p["tflops"], p["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = sorted((p for p in points if p["on_front"]), key=lambda p: p["tflops"])
+    ax.step([p["tflops"] for p in front], [p["score"] for p in front], where="post", linestyle="--", color="grey",
+            zorder=1, label="Pareto front")
+    ax.scatter([p["tflops"] for p in front], [p["score"] for p in front], s=110, facecolors="none", edgecolors="black",
+               zorder=5)
+    ax.set_xlabel("TFLOPs per sample (vision + prefill + decode; 1 multiply-add = 2 FLOPs)")
+    ax.set_ylabel(headline)
+    ax.set_title(f"{task}: {headline} vs compute (labels: retention ratio)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
+    """Markdown: paired tests between every two methods at the same ratio, per task."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        groups[(r["task"], r["method"], float(r["ratio"]))][r["sample_id"]] = r
+    lines = []
+    for task_name, task in tasks.items():
+        for ratio in cfg.ratios:
+            methods = [m for m in cfg.methods if (task_name, m, ratio) in groups]
+            pairs = []
+            for i, a in enumerate(methods):
+                for b in methods[i + 1:]:
+                    ga, gb = groups[(task_name, a, ratio)], groups[(task_name, b, ratio)]
+                    ids = sorted(set(ga) & set(gb))
+                    if not ids:
+                        continue
+                    metric = _sample_metric(task, [ga[ids[0]]])
+                    test, p = paired_test([ga[i]["scores"][metric] for i in ids], [gb[i]["scores"][metric] for i in ids])
+                    pairs.append(f"| {a} | {b} | {test} | {p:.4g} |")
+            if pairs:
+                lines += [f"\n**{task_name}, ratio {ratio:g}** (per-sample `{_sample_metric(task, rows)}`)\n",
+                          "| method A | method B | test | p |", "|---|---|---|---|", *pairs]
+    return lines
+
+
+def write_reports(cfg, out: Path, tasks: dict, data: dict, log=print) -> str:
+    """Write every results file from ``samples.jsonl``; returns the final table as text."""
+    from .sweep import read_rows
+
+    rows = [r for r in read_rows(out / "samples.jsonl") if r["task"] in tasks]
+    skipped_path = out / "skipped.json"
+    skipped_ids: dict[str, list] = json.loads(skipped_path.read_text()) if skipped_path.exists() else {}
+    for name, d in data.items():
+        if d.skipped or name not in skipped_ids:
+            skipped_ids[name] = [{"id": s.id, "reason": s.reason} for s in d.skipped]
+    skipped_path.write_text(json.dumps(skipped_ids, indent=1))
+    skipped = {k: len(v) for k, v in skipped_ids.items()}
+
+    summary = summarise(cfg, tasks, rows, skipped)
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    front = pareto_rows(summary)
+    write_csv(out / "pareto.csv", front, ["task", "method", "ratio", "tflops", "score", "on_front"])
+    for task_name, task in tasks.items():
+        pts = [p for p in front if p["task"] == task_name]
+        if pts:
+            plot_pareto(out / f"pareto_{task_name}.png", task_name, task.headline, pts)
+
+    shown = ["task", "method", "ratio", "n", "score", "score_ci_low", "score_ci_high", "tflops", "flops_ratio",
+             "prefill_ms", "visual_tokens_kept", "p_vs_none"]
+    report = [
+        f"# tokenprune bench: {cfg.model}", "",
+        f"Tasks: {', '.join(cfg.tasks)}. Methods: {', '.join(cfg.methods)} (+ `none`, the unpruned reference). "
+        f"Ratios: {', '.join(f'{r:g}' for r in cfg.ratios)}. Seed {cfg.seed}. Resolved config, versions and git "
+        "commit: `config.yaml`.", "",
+        "Scores: the task's headline metric; CI: 95% percentile bootstrap over samples "
+        f"({cfg.bootstrap} resamples). TFLOPs: mean per sample, vision + LLM prefill + decode + LM head, "
+        "1 multiply-add = 2 FLOPs (`tflops_paper` in summary.csv: the papers' LLM-prefill convention). "
+        "Times: wall clock per sample (batch time / batch size), warm-up excluded. "
+        "p_vs_none: paired test against the unpruned model on the same samples (exact McNemar for 0/1 scores, "
+        "Wilcoxon signed-rank for graded ones).", "",
+        _md_table(summary, shown), "",
+    ]
+    for task_name in tasks:
+        n_skip = skipped.get(task_name, 0)
+        report.append(f"## {task_name}\n")
+        if n_skip:
+            report.append(f"{n_skip} sample(s) skipped (missing or undecodable image; ids in `skipped.json`); "
+                          "scores are over the samples evaluated.\n")
+        on_front = [p for p in front if p["task"] == task_name and p["on_front"]]
+        report.append("Pareto front (TFLOPs down, score up): " +
+                      ", ".join(f"{p['method']}@{p['ratio']:g} ({p['tflops']:.4g} TFLOPs, {p['score']:.4g})"
+                                for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
+        report.append(f"![{task_name}](pareto_{task_name}.png)\n")
+    report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
+    (out / "report.md").write_text("\n".join(report))
+
+    if cfg.wandb_project:
+        log_wandb(cfg, out, summary, front, tasks)
+    table = _text_table(summary, shown)
+    return f"\n{table}\n\nresults: {out}/summary.csv, pareto.csv, report.md, pareto_<task>.png, samples.jsonl"
+
+
+def _text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def wandb_mode(requested: str | None) -> str:
+    """``requested``, else ``online`` if an API key is configured, else ``offline``."""
+    if requested:
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def log_wandb(cfg, out: Path, summary: list[dict], front: list[dict], tasks: dict) -> None:
+    """One W&B run per sweep: config, the summary table, accuracy-vs-TFLOPs per task, the PNGs."""
+    import wandb
+    import yaml
+
+    from .sweep import provenance
+
+    mode = wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return
+    run = wandb.init(project=cfg.wandb_project, mode=mode, dir=str(out), config=provenance(cfg),
+                     name=f"{Path(cfg.model).name}-{'-'.join(cfg.tasks)}", reinit=True)
+    try:
+        table = wandb.Table(columns=SUMMARY_COLUMNS, data=[[r[c] for c in SUMMARY_COLUMNS] for r in summary])
+        payload: dict[str, Any] = {"summary": table}
+        for task_name, task in tasks.items():
+            pts = [p for p in front if p["task"] == task_name]
+            methods = list(dict.fromkeys(p["method"] for p in pts))
+            xs = [[p["tflops"] for p in sorted(pts, key=lambda p: p["tflops"]) if p["method"] == m] for m in methods]
+            ys = [[p["score"] for p in sorted(pts, key=lambda p: p["tflops"]) if p["method"] == m] for m in methods]
+            payload[f"{task_name}/accuracy_vs_tflops"] = wandb.plot.line_series(
+                xs=xs, ys=ys, keys=methods, title=f"{task_name}: {task.headline} vs TFLOPs", xname="TFLOPs")
+            png = out / f"pareto_{task_name}.png"
+            if png.exists():
+                payload[f"{task_name}/pareto"] = wandb.Image(str(png))
+        run.log(payload)
+        (out / "wandb_run.yaml").write_text(yaml.safe_dump({"mode": mode, "id": run.id, "dir": str(run.dir)}))
+    finally:
+        run.finish()

@@ -1,0 +1,352 @@
+"""``tokenprune bench``: a model x task x method x ratio sweep, resumable and loss-free.
+
+Every sample's result is appended to ``samples.jsonl`` and flushed to disk as soon as its batch
+is done; a rerun of the same command skips what is there (a line cut by a crash is dropped), so
+an interrupted sweep resumes where it stopped. The output directory's ``config.yaml`` pins the
+sweep: a different sweep in the same directory is refused instead of mixing results. The tables,
+plots and report are recomputed from ``samples.jsonl`` at the end of every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+from .errors import OptionError, TokenpruneError
+from .pruner import TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
+
+DEFAULT_MODEL = "tiny-llava"
+REFERENCE = "none"  # the unpruned model, always run once at ratio 1.0
+# Fields that define what a sweep computes; a rerun in the same directory must match them.
+IDENTITY = ("model", "tasks", "methods", "ratios", "limit", "seed", "dtype", "position_policy", "max_new_tokens",
+            "task_options")
+
+
+@dataclass
+class SweepConfig:
+    """Everything ``tokenprune bench`` needs; built from defaults, then ``--config`` YAML, then flags.
+
+    Attributes:
+        model: ``tokenprune.load`` id or path, or a zoo name (``tiny-llava``, ...).
+        tasks / methods / ratios: the grid; methods are pruner specs (``fastv:k=3``).
+        limit: samples per task (``None``: all); ``seed`` picks them and seeds random pruners.
+        data_dir: local dataset copy: one folder, or ``{task: folder}``.
+        bootstrap: resamples for the confidence intervals.
+    """
+
+    model: str = DEFAULT_MODEL
+    tasks: list[str] = field(default_factory=lambda: ["pope"])
+    methods: list[str] = field(default_factory=lambda: ["fopru_rank", "fopru_row", "random", "pool", "fastv"])
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
+    limit: int | None = None
+    batch_size: int = 1
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    output: str = "runs/bench"
+    data_dir: str | dict[str, str] | None = None
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    position_policy: str = "keep"
+    max_new_tokens: int | None = None
+    bootstrap: int = 1000
+    wandb_project: str | None = None
+    wandb_mode: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IDENTITY}
+
+
+FIELDS = {f.name for f in dataclasses.fields(SweepConfig)}
+
+
+def _as_list(value: Any, name: str) -> list:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise OptionError(f"{name} must be a list or a comma-separated string, got {value!r}")
+
+
+def normalise(cfg: SweepConfig) -> SweepConfig:
+    """Validate every field (one clear error each) and put lists in canonical form."""
+    from .tasks import get_task
+
+    cfg.tasks = [str(t) for t in _as_list(cfg.tasks, "tasks")]
+    if not cfg.tasks:
+        raise OptionError("no tasks given; e.g. --tasks pope (see `tokenprune list tasks`)")
+    for t in cfg.tasks:
+        get_task(t, **cfg.task_options.get(t, {}))  # unknown names list the known ones
+    methods = []
+    for m in _as_list(cfg.methods, "methods"):
+        spec = m if isinstance(m, str) else _spec_from_mapping(m)
+        if spec == REFERENCE:
+            continue  # always run anyway
+        pruner_from_spec(spec, ratio=1.0)  # validates name and options now, before any model loads
+        methods.append(spec)
+    if not methods:
+        raise OptionError("no methods given; e.g. --methods fopru_rank,fastv (see `tokenprune list pruners`)")
+    cfg.methods = methods
+    cfg.ratios = [validate_ratio(r, "each ratio") for r in _as_list(cfg.ratios, "ratios")]
+    if not cfg.ratios:
+        raise OptionError("no ratios given; e.g. --ratios 0.5,0.25,0.1 (each in (0, 1])")
+    if cfg.limit is not None and (isinstance(cfg.limit, bool) or not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise OptionError(f"--limit must be a positive integer, got {cfg.limit!r}")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise OptionError(f"--batch-size must be a positive integer, got {cfg.batch_size!r}")
+    if cfg.max_new_tokens is not None and (not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1):
+        raise OptionError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
+    if cfg.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise OptionError(f"--wandb-mode must be one of online, offline, disabled; got {cfg.wandb_mode!r}")
+    if cfg.position_policy not in ("keep", "compact"):
+        raise OptionError(f"position_policy must be keep or compact; got {cfg.position_policy!r}")
+    return cfg
+
+
+def _spec_from_mapping(m: Any) -> str:
+    """``{name: fastv, k: 3}`` (YAML) -> ``"fastv:k=3"``."""
+    if not isinstance(m, dict) or "name" not in m:
+        raise OptionError(f"a method must be a spec string or a mapping with 'name', got {m!r}")
+    opts = ":".join(f"{k}={v}" for k, v in m.items() if k != "name")
+    return f"{m['name']}:{opts}" if opts else str(m["name"])
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given, else relative to the installed configs (``configs/ablations/x.yaml`` works anywhere)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts
+    packaged = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
+    if packaged.is_file():
+        return packaged
+    shipped = sorted(str(q.relative_to(CONFIG_DIR.parent)) for q in CONFIG_DIR.rglob("*.yaml"))
+    raise OptionError(f"config file {p} does not exist; shipped configs: {', '.join(shipped)}")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> SweepConfig:
+    """Defaults <- YAML file <- CLI ``overrides`` (only keys given on the command line)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise OptionError(f"config file {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise OptionError(f"config file {p} must be a mapping of options, e.g. 'methods: [fopru_rank]'")
+        unknown = sorted(set(data) - FIELDS)
+        if unknown:
+            raise OptionError(f"unknown key(s) {', '.join(unknown)} in {p}; valid keys: {', '.join(sorted(FIELDS))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return normalise(SweepConfig(**data))
+
+
+# -- results file ----------------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of ``samples.jsonl``; a final line cut short by a crash is dropped from the file."""
+    if not path.exists():
+        return []
+    rows, good_bytes = [], 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a partial last line: everything after it is unreliable
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return row["task"], row["method"], float(row["ratio"]), str(row["sample_id"])
+
+
+# -- provenance ------------------------------------------------------------------------------------
+def provenance(cfg: SweepConfig) -> dict[str, Any]:
+    """The resolved config with package versions, git commit and host, for ``config.yaml``."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {
+        "config": dataclasses.asdict(cfg),
+        "versions": {"tokenprune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
+                     "python": platform.python_version()},
+        "git_commit": commit,
+        "seed": cfg.seed,
+        "host": platform.node(),
+    }
+
+
+def check_output_dir(cfg: SweepConfig, out: Path) -> None:
+    """Refuse a different sweep in a directory that holds one; write ``config.yaml`` otherwise."""
+    path = out / "config.yaml"
+    if path.exists():
+        try:
+            old = (yaml.safe_load(path.read_text()) or {}).get("config", {})
+        except yaml.YAMLError:
+            old = {}
+        old_identity = {k: old.get(k) for k in IDENTITY}
+        new_identity = json.loads(json.dumps(cfg.identity()))
+        if json.loads(json.dumps(old_identity)) != new_identity:
+            diff = [k for k in IDENTITY if json.loads(json.dumps(old_identity[k])) != new_identity[k]]
+            raise TokenpruneError(
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --output, "
+                f"or delete {out} to start over"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(provenance(cfg), sort_keys=False))
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+def method_runs(cfg: SweepConfig) -> list[tuple[str, float]]:
+    """``(method spec, ratio)`` pairs, the unpruned reference first."""
+    return [(REFERENCE, 1.0)] + [(m, r) for m in cfg.methods for r in cfg.ratios]
+
+
+def make_pruner(spec: str, ratio: float) -> TokenPruner | None:
+    return None if spec == REFERENCE else pruner_from_spec(spec, ratio=ratio)
+
+
+def batches(items: Sequence, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def _data_dir(cfg: SweepConfig, task: str) -> str | None:
+    if isinstance(cfg.data_dir, dict):
+        return cfg.data_dir.get(task)
+    return cfg.data_dir
+
+
+def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in extra.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> Path:
+    """Run (or resume) the sweep; returns the output directory with every result file in it."""
+    import torch
+    from tqdm import tqdm
+
+    from . import cost
+    from .adapters import load as load_model
+    from .report import write_reports
+    from .tasks import get_task
+
+    out = Path(cfg.output)
+    check_output_dir(cfg, out)
+    samples_path = out / "samples.jsonl"
+    done = {row_key(r) for r in read_rows(samples_path)}
+
+    tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
+    data = {name: task.load(data_dir=_data_dir(cfg, name), limit=cfg.limit, seed=cfg.seed if cfg.limit else None)
+            for name, task in tasks.items()}
+    runs = method_runs(cfg)
+    total = sum(len(d) for d in data.values()) * len(runs)
+    remaining = total - len(done)
+    log(f"tokenprune bench: {cfg.model} | tasks {', '.join(cfg.tasks)} | {len(runs)} method x ratio runs | "
+        f"{total} sample-runs, {len(done)} already in {samples_path}")
+
+    if remaining > 0:
+        kwargs: dict[str, Any] = {}
+        if cfg.dtype != "auto":
+            kwargs["dtype"] = getattr(torch, cfg.dtype)
+        lvlm = load_model(cfg.model, **kwargs)
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        lvlm.model.to(device)
+        spec = lvlm.vision_spec()
+        warmed = False
+        with samples_path.open("a") as sink, tqdm(total=total, initial=len(done), desc="bench", unit="sample",
+                                                  dynamic_ncols=True) as bar:
+            for task_name, task in tasks.items():
+                samples = list(data[task_name])  # decoded once per task; skipped images counted here
+                if data[task_name].skipped:
+                    bar.write(data[task_name].report())
+                new_tokens = cfg.max_new_tokens or task.max_new_tokens
+                for method, ratio in runs:
+                    todo = [s for s in samples if (task_name, method, ratio, s.id) not in done]
+                    if not todo:
+                        continue
+                    pruner = make_pruner(method, ratio)
+                    if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
+                        lvlm.generate([todo[0].image], [task.prompt(todo[0])], pruner=pruner, max_new_tokens=2,
+                                      sample_ids=[todo[0].id])
+                        warmed = True
+                    for chunk in batches(todo, cfg.batch_size):
+                        gen = lvlm.generate([s.image for s in chunk], [task.prompt(s) for s in chunk], pruner=pruner,
+                                            max_new_tokens=new_tokens, position_policy=cfg.position_policy,
+                                            sample_ids=[s.id for s in chunk])
+                        t = gen.timings
+                        for s, text, st in zip(chunk, gen.texts, gen.stats):
+                            scores = task.score(text, s)
+                            c = cost.sample_cost(lvlm.model.config, spec, st)
+                            row = {
+                                "model": cfg.model, "task": task_name, "method": method, "ratio": ratio,
+                                "sample_id": s.id, "prediction": text, "answers": s.answers[:10], "scores": scores,
+                                "category": s.category, "extra": _jsonable(s.extra),
+                                "visual_tokens_in": st.visual_tokens_in, "visual_tokens_kept": st.visual_tokens_kept,
+                                "text_tokens": st.text_tokens, "prefill_tokens": sum(st.tokens_per_layer),
+                                "new_tokens": st.new_tokens, "tflops": c.total / 1e12, "tflops_vision": c.vision / 1e12,
+                                "tflops_prefill": c.prefill / 1e12, "tflops_decode": (c.decode + c.lm_head) / 1e12,
+                                "tflops_paper": c.paper / 1e12,
+                                # per-sample share of the batch's wall clock
+                                "prefill_ms": 1e3 * t["prefill"] / len(chunk),
+                                "latency_ms": 1e3 * (t["vision"] + t["llm"]) / len(chunk),
+                            }
+                            sink.write(json.dumps(row) + "\n")
+                        sink.flush()
+                        os.fsync(sink.fileno())  # on disk before the next batch: a crash loses at most one batch
+                        bar.update(len(chunk))
+                    rows = [r for r in read_rows(samples_path) if (r["task"], r["method"], float(r["ratio"])) ==
+                            (task_name, method, ratio)]
+                    bar.write(_one_line(task, task_name, method, ratio, rows))
+    summary = write_reports(cfg, out, tasks, data, log=log)
+    log(summary)
+    return out
+
+
+def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict]) -> str:
+    from .tasks import Sample
+
+    samples = [Sample(r["sample_id"], None, "", r["answers"], r["category"], r["extra"]) for r in rows]
+    value = task.aggregate([r["scores"] for r in rows], samples).get(task.headline, math.nan) if rows else math.nan
+    tflops = sum(r["tflops"] for r in rows) / max(len(rows), 1)
+    kept = sum(r["visual_tokens_kept"] for r in rows) / max(len(rows), 1)
+    return (f"  {task_name:<14} {method:<20} r={ratio:<5} {task.headline}={value:.4f}  "
+            f"TFLOPs={tflops:.4g}  visual tokens kept={kept:.1f}  n={len(rows)}")
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
