@@ -145,6 +145,20 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(pope_dir, tmp_path):
            [{k: v for k, v in r.items() if k not in timing} for r in b]
 
 
+def test_ctrl_c_is_one_line_and_resumable(pope_dir, tmp_path):
+    out = tmp_path / "int"
+    proc = cli(*flags(pope_dir, out))
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (samples.exists() and samples.read_text().count("\n") >= 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted; finished samples are saved" in stderr and "Traceback" not in stderr
+    assert len(read_rows(samples)) >= 5
+
+
 def test_wandb_offline_table(pope_dir, tmp_path):
     args = bench_args(pope_dir, tmp_path / "run", methods="fopru_row", ratios="0.5", wandb_project="tp-test",
                       wandb_mode="offline")

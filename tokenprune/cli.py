@@ -142,7 +142,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             overrides["data_dir"] = pairs[0]
         else:
             raise OptionError("--data-dir takes one folder, or task=folder pairs separated by commas")
-    run_sweep(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    try:
+        run_sweep(cfg)
+    except KeyboardInterrupt:
+        print(f"\ntokenprune: interrupted; finished samples are saved in {cfg.output}/samples.jsonl -- "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 
