@@ -51,7 +51,7 @@ def pope_dir(tmp_path_factory):
 
 
 def bench_args(pope_dir, out, **extra):
-    args = {"tasks": "pope", "data_dir": str(pope_dir), "methods": "fopru_rank,random,fastv", "ratios": "0.5,0.25",
+    args = {"model": "tiny-llava", "tasks": "pope", "batch_size": 2, "data_dir": str(pope_dir), "methods": "fopru_rank,random,fastv", "ratios": "0.5,0.25",
             "limit": 6, "output": str(out), "bootstrap": 200, "max_new_tokens": 3}
     args.update(extra)
     return args
@@ -110,7 +110,7 @@ def cli(*args, env=None, **kw):
 
 
 def flags(pope_dir, out):
-    return ["--tasks", "pope", "--data-dir", str(pope_dir), "--methods", "fopru_rank,pool", "--ratios", "0.5,0.25",
+    return ["--model", "tiny-llava", "--batch-size", "1", "--tasks", "pope", "--data-dir", str(pope_dir), "--methods", "fopru_rank,pool", "--ratios", "0.5,0.25",
             "--limit", str(N_SAMPLES), "--output", str(out), "--bootstrap", "200", "--max-new-tokens", "3"]
 
 
@@ -177,7 +177,8 @@ def test_wandb_offline_table(pope_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--limit", "0"], "--limit must be a positive integer"),
+    (["--limit", "0"], "--limit must be a positive integer or 'all'"),
+    (["--limit", "many"], "--limit must be a positive integer or 'all'"),
     (["--methods", ""], "no methods given"),
     (["--methods", "fopru_rnk"], "unknown pruner 'fopru_rnk'"),
     (["--methods", "fastv:k=0"], "k must be >= 1"),
@@ -212,6 +213,12 @@ def test_bad_yaml_is_one_line(tmp_path):
 def test_shipped_configs_parse(name):
     cfg = load_config(name, {})
     assert cfg.methods and cfg.ratios and cfg.tasks
+
+
+def test_defaults_are_the_demo_run():
+    cfg = load_config(None, {})
+    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["easy_vqa"], 200, [0.5, 0.25, 0.1])
+    assert load_config(None, {"limit": "all"}).limit is None
 
 
 def test_flags_override_config(tmp_path):

@@ -22,9 +22,10 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .errors import OptionError, TokenpruneError
-from .pruner import TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
+from .pruner import TokenPruner, pruner_from_spec, validate_ratio
 
-DEFAULT_MODEL = "tiny-llava"
+DEFAULT_MODEL = "tokenprune-demo"
+DEFAULT_LIMIT = 200  # the default (demo) run: a seeded subset; --limit all for whole splits
 REFERENCE = "none"  # the unpruned model, always run once at ratio 1.0
 # Fields that define what a sweep computes; a rerun in the same directory must match them.
 IDENTITY = ("model", "tasks", "methods", "ratios", "limit", "seed", "dtype", "position_policy", "max_new_tokens",
@@ -38,17 +39,18 @@ class SweepConfig:
     Attributes:
         model: ``tokenprune.load`` id or path, or a zoo name (``tiny-llava``, ...).
         tasks / methods / ratios: the grid; methods are pruner specs (``fastv:k=3``).
-        limit: samples per task (``None``: all); ``seed`` picks them and seeds random pruners.
+        limit: samples per task, a seeded subset (default 200; ``"all"`` / ``None``: whole splits);
+            ``seed`` picks them and seeds random pruners.
         data_dir: local dataset copy: one folder, or ``{task: folder}``.
         bootstrap: resamples for the confidence intervals.
     """
 
     model: str = DEFAULT_MODEL
-    tasks: list[str] = field(default_factory=lambda: ["pope"])
+    tasks: list[str] = field(default_factory=lambda: ["easy_vqa"])
     methods: list[str] = field(default_factory=lambda: ["fopru_rank", "fopru_row", "random", "pool", "fastv"])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
-    limit: int | None = None
-    batch_size: int = 1
+    limit: int | str | None = DEFAULT_LIMIT
+    batch_size: int = 8
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -98,8 +100,12 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
     cfg.ratios = [validate_ratio(r, "each ratio") for r in _as_list(cfg.ratios, "ratios")]
     if not cfg.ratios:
         raise OptionError("no ratios given; e.g. --ratios 0.5,0.25,0.1 (each in (0, 1])")
+    if cfg.limit == "all":
+        cfg.limit = None
+    if isinstance(cfg.limit, str) and cfg.limit.isdigit():
+        cfg.limit = int(cfg.limit)
     if cfg.limit is not None and (isinstance(cfg.limit, bool) or not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise OptionError(f"--limit must be a positive integer, got {cfg.limit!r}")
+        raise OptionError(f"--limit must be a positive integer or 'all', got {cfg.limit!r}")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise OptionError(f"--batch-size must be a positive integer, got {cfg.batch_size!r}")
     if cfg.max_new_tokens is not None and (not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1):
@@ -278,6 +284,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     remaining = total - len(done)
     log(f"tokenprune bench: {cfg.model} | tasks {', '.join(cfg.tasks)} | {len(runs)} method x ratio runs | "
         f"{total} sample-runs, {len(done)} already in {samples_path}")
+    if cfg.limit is not None:
+        log(f"  a seeded subset of {cfg.limit} samples per task (seed {cfg.seed}); --limit all for whole splits")
 
     if remaining > 0:
         kwargs: dict[str, Any] = {}

@@ -125,14 +125,18 @@ class PrunableLVLM(ABC):
         self.runner = DecoderRunner(text_model, lm_head, pad_id=pad, eos_ids=self.eos_ids())
 
     # -- what a family provides -----------------------------------------------------------------
-    @abstractmethod
     def decoder(self) -> tuple[nn.Module, nn.Module]:
-        """``(text_model, lm_head)``: the decoder stack and the output projection."""
+        """``(text_model, lm_head)``: the decoder stack and the output projection (the layout of
+        every transformers LVLM supported; override for others)."""
+        return self.model.model.language_model, self.model.lm_head
 
-    @abstractmethod
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs) with the
         model's chat template and image placeholder applied to each prompt."""
+        from .common import chat_prompts
+
+        texts = chat_prompts(self.processor, prompts)
+        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
 
     @abstractmethod
     def encode_images(self, batch: dict[str, torch.Tensor], needs: PrunerNeeds) -> list[View]:

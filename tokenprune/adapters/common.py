@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import OptionError
@@ -37,6 +36,19 @@ def layer_index(layer: int, n_layers: int, what: str = "vision_layer") -> int:
     return layer % n_layers
 
 
-def head_map(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate recorded ``[b, rows, T]`` maps along the batch."""
-    return torch.cat(maps, dim=0)
+def vision_recorder(tower: nn.Module, needs, all_rows: bool = False):
+    """A context recording the attention the pruner's ``needs`` ask for in ``tower`` (or a no-op).
+
+    Yields the :class:`~tokenprune.adapters.attention.AttentionRecorder`, or ``None`` if nothing
+    is needed. ``all_rows`` forces every row (when the adapter recomposes the map).
+    """
+    import contextlib
+
+    from .attention import record_attention
+
+    if needs.vision_attention_layer is None:
+        return contextlib.nullcontext(None)
+    mods = attention_modules(tower)
+    module = mods[layer_index(needs.vision_attention_layer, len(mods))]
+    rows = "prefix" if needs.vision_attention_rows == "prefix" and not all_rows else "all"
+    return record_attention(module, rows=rows)

@@ -125,7 +125,7 @@ class DecoderRunner:
         tokens, visual = [], []
         pe = self.model.rotary_emb(h, positions[..., -q_len:] if q_len < positions.shape[-1] else positions)
         mask4 = causal_mask_4d(mask, q_len)
-        selection = None
+        selection, rec = None, None  # rec: layer K-1's recorded attention, read at layer K
         for i, layer in enumerate(self.layers):
             if k_layer is not None and i == k_layer and i < n_layers:
                 keep = keep_fixed if keep_fixed is not None else self._select(pruner, rec, mask, image_mask, sample_ids)

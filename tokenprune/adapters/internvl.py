@@ -7,18 +7,14 @@ merge order (patch ``p`` -> token ``p // 4``) without re-deriving the reshape ar
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Sequence
 
 import torch
-from PIL import Image
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
-from .attention import record_attention
 from .base import PrunableLVLM, View
-from .common import attention_modules, chat_prompts, layer_index
+from .common import vision_recorder
 
 
 class InternVLLVLM(PrunableLVLM):
@@ -26,13 +22,6 @@ class InternVLLVLM(PrunableLVLM):
 
     family = "internvl"
     model_types = ("internvl",)
-
-    def decoder(self):
-        return self.model.model.language_model, self.model.lm_head
-
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]):
-        texts = chat_prompts(self.processor, prompts)
-        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
 
     def _merge_order(self, side: int) -> torch.Tensor:
         """``[side*side]`` patch indices in merge order (4 consecutive patches = one token)."""
@@ -46,12 +35,7 @@ class InternVLLVLM(PrunableLVLM):
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("InternVL with several vision_feature_layers is not supported; use one layer")
         tower = self.model.model.vision_tower
-        record = contextlib.nullcontext(None)
-        if needs.vision_attention_layer is not None:
-            mods = attention_modules(tower)
-            module = mods[layer_index(needs.vision_attention_layer, len(mods))]
-            record = record_attention(module, rows="prefix" if needs.vision_attention_rows == "prefix" else "all")
-        with record as rec:
+        with vision_recorder(tower, needs) as rec:
             feats = self.model.model.get_image_features(
                 pixel_values=batch["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,

@@ -1,18 +1,14 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP-style tower with CLS, MLP projector, 1-D RoPE LLM."""
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Sequence
 
 import torch
-from PIL import Image
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
-from .attention import record_attention
 from .base import PrunableLVLM, View
-from .common import attention_modules, chat_prompts, layer_index
+from .common import vision_recorder
 
 
 class LlavaLVLM(PrunableLVLM):
@@ -21,25 +17,13 @@ class LlavaLVLM(PrunableLVLM):
     family = "llava"
     model_types = ("llava",)
 
-    def decoder(self):
-        return self.model.model.language_model, self.model.lm_head
-
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]):
-        texts = chat_prompts(self.processor, prompts)
-        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
-
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
         cfg = self.model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("LLaVA with several vision_feature_layers is not supported; use one layer")
         tower = self.model.model.vision_tower
         pixel_values = batch["pixel_values"].to(tower.dtype)
-        record = contextlib.nullcontext(None)
-        if needs.vision_attention_layer is not None:
-            mods = attention_modules(tower)
-            module = mods[layer_index(needs.vision_attention_layer, len(mods))]
-            record = record_attention(module, rows="prefix" if needs.vision_attention_rows == "prefix" else "all")
-        with record as rec:
+        with vision_recorder(tower, needs) as rec:
             out = tower(pixel_values, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[cfg.vision_feature_layer]  # [B, T, Dv]
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0

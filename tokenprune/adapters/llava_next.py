@@ -13,7 +13,6 @@ applied to token indices.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import (
@@ -24,9 +23,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
-from .attention import record_attention
 from .base import View
-from .common import attention_modules, layer_index
+from .common import vision_recorder
 from .llava import LlavaLVLM
 
 
@@ -52,12 +50,7 @@ class LlavaNextLVLM(LlavaLVLM):
         sizes = batch["image_sizes"]
         n_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
-        record = contextlib.nullcontext(None)
-        if needs.vision_attention_layer is not None:
-            mods = attention_modules(tower)
-            module = mods[layer_index(needs.vision_attention_layer, len(mods))]
-            record = record_attention(module, rows="all")  # block composition needs every row
-        with record as rec:
+        with vision_recorder(tower, needs, all_rows=True) as rec:  # block composition needs every row
             out = tower(pixels, output_hidden_states=True, return_dict=True)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
         feats = inner.multi_modal_projector(out.hidden_states[cfg.vision_feature_layer][:, prefix:])

@@ -10,15 +10,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 import torch
-from PIL import Image
 
 from ..pruner import PrunerNeeds
 from .attention import record_attention
 from .base import PrunableLVLM, View
-from .common import chat_prompts, layer_index
+from .common import layer_index
 
 
 class QwenVLLVLM(PrunableLVLM):
@@ -26,13 +24,6 @@ class QwenVLLVLM(PrunableLVLM):
 
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-
-    def decoder(self):
-        return self.model.model.language_model, self.model.lm_head
-
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]):
-        texts = chat_prompts(self.processor, prompts)
-        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
 
     def _score_block(self, layer: int) -> int:
         visual = self.model.model.visual

@@ -14,8 +14,6 @@ are averaged over each merge group (Qwen2-VL 2x2, InternVL pixel shuffle) to sco
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from ..pruner import (

