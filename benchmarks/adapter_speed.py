@@ -88,26 +88,37 @@ def bench(name: str, lvlm, image_size: int, runs: int, batch: int) -> None:
         calls.append(run)
     times = paired_medians(calls, runs, device)
     full_tokens = sum(layers["none"])
-    print(f"{'method':<12}{'ratio':>6}{'tokens L0/last':>16}{'token ratio':>13}{'prefill ms':>12}{'time ratio':>12}")
+    from tokenprune.cost import llm_flops
+
+    full_flops = llm_flops(lvlm.model.config, layers["none"], new_tokens=1)
+    print(f"{'method':<12}{'ratio':>6}{'tokens L0/last':>16}{'token ratio':>13}{'FLOPs ratio':>13}"
+          f"{'prefill ms':>12}{'time ratio':>12}")
     for (key, pruner), t in zip(methods, times):
         ratio = 1.0 if pruner is None else pruner.ratio
         n = layers[key]
-        # token ratio: tokens summed over layers (FastV prunes only from layer K on)
-        print(f"{key:<12}{ratio:>6}{str(n[0]) + '/' + str(n[-1]):>16}{sum(n) / full_tokens:>13.3f}"
+        # token ratio: tokens summed over layers (FastV prunes only from layer K on); FLOPs: LLM
+        # prefill + LM head, full convention (the part this timing covers)
+        flops = llm_flops(lvlm.model.config, n, new_tokens=1) / full_flops
+        print(f"{key:<12}{ratio:>6}{str(n[0]) + '/' + str(n[-1]):>16}{sum(n) / full_tokens:>13.3f}{flops:>13.3f}"
               f"{t * 1e3:>12.1f}{t / times[0]:>12.3f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--model", choices=["tiny", "mid", "both"], default="both")
+    parser.add_argument("--model", choices=["tiny", "mid", "both", "demo"], default="both")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} runs={args.runs} batch={args.batch}")
-    builders = {"tiny": (tiny_llava, 64), "mid": (mid_llava, 336)}
+    def demo():
+        from tokenprune.zoo.demo import WEIGHTS, build_demo
+
+        return build_demo(projector=WEIGHTS if WEIGHTS.exists() else None)
+
+    builders = {"tiny": (tiny_llava, 64), "mid": (mid_llava, 336), "demo": (demo, 224)}
     for key in (["tiny", "mid"] if args.model == "both" else [args.model]):
         build, size = builders[key]
         model, processor = build()

@@ -63,3 +63,22 @@ def test_easy_vqa_task():
     assert task.score("purple", sample) == {"accuracy": 0.0, "valid": 0.0}
     subset = task.load(limit=50, seed=0).indices
     assert subset == task.load(limit=50, seed=0).indices != task.load(limit=50, seed=1).indices
+
+
+def test_demo_bench_end_to_end(tmp_path):
+    """The README's main job, shrunk: the default model and task, two methods, a few samples."""
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "tokenprune", "bench", "--methods", "fopru_rank,fastv", "--ratios",
+                           "0.25", "--limit", "8", "--output", str(out), "--bootstrap", "100"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["model"], r["task"], r["method"]) for r in rows] == [
+        ("tokenprune-demo", "easy_vqa", "none"), ("tokenprune-demo", "easy_vqa", "fopru_rank"),
+        ("tokenprune-demo", "easy_vqa", "fastv")]
+    assert [float(r["visual_tokens_kept"]) for r in rows] == [256, 64, 64]
+    assert float(rows[1]["flops_ratio"]) < float(rows[2]["flops_ratio"]) < 1

@@ -98,8 +98,13 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     head = lm_state.pop("lm_head.weight", None)
     model.model.language_model.load_state_dict(lm_state)
     model.lm_head.weight = model.model.language_model.embed_tokens.weight if head is None else torch.nn.Parameter(head)
-    # one new token (<image>): its embedding is never read (image features replace it)
+    # One new token (<image>). Its input embedding is never read (image features replace it); with
+    # tied embeddings it is also an output row: the mean embedding, deterministic, a modest logit.
+    old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(dim=0)
     if projector is not None:
         if not Path(projector).exists():
             from ..errors import TokenpruneError

@@ -168,9 +168,12 @@ def main(argv=None) -> None:
         qs = [train_q[i] for i in idx]
         embeds, mask, labels, _ = batcher(torch.stack([train_feats[q[2]] for q in qs]), [q[0] for q in qs], [q[1] for q in qs])
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(out[:, :-1]).float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+        # Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions): the
+        # LM head over every position would cost more than the whole projector.
+        target = labels[:, 1:]
+        where = target != -100
+        logits = model.lm_head(out[:, :-1][where]).float()
+        loss = torch.nn.functional.cross_entropy(logits, target[where])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
