@@ -9,6 +9,7 @@ plots and report are recomputed from ``samples.jsonl`` at the end of every run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections import defaultdict
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -239,9 +241,11 @@ def make_pruner(spec: str, ratio: float) -> TokenPruner | None:
     return None if spec == REFERENCE else pruner_from_spec(spec, ratio=ratio)
 
 
-def batches(items: Sequence, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield list(items[i:i + size])
+def batches_from(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter) from any iterable, lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _data_dir(cfg: SweepConfig, task: str) -> str | None:
@@ -274,7 +278,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     out = Path(cfg.output)
     check_output_dir(cfg, out)
     samples_path = out / "samples.jsonl"
-    done = {row_key(r) for r in read_rows(samples_path)}
+    previous = read_rows(samples_path)
+    done = {row_key(r) for r in previous}
+    by_run: dict[tuple, list[dict]] = defaultdict(list)  # rows per (task, method, ratio), for the one-liners
+    for r in previous:
+        by_run[(r["task"], r["method"], float(r["ratio"]))].append(r)
 
     tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
     data = {name: task.load(data_dir=_data_dir(cfg, name), limit=cfg.limit, seed=cfg.seed if cfg.limit else None)
@@ -299,20 +307,20 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
         with samples_path.open("a") as sink, tqdm(total=total, initial=len(done), desc="bench", unit="sample",
                                                   dynamic_ncols=True) as bar:
             for task_name, task in tasks.items():
-                samples = list(data[task_name])  # decoded once per task; skipped images counted here
-                if data[task_name].skipped:
-                    bar.write(data[task_name].report())
                 new_tokens = cfg.max_new_tokens or task.max_new_tokens
                 for method, ratio in runs:
-                    todo = [s for s in samples if (task_name, method, ratio, s.id) not in done]
-                    if not todo:
+                    # Samples are streamed (decoded batch by batch), so a whole split never sits in memory.
+                    finished = {k[3] for k in done if k[:3] == (task_name, method, ratio)}
+                    if len(finished) >= len(data[task_name]):
                         continue
+                    todo = data[task_name].samples(exclude=finished)
                     pruner = make_pruner(method, ratio)
-                    if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
-                        lvlm.generate([todo[0].image], [task.prompt(todo[0])], pruner=pruner, max_new_tokens=2,
-                                      sample_ids=[todo[0].id])
-                        warmed = True
-                    for chunk in batches(todo, cfg.batch_size):
+                    written = 0
+                    for chunk in batches_from(todo, cfg.batch_size):
+                        if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
+                            lvlm.generate([chunk[0].image], [task.prompt(chunk[0])], pruner=pruner, max_new_tokens=2,
+                                          sample_ids=[chunk[0].id])
+                            warmed = True
                         gen = lvlm.generate([s.image for s in chunk], [task.prompt(s) for s in chunk], pruner=pruner,
                                             max_new_tokens=new_tokens, position_policy=cfg.position_policy,
                                             sample_ids=[s.id for s in chunk])
@@ -334,12 +342,15 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                 "latency_ms": 1e3 * (t["vision"] + t["llm"]) / len(chunk),
                             }
                             sink.write(json.dumps(row) + "\n")
+                            by_run[(task_name, method, ratio)].append(row)
                         sink.flush()
                         os.fsync(sink.fileno())  # on disk before the next batch: a crash loses at most one batch
                         bar.update(len(chunk))
-                    rows = [r for r in read_rows(samples_path) if (r["task"], r["method"], float(r["ratio"])) ==
-                            (task_name, method, ratio)]
-                    bar.write(_one_line(task, task_name, method, ratio, rows))
+                        written += len(chunk)
+                    if written:
+                        bar.write(_one_line(task, task_name, method, ratio, by_run[(task_name, method, ratio)]))
+                    if data[task_name].skipped and (method, ratio) == runs[0]:
+                        bar.write(data[task_name].report())
     summary = write_reports(cfg, out, tasks, data, log=log)
     log(summary)
     return out

@@ -12,7 +12,7 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Container, Iterator, Sequence
 
 from PIL import Image
 
@@ -76,10 +76,20 @@ class TaskData:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[Sample]:
+        return self.samples()
+
+    def samples(self, exclude: Container[str] = ()) -> Iterator[Sample]:
+        """The samples, decoded one at a time; ids in ``exclude`` are passed over undecoded.
+
+        ``skipped`` is reset and refilled by each full pass (excluded rows are not decoded, so a
+        broken image among them is not counted again).
+        """
         self.skipped = []
         for i in self.indices:
             row = self.rows[i]
             sid = self.task.row_id(row, i)
+            if sid in exclude:
+                continue
             try:
                 image = decode_image(self.task.row_image(row))
             except Exception as exc:  # noqa: BLE001 -- any decoding failure skips the row
