@@ -91,6 +91,13 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, expanded)
 
 
+def prune_layer(pruner: TokenPruner | None) -> int | None:
+    """The decoder layer an in-LLM pruner acts before: the one after the layer whose attention it reads."""
+    if pruner is None or pruner.needs.llm_attention_layer is None:
+        return None
+    return pruner.needs.llm_attention_layer + 1
+
+
 class DecoderRunner:
     """Runs a decoder (``layers``, ``norm``, ``rotary_emb``, ``embed_tokens``) and its LM head.
 
@@ -121,7 +128,7 @@ class DecoderRunner:
         layer ``K``; ``keep_fixed`` (``[B, L]`` bool over the prefix) replays an earlier selection.
         """
         n_layers = len(self.layers)
-        k_layer = getattr(pruner, "k", None) if pruner is not None else None
+        k_layer = prune_layer(pruner)
         tokens, visual = [], []
         pe = self.model.rotary_emb(h, positions[..., -q_len:] if q_len < positions.shape[-1] else positions)
         mask4 = causal_mask_4d(mask, q_len)
@@ -139,7 +146,7 @@ class DecoderRunner:
                 mask4 = causal_mask_4d(mask, h.shape[1])
             tokens.append(mask.sum(1))
             visual.append((image_mask & mask).sum(1))
-            want = pruner is not None and keep_fixed is None and i == k_layer - 1
+            want = k_layer is not None and keep_fixed is None and i == k_layer - 1
             if want:
                 rows = pruner.needs.llm_attention_queries
                 with record_attention(layer.self_attn, rows="last" if rows == "last" else "all") as rec:
@@ -155,6 +162,8 @@ class DecoderRunner:
         n_img = image_mask.sum(1)
         # Samples with the same number of visual tokens are pruned as one batch.
         for n in torch.unique(n_img).tolist():
+            if n == 0:
+                continue  # no visual tokens (a text-only sample): nothing to prune
             rows = (n_img == n).nonzero().flatten()
             img_pos = left_pack(image_mask[rows])  # [b, n] positions of the visual tokens, in order
             sub = attn[rows]
@@ -221,7 +230,7 @@ class DecoderRunner:
             full_pos = torch.cat([full_pos, pos], -1)
             full_img = torch.cat([full_img, ~one], 1)
             if use_cache:
-                h = self._decode_step(tok_emb, full_mask, pos, pruned_mask, cache, keep is not None and pruner.k)
+                h = self._decode_step(tok_emb, full_mask, pos, pruned_mask, cache, prune_layer(pruner))
                 if pruned_mask is not None:
                     pruned_mask = torch.cat([pruned_mask, one], 1)
             else:
