@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import defaultdict
@@ -366,6 +365,3 @@ def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict])
     return (f"  {task_name:<14} {method:<20} r={ratio:<5} {task.headline}={value:.4f}  "
             f"TFLOPs={tflops:.4g}  visual tokens kept={kept:.1f}  n={len(rows)}")
 
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")

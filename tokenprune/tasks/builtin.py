@@ -157,47 +157,44 @@ class GQA(Task):
 
 
 # ------------------------------------------------------------------------------------------------
-@register_task("textvqa_val")
-class TextVQA(Task):
-    """TextVQA validation; VQA accuracy over the 10 human answers (official normalisation)."""
+class _VQAAccuracyTask(Task):
+    """Shared by the VQA-accuracy tasks: question ids, 10 human answers, the official metric."""
 
-    dataset_path = "lmms-lab/textvqa"
     split = "validation"
     headline = "vqa_accuracy"
 
     def row_id(self, row, index):
         return str(row["question_id"])
-
-    def make_sample(self, row, sample_id, image):
-        return Sample(sample_id, image, row["question"], list(row["answers"]))
-
-    def prompt(self, sample):
-        return sample.question.capitalize() + SHORT_ANSWER
-
-    def score(self, prediction, sample):
-        return {"vqa_accuracy": vqa_accuracy(prediction, sample.answers)}
-
-
-@register_task("vqav2_val")
-class VQAv2(Task):
-    """VQAv2 validation; VQA accuracy over the 10 human answers (official normalisation)."""
-
-    dataset_path = "lmms-lab/VQAv2"
-    split = "validation"
-    headline = "vqa_accuracy"
-
-    def row_id(self, row, index):
-        return str(row["question_id"])
-
-    def make_sample(self, row, sample_id, image):
-        answers = [a["answer"] if isinstance(a, dict) else a for a in row["answers"]]
-        return Sample(sample_id, image, row["question"], answers, category=row.get("answer_type") or "")
 
     def prompt(self, sample):
         return sample.question + SHORT_ANSWER
 
     def score(self, prediction, sample):
         return {"vqa_accuracy": vqa_accuracy(prediction, sample.answers)}
+
+
+@register_task("textvqa_val")
+class TextVQA(_VQAAccuracyTask):
+    """TextVQA validation; VQA accuracy over the 10 human answers (official normalisation)."""
+
+    dataset_path = "lmms-lab/textvqa"
+
+    def make_sample(self, row, sample_id, image):
+        return Sample(sample_id, image, row["question"], list(row["answers"]))
+
+    def prompt(self, sample):
+        return sample.question.capitalize() + SHORT_ANSWER  # as lmms-eval's TextVQA prompt
+
+
+@register_task("vqav2_val")
+class VQAv2(_VQAAccuracyTask):
+    """VQAv2 validation; VQA accuracy over the 10 human answers (official normalisation)."""
+
+    dataset_path = "lmms-lab/VQAv2"
+
+    def make_sample(self, row, sample_id, image):
+        answers = [a["answer"] if isinstance(a, dict) else a for a in row["answers"]]
+        return Sample(sample_id, image, row["question"], answers, category=row.get("answer_type") or "")
 
     def aggregate(self, scores, samples):
         out = super().aggregate(scores, samples)
