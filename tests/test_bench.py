@@ -224,3 +224,10 @@ def test_defaults_are_the_demo_run():
 def test_flags_override_config(tmp_path):
     cfg = load_config("configs/ablations/fastv_k_r_grid.yaml", {"ratios": "0.1", "limit": 5})
     assert cfg.ratios == [0.1] and cfg.limit == 5 and cfg.methods[0] == "fastv:k=2"
+
+
+def test_methods_none_runs_only_the_unpruned_model():
+    from tokenprune.sweep import method_runs
+
+    cfg = load_config(None, {"methods": "none"})
+    assert cfg.methods == [] and method_runs(cfg) == [("none", 1.0)]

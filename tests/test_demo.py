@@ -82,3 +82,58 @@ def test_demo_bench_end_to_end(tmp_path):
         ("tokenprune-demo", "easy_vqa", "fastv")]
     assert [float(r["visual_tokens_kept"]) for r in rows] == [256, 64, 64]
     assert float(rows[1]["flops_ratio"]) < float(rows[2]["flops_ratio"]) < 1
+
+
+def test_trained_parts_round_trip_through_the_shipped_format():
+    """Projector + LoRA trained with peft, exported, then merged into a fresh model: same logits."""
+    from tokenprune.zoo.demo import load_trained
+    from tokenprune.zoo.tiny import tiny_llava
+    from tokenprune.zoo.train_demo import add_lora, trained_tensors
+
+    trained, processor = tiny_llava(seed=0)
+    add_lora(trained.model.language_model, rank=4, alpha=8.0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter): make it do something
+        for name, p in trained.named_parameters():
+            if "lora_B" in name or "multi_modal_projector" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    tensors = trained_tensors(trained)
+    assert sum(k.startswith("lora.") for k in tensors) == 2 * 4 * trained.config.text_config.num_hidden_layers
+    fresh, _ = tiny_llava(seed=0)
+    load_trained(fresh, tensors)
+    batch = processor(images=[np.zeros((64, 64, 3), dtype=np.uint8)], text=["<image> a b"], return_tensors="pt")
+    with torch.no_grad():
+        want, got = trained(**batch).logits, fresh(**batch).logits
+        untouched = tiny_llava(seed=0)[0](**batch).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert not torch.allclose(want, untouched, atol=1e-2)
+
+
+def test_shipped_demo_weights_are_small_and_complete():
+    from safetensors.torch import load_file
+
+    from tokenprune.zoo.demo import WEIGHTS
+
+    assert WEIGHTS.stat().st_size < 20 * 2**20
+    tensors = load_file(str(WEIGHTS))
+    assert {"multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"} <= set(tensors)
+    lora = {k for k in tensors if k.startswith("lora.")}
+    assert len(lora) == 30 * 4 * 2  # every attention projection of SmolLM2's 30 layers, down + up
+
+
+def test_patch_labels_agree_with_the_questions():
+    """Training targets read off the pixels match what easy-VQA's own questions say about the image."""
+    from tokenprune.zoo.train_demo import COLOURS, SHAPES, easy_vqa_split, patch_labels
+
+    questions, images = easy_vqa_split("train")
+    said: dict[int, set[str]] = {}
+    for _, answer, image in questions:
+        if answer in COLOURS or answer in SHAPES:
+            said.setdefault(image, set()).add(answer)
+    checked = 0
+    for image in sorted(said)[:150]:
+        colour, shape, on_shape = patch_labels(images[image])
+        assert said[image] <= {colour, shape}, image
+        assert 0 < int(on_shape.sum()) < 256
+        checked += len(said[image])
+    assert checked > 150

