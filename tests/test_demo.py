@@ -137,3 +137,23 @@ def test_patch_labels_agree_with_the_questions():
         assert 0 < int(on_shape.sum()) < 256
         checked += len(said[image])
     assert checked > 150
+
+
+def test_trained_demo_reads_the_image():
+    """The shipped weights answer held-out test questions, and the answer follows the image."""
+    from PIL import Image
+
+    task = tp.get_task("easy_vqa")
+    samples = list(task.load(limit=24, seed=3))
+    lvlm = tp.load("tokenprune-demo")
+    out = lvlm.generate([s.image for s in samples], [task.prompt(s) for s in samples], max_new_tokens=4)
+    correct = sum(task.score(text, s)["accuracy"] for text, s in zip(out.texts, samples))
+    assert correct >= 18, list(zip(out.texts, [s.answers[0] for s in samples]))
+    # The same colour question about a blank image and about a red square: the answer must change.
+    red = Image.new("RGB", (64, 64), (240, 235, 230))
+    red.paste((255, 0, 0), (16, 16, 48, 48))
+    blue = Image.new("RGB", (64, 64), (240, 235, 230))
+    blue.paste((0, 0, 255), (16, 16, 48, 48))
+    prompt = "what color is the shape?\nAnswer the question using a single word or phrase."
+    texts = lvlm.generate([red, blue], [prompt, prompt], max_new_tokens=4).texts
+    assert [t.strip().lower() for t in texts] == ["red", "blue"], texts
