@@ -106,9 +106,9 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
         vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=256,
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    model = model.to_empty(device="cpu")
+    # Built for real, not on the meta device: ``to_empty`` would leave non-persistent buffers that no
+    # state dict restores (the LLM's rotary ``inv_freq``) as uninitialised memory.
+    model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(load_file(str(folder / "dinov2.safetensors")))
     lm_state = load_file(str(folder / "smollm2.safetensors"))
     lm_state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in lm_state.items()}
