@@ -123,7 +123,7 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 class Batcher:
-    """Builds ``inputs_embeds`` / labels for (features, question, answer) batches, in the chat format."""
+    """Builds ``inputs_embeds`` / labels for (image tokens, question, answer) batches, in the chat format."""
 
     def __init__(self, model, processor):
         self.model = model
@@ -139,9 +139,9 @@ class Batcher:
             add_generation_prompt=True, tokenize=False)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, feats: torch.Tensor, questions: list[str], answers: list[str] | None):
-        """``feats`` ``[B, 256, 384]``; returns embeds ``[B, L, D]``, mask ``[B, L]``, labels, answer positions."""
-        projected = self.model.model.multi_modal_projector(feats.float())  # [B, 256, D]
+    def __call__(self, projected: torch.Tensor, questions: list[str], answers: list[str] | None):
+        """``projected``: image tokens ``[B, 256, D]`` (projector output, so callers reuse it for the
+        alignment loss); returns embeds ``[B, L, D]``, mask ``[B, L]``, labels, answer positions."""
         rows, labels, answer_pos = [], [], []
         for b, q in enumerate(questions):
             ids = self.prompt_ids(q)
@@ -168,21 +168,20 @@ class Batcher:
 @torch.no_grad()
 def first_token_accuracy(model, batcher, feats, questions, batch: int = 32) -> float:
     """Share of questions whose greedy first answer token is the reference's first token."""
-    correct = 0
-    kinds: dict[str, list[int]] = {}
+    kinds: dict[str, list[bool]] = {}
     for i in range(0, len(questions), batch):
         chunk = questions[i:i + batch]
-        embeds, mask, _, pos = batcher(torch.stack([feats[q[2]] for q in chunk]), [q[0] for q in chunk], None)
+        projected = model.model.multi_modal_projector(torch.stack([feats[q[2]] for q in chunk]).float())
+        embeds, mask, _, pos = batcher(projected, [q[0] for q in chunk], None)
         logits = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         pred = model.lm_head(logits[torch.arange(len(chunk)), pos]).argmax(-1)
         gold = torch.tensor([batcher.tok(q[1], add_special_tokens=False)["input_ids"][0] for q in chunk])
-        correct += int((pred == gold).sum())
         for q, hit in zip(chunk, (pred == gold).tolist()):
             kind = "yes/no" if q[1] in ("yes", "no") else "colour" if q[1] in COLOURS else "shape"
             kinds.setdefault(kind, []).append(hit)
     print("  first-token accuracy by answer kind: " + ", ".join(
         f"{k} {sum(v) / len(v):.2f} (n={len(v)})" for k, v in sorted(kinds.items())), flush=True)
-    return correct / len(questions)
+    return sum(sum(v) for v in kinds.values()) / len(questions)
 
 
 def add_lora(language_model, rank: int, alpha: float) -> None:
@@ -200,7 +199,7 @@ def trained_tensors(model) -> dict[str, torch.Tensor]:
     out = {f"multi_modal_projector.{k}": v.detach().clone().contiguous()
            for k, v in model.model.multi_modal_projector.state_dict().items()}
     for name, module in model.model.language_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        if "default" in getattr(module, "lora_A", {}):
             out[f"lora.{name}.down"] = module.lora_A["default"].weight.detach().clone().contiguous()
             out[f"lora.{name}.up"] = (module.lora_B["default"].weight * module.scaling["default"]).detach().clone().contiguous()
     return out
@@ -272,7 +271,6 @@ def main(argv=None) -> None:
           f"LoRA parameters", flush=True)
     all_feats = cache_features(model, processor, all_img, work / "features_train.pt")
     train_feats = {i: f for i, f in all_feats.items() if i not in val_images}
-    test_feats = all_feats
     targets = AlignmentTargets({i: p for i, p in all_img.items() if i not in val_images},
                                model.model.language_model.embed_tokens, processor.tokenizer)
     batcher = Batcher(model, processor)
@@ -285,7 +283,7 @@ def main(argv=None) -> None:
     def evaluate(step: int, loss: float, stage: str) -> float:
         projector.eval()
         with torch.no_grad():
-            acc = first_token_accuracy(model, batcher, test_feats, eval_q)
+            acc = first_token_accuracy(model, batcher, all_feats, eval_q)
         projector.train()
         with (work / "log.jsonl").open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, "loss": loss, "eval_first_token_acc": acc}) + "\n")
@@ -309,6 +307,11 @@ def main(argv=None) -> None:
     step, best = 0, -1.0
     if ckpt.exists():
         state = torch.load(ckpt)
+        saved = state["trainable"]
+        differ = sorted(n for n, p in trainable.items() if n not in saved or saved[n].shape != p.shape)
+        if differ:  # e.g. resuming with another --lora-rank: one line, not a half-restored model
+            raise SystemExit(f"{ckpt} does not match this model ({len(differ)} trainable tensors differ, e.g. "
+                             f"{differ[0]}); resume with the options it was trained with, or use a new --work")
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -325,15 +328,15 @@ def main(argv=None) -> None:
         perm = order[:]
         random.Random(args.seed + epoch).shuffle(perm)  # the same batches whatever the resume point
         qs = [train_q[i] for i in perm[offset:offset + args.batch]]
-        feats = torch.stack([train_feats[q[2]] for q in qs])
-        embeds, mask, labels, _ = batcher(feats, [q[0] for q in qs], [q[1] for q in qs])
+        projected = projector(torch.stack([train_feats[q[2]] for q in qs]).float())  # [B, 256, D], once
+        embeds, mask, labels, _ = batcher(projected, [q[0] for q in qs], [q[1] for q in qs])
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         # Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions): the
         # LM head over every position would cost more than the whole projector.
         target = labels[:, 1:]
         where = target != -100
         answer_loss = torch.nn.functional.cross_entropy(model.lm_head(out[:, :-1][where]).float(), target[where])
-        loss = answer_loss + args.align_weight * alignment_loss(projector(feats.float()), targets([q[2] for q in qs]))
+        loss = answer_loss + args.align_weight * alignment_loss(projected, targets([q[2] for q in qs]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
