@@ -148,17 +148,40 @@ def test_demo_rotary_buffers_are_initialised():
     assert torch.equal(model.model.language_model.rotary_emb.inv_freq, want)
 
 
+def test_presence_of_yes_no_questions_and_balancing():
+    """Hand-checked: which yes/no questions ask about something present, and the balanced order."""
+    from tokenprune.zoo.train_demo import asks_present, presence_balanced
+
+    assert asks_present("is there a red shape?", "yes") is True
+    assert asks_present("is there not a circle in the image?", "no") is True
+    assert asks_present("is no gray shape present?", "no") is True
+    assert asks_present("does the image not contain a triangle?", "yes") is False
+    assert asks_present("is a teal shape present?", "no") is False
+    assert asks_present("what color is the shape?", "red") is None
+    questions = [("is there a circle?", "yes", 0), ("is there a circle?", "no", 1), ("is there not a circle?", "yes", 2),
+                 ("is no red shape present?", "yes", 3), ("what shape is in the image?", "circle", 0)]
+    # 1 present (index 0), 3 absent: the present one is repeated to 3 copies, everything else once.
+    assert sorted(presence_balanced(questions)) == [0, 0, 0, 1, 2, 3, 4]
+
+
 @pytest.mark.xfail(strict=True, reason="the shipped projector + LoRA were trained while the rotary buffers were "
                    "uninitialised (fixed in build_demo); they must be retrained, see docs/demo.md")
 def test_trained_demo_reads_the_image():
-    """The shipped weights answer held-out yes/no questions far above chance (the answer needs the image).
+    """The shipped weights answer held-out yes/no questions from the image, not from the question.
 
-    Strict xfail until the weights are retrained: it then fails loudly and the marker goes.
+    82% of easy-VQA's yes/no questions name a colour or shape that is absent, so answering "absent"
+    without looking scores ~0.8; balanced accuracy (mean over present / absent) is 0.5 for that
+    and for any other image-blind rule, so it is what is checked.
     """
+    from tokenprune.zoo.train_demo import asks_present
+
     task = tp.get_task("easy_vqa")
-    samples = [s for s in task.load(limit=80, seed=7) if s.answers[0] in ("yes", "no")][:40]
+    samples = [s for s in task.load(limit=160, seed=7) if s.answers[0] in ("yes", "no")]
     lvlm = tp.load("tokenprune-demo")
     out = lvlm.generate([s.image for s in samples], [task.prompt(s) for s in samples], max_new_tokens=2)
-    accuracy = sum(task.score(text, s)["accuracy"] for text, s in zip(out.texts, samples)) / len(samples)
-    majority = max(sum(s.answers[0] == a for s in samples) for a in ("yes", "no")) / len(samples)
-    assert accuracy >= majority + 0.15, (accuracy, majority)
+    hits: dict[bool, list[float]] = {True: [], False: []}
+    for text, s in zip(out.texts, samples):
+        hits[asks_present(s.question, s.answers[0])].append(task.score(text, s)["accuracy"])
+    assert min(len(v) for v in hits.values()) >= 10
+    balanced = (sum(hits[True]) / len(hits[True]) + sum(hits[False]) / len(hits[False])) / 2
+    assert balanced >= 0.75, {k: sum(v) / len(v) for k, v in hits.items()}
