@@ -118,7 +118,15 @@ def test_shipped_demo_weights_are_small_and_complete():
     tensors = load_file(str(WEIGHTS))
     assert {"multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"} <= set(tensors)
     lora = {k for k in tensors if k.startswith("lora.")}
-    assert len(lora) == 30 * 4 * 2  # every attention projection of SmolLM2's 30 layers, down + up
+    downs = {k[: -len(".down")] for k in lora if k.endswith(".down")}
+    assert lora == {f"{m}.down" for m in downs} | {f"{m}.up" for m in downs}  # complete pairs only
+    # the same projections in each of SmolLM2's 30 layers
+    per_layer = {m.split(".", 3)[3] for m in downs}
+    assert len(downs) == 30 * len(per_layer) and per_layer, sorted(downs)[:3]
+    model = tp.load("tokenprune-demo").model.model.language_model
+    shapes = {n: m.weight.shape for n, m in model.named_modules() if hasattr(m, "weight")}
+    for m in downs:  # each pair fits the module it is merged into
+        assert (tensors[f"lora.{m}.up"].shape[0], tensors[f"lora.{m}.down"].shape[1]) == tuple(shapes[m])
 
 
 def test_patch_labels_agree_with_the_questions():
