@@ -6,7 +6,8 @@ What is checked, per family:
 3. the decoder really receives text + kept visual tokens (counted by a pre-hook inside the model);
 4. cached decoding == a no-cache reference that re-runs the whole pruned sequence per token;
 5. a batch of 2 (different prompt lengths and images) == each sample alone;
-6. FoPru's cheap attention equals an eager ``output_attentions`` reference of the vision tower.
+6. FoPru's cheap attention equals an eager ``output_attentions`` reference of the vision tower;
+7. one shared vision pass (``encode``) reused by several pruners == each pruner encoding alone.
 """
 from __future__ import annotations
 
@@ -139,6 +140,27 @@ def test_batch_equals_samples_alone(family, name):
         assert torch.equal(alone.token_ids[0], both.token_ids[i])
         assert alone.stats[0] == both.stats[i]
         torch.testing.assert_close(alone.first_logits[0], both.first_logits[i], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_vision_pass_equals_own_pass(family):
+    """A sweep encodes a batch once for every pruner with the same needs; results must not change."""
+    lvlm = lvlm_for(family)
+    imgs = images()
+    for names in (["none", "random", "pool", "fastv"], ["fopru_rank", "fopru_row"]):
+        prs = [None if n == "none" else pruner(n, 0.25) for n in names]
+        shared = lvlm.encode(imgs, PROMPTS, lvlm.vision_needs(prs[0]))
+        for p in prs:
+            a = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, encoded=shared)
+            b = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS)
+            assert torch.equal(a.token_ids, b.token_ids) and a.stats == b.stats
+            torch.testing.assert_close(a.first_logits, b.first_logits, rtol=0, atol=1e-5)
+            assert a.timings["vision"] == shared.seconds
+    plain = lvlm.encode(imgs, PROMPTS)
+    with pytest.raises(tp.OptionError, match="encoded batch was computed for no pruner needs"):
+        lvlm.generate(imgs, PROMPTS, pruner=pruner("fopru_rank", 0.5), encoded=plain)
+    with pytest.raises(tp.OptionError, match="holds 2 samples, got 1 prompts"):
+        lvlm.generate(imgs[:1], PROMPTS[:1], encoded=plain)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

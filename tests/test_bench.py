@@ -87,6 +87,20 @@ def test_sweep_writes_every_output(pope_dir, tmp_path):
     assert "Pareto front" in report and "pareto_pope.png" in report and "mcnemar" in report
 
 
+def test_vision_pass_is_shared_between_runs(pope_dir, tmp_path, monkeypatch):
+    """Each batch is encoded once per distinct vision need, not once per (method, ratio)."""
+    from tokenprune.adapters import PrunableLVLM
+
+    calls = []
+    encode = PrunableLVLM.encode
+    monkeypatch.setattr(PrunableLVLM, "encode", lambda self, *a, **k: calls.append(a[2] if len(a) > 2 else None) or encode(self, *a, **k))
+    run_sweep(load_config(None, bench_args(pope_dir, tmp_path / "run")), log=lambda *_: None)
+    # 6 samples in batches of 2 = 3 batches; {none, random x2, fastv x2} share one pass, fopru_rank x2
+    # another; + 1 for the warm-up.
+    assert len(calls) == 3 * 2 + 1
+    assert sum(1 for n in calls if n is not None and n.vision_attention_layer is not None) == 3
+
+
 def test_rerun_computes_nothing_and_changed_sweep_is_refused(pope_dir, tmp_path):
     args = bench_args(pope_dir, tmp_path / "run", methods="pool", ratios="0.25")
     out = run_sweep(load_config(None, args), log=lambda *_: None)
@@ -217,7 +231,7 @@ def test_shipped_configs_parse(name):
 
 def test_defaults_are_the_demo_run():
     cfg = load_config(None, {})
-    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["easy_vqa"], 200, [0.5, 0.25, 0.1])
+    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["easy_vqa"], 150, [0.5, 0.25, 0.1])
     assert load_config(None, {"limit": "all"}).limit is None
 
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--tasks", help="comma list, e.g. pope,gqa (default: easy_vqa; see `tokenprune list tasks`)")
     p_bench.add_argument("--methods", help="comma list of pruner specs, e.g. fopru_rank,fastv:k=3")
     p_bench.add_argument("--ratios", help="comma list of retention ratios in (0, 1], e.g. 0.5,0.25,0.1")
-    p_bench.add_argument("--limit", help="samples per task, a seeded subset (default 200); 'all' for whole splits")
+    p_bench.add_argument("--limit", help="samples per task, a seeded subset (default 150); 'all' for whole splits")
     p_bench.add_argument("--batch-size", type=_int, help="default 8")
     p_bench.add_argument("--seed", type=_int)
     p_bench.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")

@@ -90,6 +90,23 @@ class GenerationOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class EncodedImages:
+    """A processed, vision-encoded batch, reusable by every pruner that needs the same thing.
+
+    A sweep runs many methods and ratios on the same samples; pre-LLM pruners with equal
+    :class:`~tokenprune.pruner.PrunerNeeds` (and all in-LLM ones, which need nothing from the
+    vision side) can share one vision pass. ``batch`` is the processor output on the model's device,
+    ``views`` what :meth:`PrunableLVLM.encode_images` returned, ``seconds`` the wall clock this
+    encoding took (reported as the ``vision`` timing of every batch that uses it).
+    """
+
+    batch: dict[str, Any]
+    views: list[View]
+    needs: PrunerNeeds
+    seconds: float
+
+
 GREEDY_EQUIVALENT = {"do_sample": (False,), "num_beams": (1,), "temperature": (0, 0.0, None), "top_p": (1, 1.0, None),
                      "top_k": (None,), "use_cache": (True,)}
 
@@ -182,6 +199,25 @@ class PrunableLVLM(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @staticmethod
+    def vision_needs(pruner: TokenPruner | None) -> PrunerNeeds:
+        """What the vision pass must compute for ``pruner`` (nothing unless it prunes before the LLM)."""
+        return pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image], prompts: Sequence[str], needs: PrunerNeeds | None = None) -> EncodedImages:
+        """Processor + vision tower + projector for a batch, to pass to :meth:`generate` as ``encoded``
+        (once for several pruners with the same ``needs``)."""
+        if len(images) != len(prompts):
+            raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+        needs = needs or PrunerNeeds()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
+        views = self.encode_images(batch, needs)
+        sync()
+        return EncodedImages(batch=batch, views=views, needs=needs, seconds=time.perf_counter() - t0)
+
     @torch.no_grad()
     def generate(
         self,
@@ -193,6 +229,7 @@ class PrunableLVLM(ABC):
         sample_ids: Sequence[str] | None = None,
         use_cache: bool = True,
         ignore_eos: bool = False,
+        encoded: EncodedImages | None = None,
         **gen_kwargs: Any,
     ) -> GenerationOutput:
         """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
@@ -207,6 +244,8 @@ class PrunableLVLM(ABC):
             sample_ids: stable ids (seed random pruners); default: the batch index.
             use_cache: ``False`` re-runs the whole pruned sequence per token (a reference).
             ignore_eos: decode exactly ``max_new_tokens`` (fixed-length latency measurements).
+            encoded: :meth:`encode` of these images and prompts, to skip the vision pass (its
+                ``needs`` must be the pruner's); its measured time is reported as ``vision``.
             gen_kwargs: Hugging Face generation options; decoding is greedy, so only values that
                 mean greedy (``do_sample=False``, ``num_beams=1``, ``temperature=0``, ``top_p=1``)
                 are accepted, anything else is refused rather than silently ignored.
@@ -218,13 +257,17 @@ class PrunableLVLM(ABC):
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         validate_choice(position_policy, "position_policy", POSITION_POLICIES)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
-        needs = pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+        needs = self.vision_needs(pruner)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
-        t0 = time.perf_counter()
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
-        views = self.encode_images(batch, needs)
-        sync()
+        if encoded is None:
+            encoded = self.encode(images, prompts, needs)
+        elif encoded.needs != needs:
+            raise OptionError(f"the encoded batch was computed for {encoded.needs.describe() or 'no pruner needs'}, "
+                              f"this pruner needs {needs.describe() or 'nothing'}; encode with its needs")
+        elif int(encoded.batch["input_ids"].shape[0]) != len(prompts):
+            raise OptionError(f"the encoded batch holds {encoded.batch['input_ids'].shape[0]} samples, got {len(prompts)} prompts")
+        batch, views = encoded.batch, encoded.views
         t1 = time.perf_counter()
         llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(batch, views, pruner, position_policy, ids)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
@@ -249,7 +292,7 @@ class PrunableLVLM(ABC):
             )
             for i in range(len(prompts))
         ]
-        timings = {"vision": t1 - t0, "llm": t2 - t1, **result.timings}
+        timings = {"vision": encoded.seconds, "llm": t2 - t1, **result.timings}
         return GenerationOutput(texts=[t.strip() for t in texts], stats=stats, token_ids=result.tokens,
                                 first_logits=result.first_logits, timings=timings)
 
