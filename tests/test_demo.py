@@ -98,7 +98,8 @@ def test_trained_parts_round_trip_through_the_shipped_format():
             if "lora_B" in name or "multi_modal_projector" in name:
                 p.add_(0.1 * torch.randn_like(p))
     tensors = trained_tensors(trained)
-    assert sum(k.startswith("lora.") for k in tensors) == 2 * 4 * trained.config.text_config.num_hidden_layers
+    # down + up for each of the 7 projections (attention q/k/v/o, MLP gate/up/down) of every layer
+    assert sum(k.startswith("lora.") for k in tensors) == 2 * 7 * trained.config.text_config.num_hidden_layers
     fresh, _ = tiny_llava(seed=0)
     load_trained(fresh, tensors)
     batch = processor(images=[np.zeros((64, 64, 3), dtype=np.uint8)], text=["<image> a b"], return_tensors="pt")
@@ -118,8 +119,8 @@ def test_shipped_demo_weights_are_small_and_complete():
     tensors = load_file(str(WEIGHTS))
     assert {"multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"} <= set(tensors)
     lora = {k for k in tensors if k.startswith("lora.")}
-    downs = {k[: -len(".down")] for k in lora if k.endswith(".down")}
-    assert lora == {f"{m}.down" for m in downs} | {f"{m}.up" for m in downs}  # complete pairs only
+    downs = {k[len("lora."):-len(".down")] for k in lora if k.endswith(".down")}  # module names
+    assert lora == {f"lora.{m}.down" for m in downs} | {f"lora.{m}.up" for m in downs}  # complete pairs only
     # the same projections in each of SmolLM2's 30 layers
     per_layer = {m.split(".", 3)[3] for m in downs}
     assert len(downs) == 30 * len(per_layer) and per_layer, sorted(downs)[:3]
