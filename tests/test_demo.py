@@ -194,3 +194,70 @@ def test_trained_demo_reads_the_image():
     assert min(len(v) for v in hits.values()) >= 10
     balanced = (sum(hits[True]) / len(hits[True]) + sum(hits[False]) / len(hits[False])) / 2
     assert balanced >= 0.75, {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def test_focal_subset_keeps_the_shape_and_some_background():
+    """Hand-checked: 3/4 of the budget on the shape (all of it when smaller), the rest background."""
+    import random
+
+    from tokenprune.zoo.train_demo import focal_subset
+
+    on_shape = torch.zeros(16, dtype=torch.bool)
+    on_shape[[1, 2, 5, 6, 9]] = True  # 5 shape patches, budget 8: all 5 + 3 background
+    keep = focal_subset(on_shape, 8, random.Random(0))
+    assert keep.tolist() == sorted(keep.tolist()) and len(set(keep.tolist())) == 8
+    assert set(keep.tolist()) >= {1, 2, 5, 6, 9} and int(on_shape[keep].sum()) == 5
+    on_shape[:12] = True  # 12 shape patches, budget 8: 6 of them + 2 background
+    keep = focal_subset(on_shape, 8, random.Random(0))
+    assert int(on_shape[keep].sum()) == 6 and int((~on_shape[keep]).sum()) == 2
+
+
+def test_training_batches_place_a_token_subset_at_its_full_sequence_positions():
+    """A focal training step sees kept image tokens at the positions they have in the full prompt
+    (as the adapters' default ``position_policy="keep"`` does at inference); keeping every token is
+    exactly the full batch."""
+    from tokenprune.zoo.demo import build_demo
+    from tokenprune.zoo.train_demo import Batcher
+
+    model, processor = build_demo()
+    batcher = Batcher(model, processor)
+    projected = torch.randn(1, 256, model.config.text_config.hidden_size)
+    question, answer = ["is there a red shape?"], ["no"]
+    full = batcher(projected, question, answer)
+    cut = batcher.prompt_ids(question[0]).index(batcher.image_id)
+    keep = torch.tensor([0, 17, 255])
+    embeds, mask, labels, pos, answer_pos = batcher(projected, question, answer, [keep])
+    assert embeds.shape[1] == full[0].shape[1] - 253
+    assert pos[0, :cut].tolist() == list(range(cut))
+    assert pos[0, cut:cut + 3].tolist() == [cut, cut + 17, cut + 255]
+    assert pos[0, cut + 3] == cut + 256 and torch.equal(embeds[0, cut + 1], projected[0, 17])
+    assert int(answer_pos[0]) == int(full[4][0]) - 253 and (labels != -100).sum() == (full[2] != -100).sum()
+    every = batcher(projected, question, answer, [torch.arange(256)])
+    for a, b in zip(full, every):
+        assert torch.equal(a, b)
+
+
+def test_training_resumes_from_an_exported_file():
+    """``--init``: the exported projector + LoRA go back into a peft-wrapped model unchanged."""
+    from safetensors.torch import save_file
+
+    from tokenprune.zoo.tiny import tiny_llava
+    from tokenprune.zoo.train_demo import add_lora, load_exported, trained_tensors
+
+    trained, _ = tiny_llava(seed=0)
+    add_lora(trained.model.language_model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name or "multi_modal_projector" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    exported = trained_tensors(trained)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(exported, f"{folder}/w.safetensors")
+        fresh, _ = tiny_llava(seed=0)
+        add_lora(fresh.model.language_model, rank=4, alpha=8.0)
+        load_exported(fresh, f"{folder}/w.safetensors")
+    again = trained_tensors(fresh)
+    assert exported.keys() == again.keys()
+    for k in exported:
+        assert torch.allclose(exported[k], again[k], atol=1e-6), k
