@@ -173,8 +173,6 @@ def test_presence_of_yes_no_questions_and_balancing():
     assert sorted(presence_balanced(questions)) == [0, 0, 0, 1, 2, 3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped projector + LoRA were trained while the rotary buffers were "
-                   "uninitialised (fixed in build_demo); they must be retrained, see docs/demo.md")
 def test_trained_demo_reads_the_image():
     """The shipped weights answer held-out yes/no questions from the image, not from the question.
 

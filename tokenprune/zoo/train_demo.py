@@ -1,6 +1,6 @@
 """Train the demo model's projector on easy-VQA (frozen DINOv2 and SmolLM2). Seeded and resumable.
 
-    python -m tokenprune.zoo.train_demo --work runs/demo-train --steps 1500 \
+    python -m tokenprune.zoo.train_demo --work runs/demo-train --steps 700 \
         --export tokenprune/zoo/weights/demo_projector.safetensors
 
 DINOv2 features of every image are computed once and cached in ``--work``. Each step feeds a
@@ -19,8 +19,10 @@ CPU-sized training runs (answer loss alone sat at the answer prior for 200 steps
    Colour and type are read off the pixels (easy-VQA draws one flat-coloured shape from a fixed
    palette on a pale background), so every image is labelled and the image tokens stay *local*:
    only the tokens on the shape carry its description, which is what makes pruning matter.
-2. **Answer loss** through the frozen LLM, plus ``--align-weight`` x the alignment loss so the
-   tokens stay local while the projector learns what the LLM needs.
+2. **Answer loss** through the frozen LLM (with LoRA), plus ``--align-weight`` x the alignment
+   loss so the tokens stay local while the projector learns what the LLM needs. Three steps in
+   four are *focal* (:func:`focal_subset`: 48 of the 256 image tokens, at their full-sequence
+   positions, for 3x the questions at half the cost); every fourth sees all 256 tokens.
 """
 from __future__ import annotations
 
