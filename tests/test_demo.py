@@ -84,19 +84,28 @@ def test_demo_bench_end_to_end(tmp_path):
     assert float(rows[1]["flops_ratio"]) < float(rows[2]["flops_ratio"]) < 1
 
 
-def test_trained_parts_round_trip_through_the_shipped_format():
-    """Projector + LoRA trained with peft, exported, then merged into a fresh model: same logits."""
-    from tokenprune.zoo.demo import load_trained
+def _tiny_trained_with_lora():
+    """A tiny LLaVA with rank-4 peft LoRA on every target, projector and LoRA moved off their init."""
     from tokenprune.zoo.tiny import tiny_llava
-    from tokenprune.zoo.train_demo import add_lora, trained_tensors
+    from tokenprune.zoo.train_demo import add_lora
 
     trained, processor = tiny_llava(seed=0)
     add_lora(trained.model.language_model, rank=4, alpha=8.0)
     torch.manual_seed(1)
     with torch.no_grad():  # peft starts B at zero (a no-op adapter): make it do something
         for name, p in trained.named_parameters():
-            if "lora_B" in name or "multi_modal_projector" in name:
+            if "lora_" in name or "multi_modal_projector" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    return trained, processor
+
+
+def test_trained_parts_round_trip_through_the_shipped_format():
+    """Projector + LoRA trained with peft, exported, then merged into a fresh model: same logits."""
+    from tokenprune.zoo.demo import load_trained
+    from tokenprune.zoo.tiny import tiny_llava
+    from tokenprune.zoo.train_demo import trained_tensors
+
+    trained, processor = _tiny_trained_with_lora()
     tensors = trained_tensors(trained)
     # down + up for each of the 7 projections (attention q/k/v/o, MLP gate/up/down) of every layer
     assert sum(k.startswith("lora.") for k in tensors) == 2 * 7 * trained.config.text_config.num_hidden_layers
@@ -235,26 +244,18 @@ def test_training_batches_place_a_token_subset_at_its_full_sequence_positions():
         assert torch.equal(a, b)
 
 
-def test_training_resumes_from_an_exported_file():
+def test_training_resumes_from_an_exported_file(tmp_path):
     """``--init``: the exported projector + LoRA go back into a peft-wrapped model unchanged."""
     from safetensors.torch import save_file
 
     from tokenprune.zoo.tiny import tiny_llava
     from tokenprune.zoo.train_demo import add_lora, load_exported, trained_tensors
 
-    trained, _ = tiny_llava(seed=0)
-    add_lora(trained.model.language_model, rank=4, alpha=8.0)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name or "multi_modal_projector" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    exported = trained_tensors(trained)
-    import tempfile
-    with tempfile.TemporaryDirectory() as folder:
-        save_file(exported, f"{folder}/w.safetensors")
-        fresh, _ = tiny_llava(seed=0)
-        add_lora(fresh.model.language_model, rank=4, alpha=8.0)
-        load_exported(fresh, f"{folder}/w.safetensors")
+    exported = trained_tensors(_tiny_trained_with_lora()[0])
+    save_file(exported, str(tmp_path / "w.safetensors"))
+    fresh, _ = tiny_llava(seed=0)
+    add_lora(fresh.model.language_model, rank=4, alpha=8.0)
+    load_exported(fresh, tmp_path / "w.safetensors")
     again = trained_tensors(fresh)
     assert exported.keys() == again.keys()
     for k in exported:

@@ -68,20 +68,26 @@ def _convert_to_cache(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
+def split_trained(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The shipped format taken apart: the projector's state dict, and ``{LLM module name: (down
+    [r, in], up [out, r])}`` from the ``lora.<module>.down`` / ``lora.<module>.up`` pairs."""
+    prefix = "multi_modal_projector."
+    projector = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    lora = {k[len("lora."):-len(".down")]: (down, tensors[f"{k[:-len('.down')]}.up"])
+            for k, down in tensors.items() if k.startswith("lora.") and k.endswith(".down")}
+    return projector, lora
+
+
 def load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
     """Load the trained parts: ``multi_modal_projector.*`` and LoRA pairs ``lora.<module>.down``
     ``[r, in]`` / ``lora.<module>.up`` ``[out, r]``, merged into the LLM's weights (``W += up @ down``)
     so inference runs the plain Llama modules at full speed."""
-    prefix = "multi_modal_projector."
-    model.model.multi_modal_projector.load_state_dict(
-        {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    projector, lora = split_trained(tensors)
+    model.model.multi_modal_projector.load_state_dict(projector)
     modules = dict(model.model.language_model.named_modules())
     with torch.no_grad():
-        for key, down in tensors.items():
-            if key.startswith("lora.") and key.endswith(".down"):
-                name = key[len("lora."):-len(".down")]
-                up = tensors[f"lora.{name}.up"]
-                modules[name].weight += (up.float() @ down.float()).to(modules[name].weight.dtype)
+        for name, (down, up) in lora.items():
+            modules[name].weight += (up.float() @ down.float()).to(modules[name].weight.dtype)
 
 
 def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):

@@ -195,7 +195,6 @@ class Batcher:
         return embeds, mask, lab, pos_ids, torch.tensor(answer_pos)
 
 
-@torch.no_grad()
 def asks_present(question: str, answer: str) -> bool | None:
     """For a yes/no question, whether the colour or shape it names is in the image; else ``None``.
 
@@ -222,6 +221,7 @@ def presence_balanced(questions: list[tuple[str, str, int]]) -> list[int]:
     return list(range(len(questions))) + present * (repeats - 1)
 
 
+@torch.no_grad()
 def first_token_accuracy(model, batcher, feats, questions, batch: int = 32) -> float:
     """Share of questions whose greedy first answer token is the reference's first token."""
     kinds: dict[str, list[bool]] = {}
@@ -277,20 +277,19 @@ def load_exported(model, path: Path) -> None:
     into peft's ``lora_A`` / ``lora_B`` (the folded scaling divided out again)."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
-    model.model.multi_modal_projector.load_state_dict(
-        {k[len("multi_modal_projector."):]: v for k, v in tensors.items() if k.startswith("multi_modal_projector.")})
+    from .demo import split_trained
+
+    projector, lora = split_trained(load_file(str(path)))
+    model.model.multi_modal_projector.load_state_dict(projector)
     modules = dict(model.model.language_model.named_modules())
-    for key, down in tensors.items():
-        if key.startswith("lora.") and key.endswith(".down"):
-            name = key[len("lora."):-len(".down")]
-            if name not in modules or "default" not in getattr(modules[name], "lora_A", {}):
-                raise SystemExit(f"{path} has LoRA for {name}, which this model has no adapter on; "
-                                 f"use the --lora-rank/--lora-targets it was trained with")
-            module = modules[name]
-            with torch.no_grad():
-                module.lora_A["default"].weight.copy_(down)
-                module.lora_B["default"].weight.copy_(tensors[f"lora.{name}.up"] / module.scaling["default"])
+    for name, (down, up) in lora.items():
+        if name not in modules or "default" not in getattr(modules[name], "lora_A", {}):
+            raise SystemExit(f"{path} has LoRA for {name}, which this model has no adapter on; "
+                             f"use the --lora-rank/--lora-targets it was trained with")
+        module = modules[name]
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(down)
+            module.lora_B["default"].weight.copy_(up / module.scaling["default"])
 
 
 def align(projector, feats: dict[int, torch.Tensor], targets: AlignmentTargets, steps: int, batch: int,
@@ -445,9 +444,10 @@ def main(argv=None) -> None:
               f"{args.focal_tokens} image tokens (shape + background, full-sequence positions); "
               f"the others: {args.batch} questions on all 256", flush=True)
     t0 = time.time()
+    consumed = sum(batch_size(s) for s in range(step))  # questions seen before this step (resume)
     while step < args.steps:
-        first = sum(batch_size(s) for s in range(step))
-        qs = [question(first + j) for j in range(batch_size(step))]
+        qs = [question(consumed + j) for j in range(batch_size(step))]
+        consumed += len(qs)
         keep = None
         if is_short(step):
             rng = random.Random(args.seed * 1_000_003 + step)
