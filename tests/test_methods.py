@@ -188,4 +188,5 @@ def test_fastv_respects_query_padding():
 
 def test_fastv_needs_layer_before_k():
     needs = create_pruner("fastv", k=3, query="mean").needs
-    assert needs.llm_attention_layer == 2 and needs.llm_attention_queries == "all"
+    (stage,) = needs.schedule()
+    assert stage.layer == 3 and stage.attention == "previous" and stage.queries == "all"

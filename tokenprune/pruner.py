@@ -13,9 +13,9 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, ClassVar, Hashable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Literal, Sequence
 
 import torch
 import yaml
@@ -31,6 +31,34 @@ class Stage(str, Enum):
     IN_LLM = "in_llm"
 
 
+QueryRows = Literal["last", "all", "text", "chosen"]
+
+
+@dataclass(frozen=True)
+class LLMStage:
+    """One prune point of an in-LLM pruner, and what it scores with there.
+
+    Attributes:
+        layer: 0-based decoder layer that first sees the reduced sequence (``>= 1``): the tokens
+            dropped here are gone from this layer on (hidden states, positions, KV cache).
+        attention: ``"none"``; ``"previous"`` -- head-averaged attention of layer ``layer - 1``,
+            recorded while that layer runs (FastV, SparseVLM); ``"input"`` -- the attention that
+            layer ``layer`` would compute on the unreduced sequence, from its own input norm, q/k
+            projections and rotary embedding (PyramidDrop). Either way only the query rows below
+            are computed, and every other layer stays on its fast kernel.
+        queries: which query rows: ``"last"`` (the last prompt token), ``"all"`` (every token),
+            ``"text"`` (the text tokens after the image), ``"chosen"`` (those text tokens that
+            :meth:`TokenPruner.choose_queries` picked once on the layer-0 embeddings, e.g.
+            SparseVLM's raters).
+        keys: ``True`` for the post-rotary keys of layer ``layer - 1`` (DART).
+    """
+
+    layer: int
+    attention: Literal["none", "previous", "input"] = "none"
+    queries: QueryRows = "last"
+    keys: bool = False
+
+
 @dataclass(frozen=True)
 class PrunerNeeds:
     """What a pruner asks the adapter to compute; everything else is left out, for speed.
@@ -40,34 +68,49 @@ class PrunerNeeds:
             whose head-averaged attention probabilities the pruner needs, or ``None``.
         vision_attention_rows: ``"all"`` (the whole map) or ``"prefix"`` (only the rows of the
             CLS/prefix tokens, e.g. for CLS-attention scoring), so the adapter can skip the rest.
-        llm_attention_layer: 0-based decoder layer whose attention (head-averaged, to the image
-            tokens) an in-LLM pruner needs, or ``None``.
-        llm_attention_queries: ``"last"`` (only the last token's row) or ``"all"`` query rows.
+        llm_stages: the in-LLM schedule, one :class:`LLMStage` per prune point, in layer order.
+        llm_attention_layer: shorthand for a one-stage schedule (kept for plugins written
+            against it): attention of this 0-based decoder layer, pruning from the next one.
+        llm_attention_queries: the query rows of that shorthand, ``"last"`` or ``"all"``.
     """
 
     vision_attention_layer: int | None = None
     vision_attention_rows: Literal["all", "prefix"] = "all"
+    llm_stages: tuple[LLMStage, ...] = ()
     llm_attention_layer: int | None = None
     llm_attention_queries: Literal["last", "all"] = "last"
+
+    def schedule(self) -> tuple[LLMStage, ...]:
+        """The in-LLM prune points, in layer order (the shorthand turned into one stage)."""
+        if self.llm_stages:
+            return self.llm_stages
+        if self.llm_attention_layer is not None:
+            return (LLMStage(layer=self.llm_attention_layer + 1, attention="previous", queries=self.llm_attention_queries),)
+        return ()
 
     def describe(self) -> dict[str, object]:
         """Only the fields that matter: what is asked for, and which rows of it."""
         out: dict[str, object] = {}
         if self.vision_attention_layer is not None:
             out.update(vision_attention_layer=self.vision_attention_layer, vision_attention_rows=self.vision_attention_rows)
-        if self.llm_attention_layer is not None:
-            out.update(llm_attention_layer=self.llm_attention_layer, llm_attention_queries=self.llm_attention_queries)
+        for i, st in enumerate(self.schedule()):
+            what = [f"{st.attention} attention ({st.queries} rows)"] if st.attention != "none" else []
+            what += ["keys"] if st.keys else []
+            out[f"llm_stage_{i}"] = f"before layer {st.layer}: hidden states" + "".join(f", {w}" for w in what)
         return out
 
 
 @dataclass
 class PruningInputs:
-    """Everything a pruner may look at, for a batch of ``B`` image views.
+    """Everything a pruner may look at, for a batch of ``B`` image views (pre-LLM) or samples (in-LLM).
 
     Attributes:
-        tokens: ``[B, N, D]`` visual tokens (after the projector for pre-LLM pruners; the image
-            span of the hidden states for in-LLM pruners).
+        tokens: ``[B, N, D]`` visual tokens: after the projector for pre-LLM pruners; for in-LLM
+            pruners, the hidden states of the visual tokens entering the pruned layer (what
+            ``output_hidden_states[layer]`` holds at their positions), in sequence order.
         grid: ``(h, w)`` with ``h * w == N``; token ``i`` sits at row ``i // w``, column ``i % w``.
+            In-LLM: the image's patch grid at the first stage of a single-view sample; ``(1, N)``
+            for multi-view samples (see ``view_grids``) and after an earlier stage.
         sample_ids: one stable id per batch entry (dataset id + view); seeds random pruners so a
             sample gets the same tokens whatever batch it is in.
         vision_attention: ``[B, T, T]`` head-averaged attention probabilities of the requested
@@ -76,9 +119,23 @@ class PruningInputs:
         vision_prefix: how many non-patch tokens (CLS, registers) lead the vision sequence.
         patch_merge: vision patches per LLM token; patch ``p`` belongs to token ``p // patch_merge``
             (adapters put patches in that order, e.g. Qwen2-VL's 2x2 merge groups).
-        llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the image
-            tokens at the requested LLM layer.
-        llm_query_mask: ``[B, Q]`` bool, ``True`` for real (non-padding) query rows.
+        llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the visual
+            tokens, at the stage's layer (see :class:`LLMStage`).
+        llm_query_mask: ``[B, Q]`` bool, ``True`` for real query rows (``False``: padding).
+        stage: in-LLM, the index of the current prune point in the pruner's schedule.
+        layer: in-LLM, the 0-based decoder layer that first sees this stage's reduction.
+        num_layers: in-LLM, how many layers the decoder has.
+        num_original: in-LLM, the visual tokens the sample had before any stage (``N`` at stage 0).
+        view_grids: in-LLM at the first stage, the grid of each image view in sequence order
+            (LLaVA-NeXT: base image, then the high-res crops stitched and unpadded, newlines left
+            out; InternVL: tiles then thumbnail); ``tokens`` is their concatenation.
+        llm_keys: ``[B, N, H_kv * d]`` post-rotary keys of layer ``layer - 1`` at the visual tokens,
+            heads flattened, if the stage asked for ``keys``.
+        text_tokens: ``[B, T, D]`` hidden states of the text tokens after the image (the prompt's
+            instruction and the assistant prefix), left-aligned; ``text_mask`` ``[B, T]`` marks the
+            real ones, ``text_keys`` ``[B, T, H_kv * d]`` holds their keys when ``keys`` was asked.
+        final_norm: the decoder's final norm (a callable on ``[..., D]``), for methods that compare
+            normalised hidden states (DART).
     """
 
     tokens: torch.Tensor
@@ -89,6 +146,16 @@ class PruningInputs:
     patch_merge: int = 1
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
+    stage: int = 0
+    layer: int = 0
+    num_layers: int = 0
+    num_original: int = 0
+    view_grids: tuple[tuple[int, int], ...] | None = None
+    llm_keys: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -96,6 +163,8 @@ class PruningInputs:
         h, w = self.grid
         if h * w != self.tokens.shape[1]:
             raise ValueError(f"grid {h}x{w} does not match N={self.tokens.shape[1]} tokens")
+        if not self.num_original:
+            self.num_original = self.tokens.shape[1]
 
     @property
     def batch_size(self) -> int:
@@ -108,16 +177,12 @@ class PruningInputs:
     def select(self, index: int) -> "PruningInputs":
         """The inputs of batch entry ``index`` alone (batch of 1)."""
         sl = slice(index, index + 1)
-        return PruningInputs(
-            tokens=self.tokens[sl],
-            grid=self.grid,
-            sample_ids=None if self.sample_ids is None else [self.sample_ids[index]],
-            vision_attention=None if self.vision_attention is None else self.vision_attention[sl],
-            vision_prefix=self.vision_prefix,
-            patch_merge=self.patch_merge,
-            llm_attention=None if self.llm_attention is None else self.llm_attention[sl],
-            llm_query_mask=None if self.llm_query_mask is None else self.llm_query_mask[sl],
-        )
+        batched = {f.name for f in fields(self) if torch.is_tensor(getattr(self, f.name))}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update({name: out[name][sl] for name in batched})
+        if self.sample_ids is not None:
+            out["sample_ids"] = [self.sample_ids[index]]
+        return PruningInputs(**out)
 
 
 @dataclass
@@ -131,21 +196,28 @@ class Reduction:
         tokens: ``[B, k, D]`` new tokens for merging pruners; ``None`` means "gather ``indices``".
         grid: ``(h', w')`` if the result is still a full rectangular grid (pooling, whole rows),
             else ``None``; adapters that renumber positions 2-D (M-RoPE) use it.
+        merge_weights: in-LLM only, ``[B, M, N]``: ``M`` new tokens placed right after the kept
+            visual tokens, each the weighted sum ``merge_weights[b, m] @ tokens[b]`` of the
+            stage's input tokens (SparseVLM's recycled tokens). A row of zeros is padding (a
+            sample with fewer new tokens). Weights, not tokens, so that the no-cache reference
+            and the pictures can replay and attribute the merge.
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+    merge_weights: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
         return self.indices.shape[1]
 
     def apply(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The reduced tokens ``[B, k, D]`` from the full ``[B, N, D]`` ones."""
-        if self.tokens is not None:
-            return self.tokens
-        return gather_tokens(tokens, self.indices)
+        """The reduced tokens ``[B, k (+ M), D]`` from the full ``[B, N, D]`` ones."""
+        out = self.tokens if self.tokens is not None else gather_tokens(tokens, self.indices)
+        if self.merge_weights is not None:
+            out = torch.cat([out, self.merge_weights.to(tokens.dtype) @ tokens], dim=1)
+        return out
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -205,11 +277,16 @@ class TokenPruner(ABC):
         stage: :attr:`Stage.PRE_LLM` or :attr:`Stage.IN_LLM`.
         quantised: ``True`` if the kept count is not ``keep_count(ratio, N)`` (e.g. whole rows);
             such a pruner overrides :meth:`num_kept` and says how it rounds in its docstring.
+        position_policy: the method's own convention for the position ids of what it keeps,
+            ``"keep"`` (original positions) or ``"compact"`` (renumbered without gaps, as the
+            official LLaVA code of most methods does); ``generate(position_policy=...)`` and
+            sweeps may override it for ablations.
     """
 
     name: ClassVar[str] = "unregistered"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     quantised: ClassVar[bool] = False
+    position_policy: ClassVar[str] = "keep"
     ratio: float
 
     @property
@@ -229,7 +306,16 @@ class TokenPruner(ABC):
 
     @abstractmethod
     def select(self, inputs: PruningInputs) -> Reduction:
-        """Choose (or build) the visual tokens to keep for every batch entry of ``inputs``."""
+        """Choose (or build) the visual tokens to keep for every batch entry of ``inputs``.
+
+        In-LLM pruners are called once per stage of their schedule; ``inputs.stage`` says which.
+        """
+
+    def choose_queries(self, inputs: PruningInputs) -> torch.Tensor:
+        """For ``queries="chosen"`` stages: ``[B, T]`` bool over ``inputs.text_tokens``, the query
+        rows whose attention later stages receive. Called once per forward, on the layer-0
+        embeddings (``inputs.tokens`` the visual ones, ``inputs.text_tokens`` the text after them)."""
+        raise NotImplementedError(f"{type(self).__name__} asks for chosen query rows but does not choose them")
 
     def __call__(self, inputs: PruningInputs) -> Reduction:
         return self.select(inputs)

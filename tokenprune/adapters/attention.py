@@ -33,60 +33,112 @@ class _ConfigView:
         return getattr(self._config, name)
 
 
+def head_mean_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Head-averaged ``softmax(q k^T * scale + mask)`` in fp32: ``[B, H, Q, d]``, ``[B, H_kv, L, d]``
+    -> ``[B, Q, L]``. GQA key heads are repeated to their query heads (``repeat_kv``), which the
+    official PyramidDrop and SparseVLM code omit. ``mask`` is ``[B, 1, Q, L]``, boolean or additive."""
+    groups = query.shape[1] // key.shape[1]  # GQA: query heads per key head
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale  # [B, H, Q, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
 def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any):
-    """Attention function: records the head-averaged probabilities, then runs the real kernel.
+    """Attention function: records the head-averaged probabilities (and keys), then runs the real kernel.
 
-    ``query`` is ``[B, H, Lq, d]``, ``key`` ``[B, H_kv, Lk, d]``; the mask (if any) is the 4-D one
-    the module's normal implementation takes (boolean or additive, ``[B, 1, Lq, Lk]``).
+    ``query`` is ``[B, H, Lq, d]``, ``key`` ``[B, H_kv, Lk, d]`` (post-rotary); the mask (if any) is
+    the 4-D one the module's normal implementation takes (boolean or additive, ``[B, 1, Lq, Lk]``).
     """
     rec: AttentionRecorder = module._tokenprune_recorder  # type: ignore[attr-defined]
-    if rec.rows == "last":
-        q, row_sel = query[:, :, -1:], slice(-1, None)
-    elif rec.rows == "prefix":
-        q, row_sel = query[:, :, : rec.n_prefix], slice(0, rec.n_prefix)
-    else:
-        q, row_sel = query, slice(None)
-    groups = q.shape[1] // key.shape[1]  # GQA: query heads per key head
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, rows, Lk]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, row_sel, : k.shape[-2]]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    elif getattr(module, "is_causal", False) and q.shape[-2] > 1:
-        lq, lk = query.shape[-2], k.shape[-2]
-        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)[row_sel]
-        scores = scores.masked_fill(~causal, float("-inf"))
-    rec.maps.append(scores.softmax(dim=-1).mean(dim=1))  # [B, rows, Lk], head-averaged
+    if rec.keep_keys:
+        rec.keys.append(key)
+    if rec.rows is not None:
+        lq, lk = query.shape[-2], key.shape[-2]
+        if torch.is_tensor(rec.rows):  # [B, Q] query positions, per sample
+            index = rec.rows
+        elif rec.rows == "last":
+            index = torch.full((query.shape[0], 1), lq - 1, dtype=torch.long, device=query.device)
+        elif rec.rows == "prefix":
+            index = torch.arange(rec.n_prefix, device=query.device).expand(query.shape[0], -1)
+        else:
+            index = torch.arange(lq, device=query.device).expand(query.shape[0], -1)
+        q = query.gather(2, index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
+        if attention_mask is not None:
+            mask = attention_mask[..., : lk].expand(query.shape[0], 1, lq, lk)
+            mask = mask.gather(2, index[:, None, :, None].expand(-1, 1, -1, lk))
+        elif getattr(module, "is_causal", False) and lq > 1:
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            mask = causal[index][:, None]
+        else:
+            mask = None
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        rec.maps.append(head_mean_probs(q, key, mask, scale))  # [B, rows, Lk], head-averaged
     return rec.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def input_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                    mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The attention ``layer`` would compute on ``hidden``, for query ``rows`` only: ``[B, Q, L]``.
+
+    Used where a method scores with the *next* layer's attention before that layer runs on the
+    reduced sequence (PyramidDrop). Runs the layer's own input norm, ``q_proj`` on the ``Q`` rows
+    and ``k_proj`` on all ``L`` tokens, and its modeling file's ``apply_rotary_pos_emb``; no value
+    or output projection, no MLP. ``hidden`` ``[B, L, D]``; ``mask`` ``[B, 1, L, L]`` boolean;
+    ``rows`` ``[B, Q]`` positions.
+    """
+    attn = layer.self_attn
+    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None or not hasattr(attn, "q_proj"):
+        raise NotImplementedError(f"input attention is not supported for {type(attn).__name__}")
+    b, length, _ = hidden.shape
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    xq = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(xq).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    cos_q = cos.gather(-2, rows[..., None].expand(-1, -1, cos.shape[-1]).expand(cos.shape[0], -1, -1))
+    sin_q = sin.gather(-2, rows[..., None].expand(-1, -1, sin.shape[-1]).expand(sin.shape[0], -1, -1))
+    q, _ = rotary(q, q, cos_q, sin_q)
+    k, _ = rotary(k, k, cos, sin)
+    row_mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, length))
+    return head_mean_probs(q, k, row_mask, attn.scaling)
 
 
 AttentionInterface.register(RECORDING_IMPL, _record_forward)
 
 
 class AttentionRecorder:
-    """What one recording captured: a list of ``[B, rows, Lk]`` maps, one per call of the module.
+    """What one recording captured: ``maps``, one ``[B, rows, Lk]`` map per call of the module,
+    and ``keys``, the post-rotary ``[B, H_kv, Lk, d]`` keys of each call (if asked).
 
     A module called once per image (Qwen2-VL's vision attention runs image by image) records one
     map per image, in order.
     """
 
-    def __init__(self, rows: Rows, n_prefix: int, inner: Callable):
+    def __init__(self, rows: Rows | torch.Tensor | None, n_prefix: int, inner: Callable, keep_keys: bool = False):
         self.rows = rows
         self.n_prefix = n_prefix
         self.inner = inner
+        self.keep_keys = keep_keys
         self.maps: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
 
 
 @contextlib.contextmanager
-def record_attention(module: nn.Module, rows: Rows = "all", n_prefix: int = 1) -> Iterator[AttentionRecorder]:
+def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all", n_prefix: int = 1,
+                     keys: bool = False) -> Iterator[AttentionRecorder]:
     """Record the head-averaged attention probabilities of ``module`` while the block runs.
 
     Args:
         module: an attention module that dispatches through ``self.config._attn_implementation``.
-        rows: ``"all"`` query rows, only the ``"last"`` one, or the first ``n_prefix`` (CLS) rows.
+        rows: ``"all"`` query rows, only the ``"last"`` one, the first ``n_prefix`` (CLS) rows, a
+            ``[B, Q]`` tensor of query positions per sample, or ``None`` for no map (keys only).
         n_prefix: number of rows for ``"prefix"``.
+        keys: also keep the post-rotary keys the module computed.
     """
     config = module.config
     impl = config._attn_implementation or "sdpa"
@@ -96,7 +148,7 @@ def record_attention(module: nn.Module, rows: Rows = "all", n_prefix: int = 1) -
         inner = ALL_ATTENTION_FUNCTIONS[impl]
     else:  # "eager" is each modeling file's own function, not a registered one
         inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
-    recorder = AttentionRecorder(rows, n_prefix, inner)
+    recorder = AttentionRecorder(rows, n_prefix, inner, keep_keys=keys)
     module.config = _ConfigView(config, RECORDING_IMPL)
     module._tokenprune_recorder = recorder
     try:

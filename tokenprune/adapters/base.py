@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds, PruningInputs, Stage, TokenPruner, validate_choice
-from .decoder import DecoderRunner, LLMInputs, gather_seq, left_pack
+from .decoder import DecoderRunner, LLMInputs, compact_positions, gather_seq, left_pack
 
 POSITION_POLICIES = ("keep", "compact")
 
@@ -72,6 +72,11 @@ class SampleStats:
     vision_patches: int
     vision_seqs: list[int] = field(default_factory=list)
     vision_windows: list[int] = field(default_factory=list)
+
+    @property
+    def visual_tokens_avg(self) -> float:
+        """Visual tokens per decoder layer, averaged over layers (multi-stage methods' "equivalent tokens")."""
+        return sum(self.visual_per_layer) / max(len(self.visual_per_layer), 1)
 
 
 @dataclass
@@ -166,20 +171,9 @@ class PrunableLVLM(ABC):
 
     @staticmethod
     def compact_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Positions renumbered without gaps, for ``position_policy="compact"``.
-
-        Every position value that no kept token uses (on any axis) is removed by an
-        order-preserving renumbering of the values in use. For 1-D RoPE this is ``0..L'-1``; for
-        M-RoPE the kept image tokens keep their relative layout and the text after the image
-        moves up by the extent that pruning freed. ``positions`` is ``[B, L]`` or ``[3, B, L]``.
-        """
-        pos = positions if positions.dim() == 3 else positions.unsqueeze(0)
-        out = torch.zeros_like(pos)
-        for b in range(pos.shape[1]):  # per sample: the set of values in use differs
-            values = pos[:, b][:, mask[b]]
-            used = torch.unique(values)
-            out[:, b][:, mask[b]] = torch.searchsorted(used, values.contiguous())
-        return out if positions.dim() == 3 else out[0]
+        """Positions renumbered without gaps, for ``position_policy="compact"``
+        (see :func:`tokenprune.adapters.decoder.compact_positions`)."""
+        return compact_positions(positions, mask)
 
     def vision_spec(self):
         """The vision tower's shape for FLOPs accounting (:class:`tokenprune.cost.VisionSpec`)."""
@@ -225,7 +219,7 @@ class PrunableLVLM(ABC):
         prompts: Sequence[str],
         pruner: TokenPruner | None = None,
         max_new_tokens: int = 16,
-        position_policy: str = "keep",
+        position_policy: str | None = None,
         sample_ids: Sequence[str] | None = None,
         use_cache: bool = True,
         ignore_eos: bool = False,
@@ -240,7 +234,8 @@ class PrunableLVLM(ABC):
             pruner: any registered pruner, or ``None`` for the unpruned model.
             max_new_tokens: generation budget per sample.
             position_policy: ``"keep"`` kept visual tokens keep their original position ids;
-                ``"compact"`` positions are renumbered without gaps (pre-LLM pruners only).
+                ``"compact"`` positions are renumbered without gaps (for in-LLM pruners, after
+                each stage); ``None``: the pruner's own convention (``pruner.position_policy``).
             sample_ids: stable ids (seed random pruners); default: the batch index.
             use_cache: ``False`` re-runs the whole pruned sequence per token (a reference).
             ignore_eos: decode exactly ``max_new_tokens`` (fixed-length latency measurements).
@@ -255,6 +250,8 @@ class PrunableLVLM(ABC):
             raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         if max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if position_policy is None:
+            position_policy = pruner.position_policy if pruner is not None else "keep"
         validate_choice(position_policy, "position_policy", POSITION_POLICIES)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         needs = self.vision_needs(pruner)
@@ -269,10 +266,11 @@ class PrunableLVLM(ABC):
             raise OptionError(f"the encoded batch holds {encoded.batch['input_ids'].shape[0]} samples, got {len(prompts)} prompts")
         batch, views = encoded.batch, encoded.views
         t1 = time.perf_counter()
-        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(batch, views, pruner, position_policy, ids)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
+            batch, views, pruner, "keep" if in_llm is not None else position_policy, ids)
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
-                                     ignore_eos=ignore_eos)
+                                     ignore_eos=ignore_eos, position_policy=position_policy)
         sync()
         t2 = time.perf_counter()
 
@@ -334,8 +332,12 @@ class PrunableLVLM(ABC):
         new_pos = gather_seq(positions, index, positions.dim() - 1)
         if position_policy == "compact":
             new_pos = self.compact_positions(new_pos, new_mask)
+        view_grids: list[tuple[tuple[int, int], ...]] = [()] * b
+        for v in prunable:  # encode_images returns views in sequence order
+            view_grids[v.sample] += (v.grid,)
         return (
-            LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image, sample_ids=ids),
+            LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
+                      sample_ids=ids, view_grids=view_grids),
             n_in, n_kept, patches, (seqs, windows),
         )
 

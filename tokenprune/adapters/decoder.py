@@ -1,22 +1,24 @@
 """Prefill and cached greedy decoding over a Hugging Face decoder, with in-LLM pruning.
 
 We run the decoder layers ourselves instead of calling ``generate``: position ids with gaps
-(pruned tokens keep their original positions), per-layer sequence lengths (FastV drops tokens
-from layer K on, so layers >= K cache fewer keys) and per-layer attention masks are not
-expressible through ``generate``. Each layer is the model's own module, called exactly as its
-parent model calls it; masks are 4-D boolean ``[B, 1, Lq, Lk]`` (SDPA's format).
+(pruned tokens keep their original positions) or renumbered per stage, per-layer sequence lengths
+(an in-LLM pruner shortens the sequence at each stage of its schedule, so later layers cache fewer
+keys), tokens merged inside the LLM and per-layer attention masks are not expressible through
+``generate``. Each layer is the model's own module, called exactly as its parent model calls it;
+masks are 4-D boolean ``[B, 1, Lq, Lk]`` (SDPA's format).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..pruner import PruningInputs, TokenPruner
-from .attention import record_attention
+from ..errors import OptionError
+from ..pruner import LLMStage, PruningInputs, TokenPruner
+from .attention import input_attention, record_attention
 
 
 @dataclass
@@ -29,6 +31,8 @@ class LLMInputs:
         positions: ``[B, L]`` (1-D RoPE) or ``[3, B, L]`` (M-RoPE) position ids.
         image_mask: ``[B, L]`` bool, ``True`` at visual tokens (for in-LLM pruners and stats).
         sample_ids: one id per sample (seeds random in-LLM pruners).
+        view_grids: per sample, the grid of each image view in sequence order (in-LLM pruners
+            receive them at their first stage).
     """
 
     embeds: torch.Tensor
@@ -36,6 +40,7 @@ class LLMInputs:
     positions: torch.Tensor
     image_mask: torch.Tensor
     sample_ids: list[str]
+    view_grids: list[tuple[tuple[int, int], ...]] | None = None
 
 
 @dataclass
@@ -46,7 +51,7 @@ class DecodeResult:
         tokens: ``[B, T]`` generated ids (``pad_id`` after a sample's end).
         first_logits: ``[B, V]`` float logits of the first generated token (exactness tests).
         prefill_tokens: ``[B, n_layers]`` tokens each decoder layer saw at prefill, per sample.
-        visual_tokens: ``[B, n_layers]`` visual tokens among them.
+        visual_tokens: ``[B, n_layers]`` visual tokens among them (merged ones included).
         new_tokens: ``[B]`` generated tokens up to and including EOS.
     """
 
@@ -91,11 +96,91 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, expanded)
 
 
-def prune_layer(pruner: TokenPruner | None) -> int | None:
-    """The decoder layer an in-LLM pruner acts before: the one after the layer whose attention it reads."""
-    if pruner is None or pruner.needs.llm_attention_layer is None:
-        return None
-    return pruner.needs.llm_attention_layer + 1
+def compact_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Positions renumbered without gaps (``position_policy="compact"``).
+
+    1-D RoPE: ``0..L'-1`` in sequence order over the real tokens (what the official LLaVA code of
+    the methods does: ``position_ids[:, :L']``). M-RoPE ``[3, B, L]``: every value no real token
+    uses (on any axis) is removed by an order-preserving renumbering of the values in use, so kept
+    image tokens keep their relative 2-D layout and the text after the image moves up by the
+    extent that pruning freed.
+    """
+    if positions.dim() == 2:
+        return (mask.long().cumsum(1) - 1).clamp_min(0)
+    out = torch.zeros_like(positions)
+    for b in range(positions.shape[1]):  # per sample: the set of values in use differs
+        values = positions[:, b][:, mask[b]]
+        used = torch.unique(values)
+        out[:, b][:, mask[b]] = torch.searchsorted(used, values.contiguous())
+    return out
+
+
+@dataclass
+class _Sequence:
+    """The per-token state a forward carries from layer to layer (all ``[B, L]`` but ``h``/``positions``).
+
+    ``after_image`` marks the text after the last visual token (query candidates, DART's text
+    pivots); ``chosen`` the query rows a pruner chose on the layer-0 embeddings.
+    """
+
+    h: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    image_mask: torch.Tensor
+    after_image: torch.Tensor
+    chosen: torch.Tensor
+
+    def reorder(self, keep: torch.Tensor, merge: torch.Tensor | None) -> "_Sequence":
+        """Keep the ``keep`` tokens and insert ``merge @ h`` right after each sample's last kept
+        visual token; left-pack the result. ``keep`` ``[B, L]``; ``merge`` ``[B, M, L]`` or ``None``.
+
+        A merged token takes the position of its heaviest source (the lowest such index on ties)
+        and counts as visual at later stages.
+        """
+        b, length = keep.shape
+        keep = keep & self.mask
+        dev = keep.device
+        key = torch.arange(length, device=dev, dtype=torch.float64).expand(b, -1)
+        h, pos, img, after, chosen = self.h, self.positions, self.image_mask, self.after_image, self.chosen
+        if merge is not None and merge.shape[1] > 0:
+            m = merge.shape[1]
+            valid = merge.sum(-1) > 0  # [B, M]
+            source = merge.argmax(-1)  # [B, M]
+            last_visual = (torch.arange(length, device=dev) * (img & keep)).amax(1)  # [B]
+            step = torch.arange(1, m + 1, device=dev, dtype=torch.float64) / (m + 1)
+            key = torch.cat([key, last_visual[:, None].double() + step], 1)
+            keep = torch.cat([keep, valid], 1)
+            h = torch.cat([h, merge.to(h.dtype) @ h], 1)
+            pos = torch.cat([pos, gather_seq(pos, source, pos.dim() - 1)], -1)
+            img = torch.cat([img, valid], 1)
+            zeros = torch.zeros_like(valid)
+            after, chosen = torch.cat([after, zeros], 1), torch.cat([chosen, zeros], 1)
+        order = torch.sort(key.masked_fill(~keep, -1.0), dim=1, stable=True).indices
+        index = order[:, order.shape[1] - int(keep.sum(1).max()):]
+        return _Sequence(h=gather_seq(h, index, 1), mask=gather_seq(keep, index, 1),
+                         positions=gather_seq(pos, index, pos.dim() - 1), image_mask=gather_seq(img, index, 1),
+                         after_image=gather_seq(after, index, 1), chosen=gather_seq(chosen, index, 1))
+
+
+@dataclass
+class StageRecord:
+    """What one stage did at prefill, replayed by the no-cache reference (over the stage's input).
+
+    ``keep`` ``[B, L_in]`` kept tokens; ``merge`` ``[B, M, L_in]`` merge weights or ``None``;
+    ``mask_after`` ``[B, L_out]`` the layout the stage's layers cache; ``next_position`` ``[B]``
+    the position a first generated token takes in those layers.
+    """
+
+    keep: torch.Tensor
+    merge: torch.Tensor | None
+    mask_after: torch.Tensor
+    next_position: torch.Tensor
+
+
+def next_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: one past the largest position of a real token (M-RoPE: over all 3 axes)."""
+    flat = positions.reshape(-1, *positions.shape[-2:]).amax(0)  # [B, L]
+    return flat.masked_fill(~mask, -1).amax(1) + 1
 
 
 class DecoderRunner:
@@ -119,63 +204,146 @@ class DecoderRunner:
         """``[B, L]`` ids -> ``[B, L, D]`` embeddings."""
         return self.model.embed_tokens(ids)
 
+    def schedule(self, pruner: TokenPruner | None) -> tuple[LLMStage, ...]:
+        """The pruner's in-LLM stages, checked against this decoder (clear error when they do not fit)."""
+        if pruner is None:
+            return ()
+        stages = pruner.needs.schedule()
+        n = len(self.layers)
+        layers = [st.layer for st in stages]
+        if any(not 1 <= layer < n for layer in layers) or layers != sorted(set(layers)):
+            raise OptionError(
+                f"{pruner.name} prunes before decoder layers {layers}, but this decoder has {n} layers (0..{n - 1}): "
+                f"stages need increasing layers in 1..{n - 1}; set the pruner's layer option to fit")
+        return stages
+
     # -- one forward over a (part of a) sequence ------------------------------------------------
-    def _run_layers(self, h, mask, positions, image_mask, cache, pruner, keep_fixed, sample_ids, q_len):
-        """Run every layer; returns the last hidden state and per-layer token/visual counts.
+    def _run_layers(self, seq: _Sequence, cache, pruner, stages, replay, sample_ids, view_grids, policy, q_len):
+        """Run every layer; returns the last hidden state, per-layer token/visual counts, stage records.
 
-        ``mask`` / ``positions`` / ``image_mask`` describe the keys of this forward (the whole
-        cache for a decode step). When ``pruner`` is set, FastV-style selection happens before
-        layer ``K``; ``keep_fixed`` (``[B, L]`` bool over the prefix) replays an earlier selection.
+        ``seq`` describes the keys of this forward. At each stage's layer, the pruner selects (or
+        ``replay`` -- records of an earlier prefill, extended over new tokens -- repeats its choice)
+        and the sequence is cut, merged and, under ``policy="compact"``, renumbered.
         """
-        n_layers = len(self.layers)
-        k_layer = prune_layer(pruner)
-        tokens, visual = [], []
-        pe = self.model.rotary_emb(h, positions[..., -q_len:] if q_len < positions.shape[-1] else positions)
-        mask4 = causal_mask_4d(mask, q_len)
-        selection, rec = None, None  # rec: layer K-1's recorded attention, read at layer K
+        pe = self.model.rotary_emb(seq.h, seq.positions[..., -q_len:] if q_len < seq.positions.shape[-1] else seq.positions)
+        mask4 = causal_mask_4d(seq.mask, q_len)
+        at = {st.layer: i for i, st in enumerate(stages)}
+        records: list[StageRecord] = []
+        n_orig = (seq.image_mask & seq.mask).sum(1)
+        if replay is None and any(st.queries == "chosen" for st in stages):
+            seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
+        tokens, visual, rec = [], [], None
         for i, layer in enumerate(self.layers):
-            if k_layer is not None and i == k_layer and i < n_layers:
-                keep = keep_fixed if keep_fixed is not None else self._select(pruner, rec, mask, image_mask, sample_ids)
-                keep = keep & mask
-                selection = keep
-                index = left_pack(keep)
-                h = gather_seq(h, index, 1)
-                mask, image_mask = gather_seq(keep, index, 1), gather_seq(image_mask, index, 1)
-                positions = gather_seq(positions, index, positions.dim() - 1)
-                pe = self.model.rotary_emb(h, positions)
-                mask4 = causal_mask_4d(mask, h.shape[1])
-            tokens.append(mask.sum(1))
-            visual.append((image_mask & mask).sum(1))
-            want = k_layer is not None and keep_fixed is None and i == k_layer - 1
-            if want:
-                rows = pruner.needs.llm_attention_queries
-                with record_attention(layer.self_attn, rows="last" if rows == "last" else "all") as rec:
-                    h = layer(h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache, use_cache=cache is not None)
+            if i in at:
+                s = at[i]
+                if replay is not None:
+                    keep, merge = replay[s]
+                else:
+                    keep, merge = self._select(pruner, s, stages[s], seq, rec, pe, mask4, n_orig, sample_ids,
+                                               view_grids)
+                seq = seq.reorder(keep, merge)
+                if policy == "compact":
+                    seq = replace(seq, positions=compact_positions(seq.positions, seq.mask))
+                records.append(StageRecord(keep, merge, seq.mask, next_positions(seq.positions, seq.mask)))
+                pe = self.model.rotary_emb(seq.h, seq.positions)
+                mask4 = causal_mask_4d(seq.mask, seq.h.shape[1])
+            tokens.append(seq.mask.sum(1))
+            visual.append((seq.image_mask & seq.mask).sum(1))
+            nxt = stages[at[i + 1]] if replay is None and i + 1 in at else None
+            if nxt is not None and (nxt.attention == "previous" or nxt.keys):
+                rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" else None
+                with record_attention(layer.self_attn, rows=None if rows is None else rows[0], keys=nxt.keys) as rec:
+                    h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
+                              use_cache=cache is not None)
+                rec.query_mask = None if rows is None else rows[1]
             else:
-                h = layer(h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache, use_cache=cache is not None)
-        return h, torch.stack(tokens, 1), torch.stack(visual, 1), selection
+                h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
+                          use_cache=cache is not None)
+            seq = replace(seq, h=h)
+        return seq.h, torch.stack(tokens, 1), torch.stack(visual, 1), records
 
-    def _select(self, pruner: TokenPruner, rec, mask, image_mask, sample_ids) -> torch.Tensor:
-        """Run the in-LLM pruner on the recorded attention; ``[B, L]`` bool of tokens to keep."""
-        attn = rec.maps[0]  # [B, rows, L]
-        keep = mask & ~image_mask
-        n_img = image_mask.sum(1)
-        # Samples with the same number of visual tokens are pruned as one batch.
+    @staticmethod
+    def _query_rows(queries: str, seq: _Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, Q] query positions, [B, Q] bool real rows)`` for a stage's ``queries``."""
+        b, length = seq.mask.shape
+        if queries == "last":
+            return torch.full((b, 1), length - 1, dtype=torch.long, device=seq.mask.device), torch.ones(b, 1, dtype=torch.bool, device=seq.mask.device)
+        if queries == "all":
+            return torch.arange(length, device=seq.mask.device).expand(b, -1), seq.mask
+        flag = (seq.after_image if queries == "text" else seq.chosen) & seq.mask
+        index = left_pack(flag)
+        return index, gather_seq(flag, index, 1)
+
+    def _choose_queries(self, pruner: TokenPruner, seq: _Sequence, sample_ids) -> torch.Tensor:
+        """``[B, L]`` bool: the text rows ``pruner.choose_queries`` picks on the layer-0 embeddings."""
+        chosen = torch.zeros_like(seq.mask)
+        img = seq.image_mask & seq.mask
+        after = seq.after_image & seq.mask
+        n_img = img.sum(1)
         for n in torch.unique(n_img).tolist():
+            rows = (n_img == n).nonzero().flatten()
+            if n == 0:
+                continue
+            img_pos, txt_pos = left_pack(img[rows]), left_pack(after[rows])
+            text_mask = gather_seq(after[rows], txt_pos, 1)
+            inputs = PruningInputs(tokens=gather_seq(seq.h[rows], img_pos, 1), grid=(1, n),
+                                   sample_ids=[sample_ids[r] for r in rows.tolist()],
+                                   text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=text_mask)
+            picked = pruner.choose_queries(inputs) & text_mask
+            chosen[rows.unsqueeze(1), txt_pos] = picked
+        return chosen & after
+
+    def _select(self, pruner, s, stage: LLMStage, seq: _Sequence, rec, pe, mask4, n_orig, sample_ids, view_grids):
+        """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None)``."""
+        attn, qmask = None, None
+        if stage.attention == "previous":
+            attn, qmask = rec.maps[0], rec.query_mask
+        elif stage.attention == "input":
+            rows, qmask = self._query_rows(stage.queries, seq)
+            attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows)
+        keys = None
+        if stage.keys:
+            k = rec.keys[0]  # [B, H_kv, L, d]
+            keys = k.transpose(1, 2).flatten(2)  # [B, L, H_kv * d]
+        img = seq.image_mask & seq.mask
+        after = seq.after_image & seq.mask
+        keep = seq.mask & ~seq.image_mask
+        n_img = img.sum(1)
+        groups: dict[tuple, list[int]] = {}
+        for b, (n, n0) in enumerate(zip(n_img.tolist(), n_orig.tolist())):
+            grids = view_grids[b] if (view_grids is not None and s == 0) else None
+            groups.setdefault((n, n0, grids), []).append(b)
+        merges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for (n, n0, grids), members in groups.items():
             if n == 0:
                 continue  # no visual tokens (a text-only sample): nothing to prune
-            rows = (n_img == n).nonzero().flatten()
-            img_pos = left_pack(image_mask[rows])  # [b, n] positions of the visual tokens, in order
-            sub = attn[rows]
-            scores = sub.gather(2, img_pos[:, None, :].expand(-1, sub.shape[1], -1))  # [b, rows, n]
-            row_mask = mask[rows] if scores.shape[1] == mask.shape[1] else torch.ones(len(rows), 1, dtype=torch.bool, device=mask.device)
-            red = pruner(PruningInputs(
-                tokens=torch.zeros(len(rows), n, 1, device=mask.device), grid=(1, n),
-                sample_ids=[sample_ids[r] for r in rows.tolist()], llm_attention=scores, llm_query_mask=row_mask,
-            ))
-            kept = img_pos.gather(1, red.indices)
-            keep[rows.unsqueeze(1), kept] = True
-        return keep
+            rows = torch.tensor(members, device=seq.mask.device)
+            img_pos = left_pack(img[rows])  # [b, n] positions of the visual tokens, in order
+            txt_pos = left_pack(after[rows])
+            grid = grids[0] if grids is not None and len(grids) == 1 else (1, n)
+            inputs = PruningInputs(
+                tokens=gather_seq(seq.h[rows], img_pos, 1), grid=grid,
+                sample_ids=[sample_ids[r] for r in members],
+                llm_attention=None if attn is None else attn[rows].gather(2, img_pos[:, None, :].expand(-1, attn.shape[1], -1)),
+                llm_query_mask=None if qmask is None else qmask[rows],
+                stage=s, layer=stage.layer, num_layers=len(self.layers), num_original=n0,
+                view_grids=grids, llm_keys=None if keys is None else gather_seq(keys[rows], img_pos, 1),
+                text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=gather_seq(after[rows], txt_pos, 1),
+                text_keys=None if keys is None else gather_seq(keys[rows], txt_pos, 1),
+                final_norm=self.model.norm,
+            )
+            red = pruner(inputs)
+            keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
+            if red.merge_weights is not None and red.merge_weights.shape[1] > 0:
+                merges.append((rows, img_pos, red.merge_weights))
+        if not merges:
+            return keep, None
+        m = max(w.shape[1] for _, _, w in merges)
+        merge = torch.zeros(*keep.shape[:1], m, keep.shape[1], dtype=torch.float32, device=keep.device)
+        for rows, img_pos, w in merges:
+            slot = torch.arange(w.shape[1], device=keep.device)
+            merge[rows[:, None, None], slot[None, :, None], img_pos[:, None, :]] = w.float()
+        return keep, merge
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h[:, -1:])).float()[:, 0]
@@ -183,22 +351,25 @@ class DecoderRunner:
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int, pruner: TokenPruner | None = None,
-                 use_cache: bool = True, ignore_eos: bool = False) -> DecodeResult:
+                 use_cache: bool = True, ignore_eos: bool = False, position_policy: str = "keep") -> DecodeResult:
         """Greedy decoding of up to ``max_new_tokens`` per sample.
 
         With ``use_cache=False`` every step re-runs the whole (pruned) sequence: the reference
-        that cached decoding must match. An in-LLM pruner selects once, at prefill; the reference
-        replays that selection, as the cache does. ``ignore_eos`` always decodes
-        ``max_new_tokens`` (fixed-length latency runs, decoding tests).
+        that cached decoding must match. An in-LLM pruner selects once per stage, at prefill; the
+        reference replays those selections (and merges), as the cache does. ``ignore_eos`` always
+        decodes ``max_new_tokens`` (fixed-length latency runs, decoding tests).
+        ``position_policy`` applies to in-LLM stages: ``"compact"`` renumbers after each stage.
         """
         b = inputs.embeds.shape[0]
         device = inputs.embeds.device
+        stages = self.schedule(pruner)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         eos = self.eos_ids.to(device) if not ignore_eos else torch.empty(0, dtype=torch.long, device=device)
         cache = DynamicCache() if use_cache else None
-        h, n_tok, n_vis, keep = self._run_layers(inputs.embeds, inputs.mask, inputs.positions, inputs.image_mask,
-                                                 cache, pruner, None, inputs.sample_ids, inputs.embeds.shape[1])
+        seq = self._initial_sequence(inputs)
+        h, n_tok, n_vis, records = self._run_layers(seq, cache, pruner, stages, None, inputs.sample_ids,
+                                                    inputs.view_grids, position_policy, inputs.embeds.shape[1])
         logits = self._logits(h)
         first_logits = logits
         sync()  # timing boundaries only: never inside the decode loop
@@ -206,15 +377,12 @@ class DecoderRunner:
         out = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         new_tokens = torch.zeros(b, dtype=torch.long, device=device)
-        # Decode positions continue after the largest prompt position (M-RoPE: over all 3 axes).
-        flat_pos = inputs.positions.reshape(-1, *inputs.positions.shape[-2:]).amax(0)  # [B, L]
-        next_pos = flat_pos.masked_fill(~inputs.mask, -1).amax(1) + 1  # [B]
-        full_mask, full_pos, full_img = inputs.mask, inputs.positions, inputs.image_mask
-        embeds = inputs.embeds
-        keep_mask = keep  # [B, L] over the prompt, or None
-        pruned_mask = None
-        if keep is not None:
-            pruned_mask = gather_seq(keep, left_pack(keep), 1)
+        # Layer groups between stages: each caches its own layout and numbers new tokens from its
+        # own next position (stages that renumber shift it down by the tokens they dropped).
+        starts = [0] + [st.layer for st in stages]
+        masks = [inputs.mask] + [r.mask_after for r in records]
+        next_pos = [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]
+        embeds, full_mask, full_pos = inputs.embeds, inputs.mask, inputs.positions
         for step in range(max_new_tokens):
             token = logits.argmax(-1)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
@@ -224,36 +392,53 @@ class DecoderRunner:
             if step == max_new_tokens - 1 or bool(finished.all()):  # one host sync per step, as HF does
                 break
             tok_emb = self.embed(token[:, None])
-            pos = (next_pos + step).view(1, b, 1).expand(*full_pos.shape[:-2], b, 1) if full_pos.dim() == 3 else (next_pos + step)[:, None]
             one = torch.ones(b, 1, dtype=torch.bool, device=device)
-            full_mask = torch.cat([full_mask, one], 1)
-            full_pos = torch.cat([full_pos, pos], -1)
-            full_img = torch.cat([full_img, ~one], 1)
             if use_cache:
-                h = self._decode_step(tok_emb, full_mask, pos, pruned_mask, cache, prune_layer(pruner))
-                if pruned_mask is not None:
-                    pruned_mask = torch.cat([pruned_mask, one], 1)
+                masks = [torch.cat([m, one], 1) for m in masks]
+                h = self._decode_step(tok_emb, step, starts, masks, next_pos, cache, inputs.positions.dim())
             else:
+                pos = self._positions_at(next_pos[0] + step, inputs.positions.dim())
                 embeds = torch.cat([embeds, tok_emb], 1)
-                if keep_mask is not None:
-                    keep_mask = torch.cat([keep_mask, one], 1)
-                h, _, _, _ = self._run_layers(embeds, full_mask, full_pos, full_img, None, pruner, keep_mask,
-                                              inputs.sample_ids, embeds.shape[1])
+                full_mask = torch.cat([full_mask, one], 1)
+                full_pos = torch.cat([full_pos, pos], -1)
+                grown = embeds.shape[1] - inputs.embeds.shape[1]
+                replay = [(torch.cat([r.keep, one.expand(-1, grown)], 1),
+                           None if r.merge is None else torch.cat([r.merge, r.merge.new_zeros(b, r.merge.shape[1], grown)], 2))
+                          for r in records]
+                seq = self._initial_sequence(replace(inputs, embeds=embeds, mask=full_mask, positions=full_pos,
+                                                     image_mask=torch.cat([inputs.image_mask, ~one.expand(-1, grown)], 1)))
+                h, _, _, _ = self._run_layers(seq, None, pruner, stages, replay, inputs.sample_ids, None,
+                                              position_policy, embeds.shape[1])
             logits = self._logits(h)
         sync()
         t_end = time.perf_counter()
         return DecodeResult(tokens=out, first_logits=first_logits, prefill_tokens=n_tok, visual_tokens=n_vis,
                             new_tokens=new_tokens, timings={"prefill": t_prefill - t0, "decode": t_end - t_prefill})
 
-    def _decode_step(self, tok_emb, full_mask, pos, pruned_mask, cache, k_layer):
-        """One cached step: layers < K attend over the full cache, layers >= K over the pruned one."""
-        pe = self.model.rotary_emb(tok_emb, pos)
-        mask_full = full_mask[:, None, None, :]
-        mask_pruned = None
-        if pruned_mask is not None:
-            mask_pruned = torch.cat([pruned_mask, torch.ones_like(pruned_mask[:, :1])], 1)[:, None, None, :]
+    @staticmethod
+    def _initial_sequence(inputs: LLMInputs) -> _Sequence:
+        """The prompt as a :class:`_Sequence`: text after the last visual token marked as query candidates."""
+        mask, image = inputs.mask, inputs.image_mask & inputs.mask
+        idx = torch.arange(mask.shape[1], device=mask.device)
+        last_visual = torch.where(image, idx, -1).amax(1, keepdim=True)  # [B, 1]; -1 without an image
+        after = mask & (idx > last_visual) & (last_visual >= 0)
+        return _Sequence(h=inputs.embeds, mask=mask, positions=inputs.positions, image_mask=inputs.image_mask,
+                         after_image=after, chosen=torch.zeros_like(mask))
+
+    @staticmethod
+    def _positions_at(value: torch.Tensor, dims: int) -> torch.Tensor:
+        """``[B]`` positions of one new token as ``[B, 1]`` (1-D) or ``[3, B, 1]`` (M-RoPE)."""
+        pos = value[:, None]
+        return pos.unsqueeze(0).expand(3, -1, -1) if dims == 3 else pos
+
+    def _decode_step(self, tok_emb, step, starts, masks, next_pos, cache, dims):
+        """One cached step: each layer group attends over its own cached layout, at its own position."""
         h = tok_emb
+        group = -1
         for i, layer in enumerate(self.layers):
-            m = mask_pruned if (mask_pruned is not None and i >= k_layer) else mask_full
-            h = layer(h, attention_mask=m, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            if group + 1 < len(starts) and i == starts[group + 1]:
+                group += 1
+                pe = self.model.rotary_emb(tok_emb, self._positions_at(next_pos[group] + step, dims))
+                mask = masks[group][:, None, None, :]
+            h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
         return h

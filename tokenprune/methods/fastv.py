@@ -4,13 +4,15 @@ At layer ``K-1`` (0-based), the attention each image token receives is averaged 
 the last token (``query="last"``, what the official code does) or averaged over all query rows
 (``query="mean"``, what the paper's text describes; causal zeros included). The top
 ``keep_count(ratio, N)`` image tokens and every text token go on to layers ``>= K`` with their
-original position ids; the KV cache of those layers holds only the kept tokens.
+original position ids; the KV cache of those layers holds only the kept tokens. The one-stage case
+of the in-LLM machinery (:class:`~tokenprune.pruner.LLMStage`).
 """
 from __future__ import annotations
 
 import torch
 
 from ..pruner import (
+    LLMStage,
     PrunerNeeds,
     PruningInputs,
     Reduction,
@@ -39,7 +41,8 @@ class FastVPruner(TokenPruner):
 
     @property
     def needs(self) -> PrunerNeeds:
-        return PrunerNeeds(llm_attention_layer=self.k - 1, llm_attention_queries="last" if self.query == "last" else "all")
+        rows = "last" if self.query == "last" else "all"
+        return PrunerNeeds(llm_stages=(LLMStage(layer=self.k, attention="previous", queries=rows),))
 
     def select(self, inputs: PruningInputs) -> Reduction:
         attn = inputs.llm_attention  # [B, Q, N]
