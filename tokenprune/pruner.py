@@ -265,6 +265,19 @@ def validate_int(value: Any, name: str, minimum: int | None = None) -> int:
     return value
 
 
+def validate_layers(value: Any, name: str = "layers", minimum: int = 0) -> tuple[int, ...]:
+    """``value`` (a list, tuple or ``"8,16,24"`` string) as a strictly increasing tuple of ints ``>= minimum``."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").strip("[]()").split(",") if v]
+    try:
+        layers = tuple(validate_int(int(v) if isinstance(v, str) else v, name, minimum) for v in value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be a list of layer indices, e.g. 8,16,24; got {value!r}") from None
+    if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise OptionError(f"{name} must be a non-empty, strictly increasing list of layers, e.g. 8,16,24; got {value!r}")
+    return layers
+
+
 class TokenPruner(ABC):
     """Base class of every visual-token pruner.
 
@@ -301,8 +314,14 @@ class TokenPruner(ABC):
         return {p: getattr(self, p) for p in params if hasattr(self, p)}
 
     def num_kept(self, n_tokens: int, grid: tuple[int, int]) -> int:
-        """How many tokens this pruner keeps out of ``n_tokens`` laid out as ``grid``."""
+        """How many tokens this pruner keeps out of ``n_tokens`` laid out as ``grid`` (in-LLM: at the
+        first stage)."""
         return keep_count(self.ratio, n_tokens)
+
+    def min_ratio(self, n_tokens: int, n_layers: int) -> float:
+        """The smallest ``ratio`` this pruner can honour for ``n_tokens`` visual tokens on a decoder of
+        ``n_layers`` layers (above 0 only for schedules whose early layers always see every token)."""
+        return 0.0
 
     @abstractmethod
     def select(self, inputs: PruningInputs) -> Reduction:

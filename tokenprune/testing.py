@@ -18,17 +18,21 @@ def synthetic_inputs(
     patch_merge: int = 1,
     n_queries: int = 5,
     seed: int = 0,
+    n_text: int = 6,
 ) -> PruningInputs:
     """Random but valid :class:`PruningInputs` with every optional field filled.
 
     Attention maps are row-softmaxes of random logits (each row sums to 1); the LLM query mask
-    marks the first query row of batch entry 0 as padding, as left padding would.
+    marks the first query row of batch entry 0 as padding, as left padding would, and so does the
+    text mask for its first text token. Keys are ``[B, N, 8]`` / ``[B, n_text, 8]``.
     """
     g = torch.Generator().manual_seed(seed)
     n = grid[0] * grid[1]
     t = vision_prefix + n * patch_merge
     mask = torch.ones(batch, n_queries, dtype=torch.bool)
     mask[0, 0] = False
+    text_mask = torch.ones(batch, n_text, dtype=torch.bool)
+    text_mask[0, 0] = False
     return PruningInputs(
         tokens=torch.randn(batch, n, dim, generator=g),
         grid=grid,
@@ -38,6 +42,10 @@ def synthetic_inputs(
         patch_merge=patch_merge,
         llm_attention=(3 * torch.randn(batch, n_queries, n, generator=g)).softmax(-1),
         llm_query_mask=mask,
+        llm_keys=torch.randn(batch, n, 8, generator=g),
+        text_tokens=torch.randn(batch, n_text, dim, generator=g),
+        text_mask=text_mask,
+        text_keys=torch.randn(batch, n_text, 8, generator=g),
     )
 
 
@@ -46,7 +54,8 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
 
     Checks: shapes ``[B, k]`` / ``[B, k, D]``; ``k`` equals ``pruner.num_kept`` (and the ratio rule
     ``max(1, round(r*N))`` unless the pruner is ``quantised``); indices in range, unique and
-    strictly increasing; a declared output grid matches ``k``.
+    strictly increasing; a declared output grid matches ``k``; in-LLM merge weights are
+    ``[B, M, N]``, non-negative, each real row summing to 1, and only over dropped tokens.
     """
     b, n, d = inputs.tokens.shape
     idx = reduction.indices
@@ -62,7 +71,17 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
         assert reduction.tokens.shape == (b, k, d), f"merged tokens shape {tuple(reduction.tokens.shape)}"
     if reduction.grid is not None:
         assert reduction.grid[0] * reduction.grid[1] == k, "output grid does not match k"
-    assert reduction.apply(inputs.tokens).shape == (b, k, d)
+    m = 0
+    if reduction.merge_weights is not None:
+        w = reduction.merge_weights
+        m = w.shape[1]
+        assert w.shape == (b, m, n), f"merge weights shape {tuple(w.shape)}, expected (B, M, {n})"
+        assert bool((w >= 0).all()), "merge weights must be non-negative"
+        sums = w.sum(-1)
+        assert bool(((sums - 1).abs() < 1e-4).logical_or(sums == 0).all()), "each merge row must sum to 1 (or be all zeros: padding)"
+        kept = torch.zeros(b, n, dtype=torch.bool).scatter(1, idx.cpu(), True)
+        assert not bool(((w.cpu() > 0) & kept[:, None, :]).any()), "merged tokens must come from dropped tokens"
+    assert reduction.apply(inputs.tokens).shape == (b, k + m, d)
 
 
 def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = None) -> None:
@@ -75,3 +94,5 @@ def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = No
         assert torch.equal(single.indices[0], batched.indices[i]), f"batch entry {i} differs when run alone"
         if batched.tokens is not None:
             torch.testing.assert_close(single.tokens[0], batched.tokens[i])
+        if batched.merge_weights is not None:
+            torch.testing.assert_close(single.merge_weights[0], batched.merge_weights[i])
