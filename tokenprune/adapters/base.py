@@ -320,12 +320,16 @@ class PrunableLVLM(ABC):
             rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _) in zip(views, kept_views)])
             cols = torch.cat([s for s, _ in kept_views])
             keep[rows, cols] = True
+            image_span = torch.zeros_like(mask)
+            image_span[rows, cols] = True
             embeds = embeds.index_put((rows, cols), torch.cat([t for _, t in kept_views]).to(embeds.dtype))
             for v, (s, _) in zip(views, kept_views):
                 if v.prunable:
                     n_in[v.sample] += v.tokens.shape[0]
                     n_kept[v.sample] += s.shape[0]
                     patches[v.sample] += v.tokens.shape[0] * v.patch_merge
+        else:
+            image_span = torch.zeros_like(mask)
         index = left_pack(keep)
         new_mask = gather_seq(keep, index, 1)
         new_image = gather_seq(image_mask, index, 1) & new_mask
@@ -337,7 +341,7 @@ class PrunableLVLM(ABC):
             view_grids[v.sample] += (v.grid,)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
-                      sample_ids=ids, view_grids=view_grids),
+                      sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask),
             n_in, n_kept, patches, (seqs, windows),
         )
 

@@ -33,6 +33,9 @@ class LLMInputs:
         sample_ids: one id per sample (seeds random in-LLM pruners).
         view_grids: per sample, the grid of each image view in sequence order (in-LLM pruners
             receive them at their first stage).
+        image_span: ``[B, L]`` bool, every embedding the images placed, structural ones included
+            (LLaVA-NeXT's row newlines); the text after it is what in-LLM pruners see as text.
+            ``None``: the visual tokens alone.
     """
 
     embeds: torch.Tensor
@@ -41,6 +44,7 @@ class LLMInputs:
     image_mask: torch.Tensor
     sample_ids: list[str]
     view_grids: list[tuple[tuple[int, int], ...]] | None = None
+    image_span: torch.Tensor | None = None
 
 
 @dataclass
@@ -418,7 +422,11 @@ class DecoderRunner:
     @staticmethod
     def _initial_sequence(inputs: LLMInputs) -> _Sequence:
         """The prompt as a :class:`_Sequence`: text after the last visual token marked as query candidates."""
-        mask, image = inputs.mask, inputs.image_mask & inputs.mask
+        mask = inputs.mask
+        image = inputs.image_mask if inputs.image_span is None else inputs.image_span
+        if image.shape[1] < mask.shape[1]:  # the no-cache reference: generated tokens appended
+            image = torch.cat([image, torch.zeros_like(mask[:, image.shape[1]:])], 1)
+        image = image & mask
         idx = torch.arange(mask.shape[1], device=mask.device)
         last_visual = torch.where(image, idx, -1).amax(1, keepdim=True)  # [B, 1]; -1 without an image
         after = mask & (idx > last_visual) & (last_visual >= 0)
