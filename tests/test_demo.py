@@ -260,3 +260,20 @@ def test_training_resumes_from_an_exported_file(tmp_path):
     assert exported.keys() == again.keys()
     for k in exported:
         assert torch.allclose(exported[k], again[k], atol=1e-6), k
+
+
+def test_pdrop_schedule_on_the_demo_model():
+    """PyramidDrop on the 30-layer demo: drops after layers 8/16/24, layer-averaged share = the ratio."""
+    from PIL import Image
+
+    lvlm = tp.load("tokenprune-demo")
+    image, prompt = [Image.new("RGB", (64, 64), "red")], ["what shape is in the image?"]
+    out = lvlm.generate(image, prompt, pruner=tp.create_pruner("pdrop", ratio=0.5), max_new_tokens=1)
+    visual = out.stats[0].visual_per_layer
+    assert len(visual) == 30 and visual[:8] == [256] * 8
+    assert [i for i in range(1, 30) if visual[i] < visual[i - 1]] == [8, 16, 24]
+    assert abs(out.stats[0].visual_tokens_avg - 0.5 * 256) <= 3  # +- one token per stage
+    with pytest.raises(tp.OptionError, match=r"smallest reachable ratio is 0\.270; .*layers="):
+        lvlm.generate(image, prompt, pruner=tp.create_pruner("pdrop", ratio=0.1), max_new_tokens=1)
+    early = lvlm.generate(image, prompt, pruner=tp.create_pruner("pdrop", ratio=0.1, layers="2,8,16"), max_new_tokens=1)
+    assert abs(early.stats[0].visual_tokens_avg - 0.1 * 256) <= 3

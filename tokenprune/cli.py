@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--config", help="YAML file with any of these options (flags win)")
     p_bench.add_argument("--data-dir", help="local dataset copy: a folder, or task=folder,task=folder")
     p_bench.add_argument("--max-new-tokens", type=_int, help="answer budget (default: the task's)")
-    p_bench.add_argument("--position-policy", help="keep (default) or compact")
+    p_bench.add_argument("--position-policy", help="default (each method's own convention), keep or compact")
     p_bench.add_argument("--bootstrap", type=_int, help="bootstrap resamples for the CIs (default 1000)")
     p_bench.add_argument("--wandb-project", help="log the sweep to this W&B project")
     p_bench.add_argument("--wandb-mode", help="online, offline or disabled (default: offline without an API key)")

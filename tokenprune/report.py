@@ -18,7 +18,7 @@ from .stats import bootstrap_ci, paired_test, pareto_front
 SUMMARY_COLUMNS = [
     "model", "task", "method", "ratio", "n", "n_skipped", "score", "score_ci_low", "score_ci_high", "tflops",
     "tflops_paper", "tflops_vision", "flops_ratio", "prefill_ms", "latency_ms", "visual_tokens_in",
-    "visual_tokens_kept", "test_vs_none", "p_vs_none",
+    "visual_tokens_kept", "visual_tokens_avg", "test_vs_none", "p_vs_none",
 ]
 
 
@@ -67,6 +67,7 @@ def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> li
                 "flops_ratio": mean("tflops") / ref_flops if ref_rows else math.nan,
                 "prefill_ms": mean("prefill_ms"), "latency_ms": mean("latency_ms"),
                 "visual_tokens_in": mean("visual_tokens_in"), "visual_tokens_kept": mean("visual_tokens_kept"),
+                "visual_tokens_avg": mean("visual_tokens_avg") if all("visual_tokens_avg" in r for r in g) else math.nan,
                 "test_vs_none": test, "p_vs_none": p,
             })
     return out
@@ -186,7 +187,7 @@ def write_reports(cfg, out: Path, tasks: dict, data: dict, log=print) -> str:
             plot_pareto(out / f"pareto_{task_name}.png", task_name, task.headline, pts)
 
     shown = ["task", "method", "ratio", "n", "score", "score_ci_low", "score_ci_high", "tflops", "flops_ratio",
-             "prefill_ms", "visual_tokens_kept", "p_vs_none"]
+             "prefill_ms", "visual_tokens_kept", "visual_tokens_avg", "p_vs_none"]
     report = [
         f"# tokenprune bench: {cfg.model}", "",
         f"Tasks: {', '.join(cfg.tasks)}. Methods: {', '.join(cfg.methods)} (+ `none`, the unpruned reference). "

@@ -58,7 +58,7 @@ class SweepConfig:
     output: str = "runs/bench"
     data_dir: str | dict[str, str] | None = None
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    position_policy: str = "keep"
+    position_policy: str = "default"
     max_new_tokens: int | None = None
     bootstrap: int = 1000
     wandb_project: str | None = None
@@ -115,8 +115,9 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
     if cfg.wandb_mode not in (None, "online", "offline", "disabled"):
         raise OptionError(f"--wandb-mode must be one of online, offline, disabled; got {cfg.wandb_mode!r}")
-    if cfg.position_policy not in ("keep", "compact"):
-        raise OptionError(f"position_policy must be keep or compact; got {cfg.position_policy!r}")
+    if cfg.position_policy not in ("default", "keep", "compact"):
+        raise OptionError(f"position_policy must be default (each method's own convention), keep or compact; "
+                          f"got {cfg.position_policy!r}")
     return cfg
 
 
@@ -335,7 +336,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                 continue
                             encoded = encoded or lvlm.encode(images, prompts, needs)
                             gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
-                                                position_policy=cfg.position_policy, sample_ids=ids, encoded=encoded)
+                                                position_policy=None if cfg.position_policy == "default" else cfg.position_policy,
+                                                sample_ids=ids, encoded=encoded)
                             t = gen.timings
                             for i in missing:  # a resumed batch may be partly done for this run
                                 s, text, st = chunk[i], gen.texts[i], gen.stats[i]
@@ -346,6 +348,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                     "sample_id": s.id, "prediction": text, "answers": s.answers[:10], "scores": scores,
                                     "category": s.category, "extra": _jsonable(s.extra),
                                     "visual_tokens_in": st.visual_tokens_in, "visual_tokens_kept": st.visual_tokens_kept,
+                                    "visual_tokens_avg": st.visual_tokens_avg,
                                     "text_tokens": st.text_tokens, "prefill_tokens": sum(st.tokens_per_layer),
                                     "new_tokens": st.new_tokens, "tflops": c.total / 1e12, "tflops_vision": c.vision / 1e12,
                                     "tflops_prefill": c.prefill / 1e12, "tflops_decode": (c.decode + c.lm_head) / 1e12,
