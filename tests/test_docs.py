@@ -16,3 +16,21 @@ def test_plugin_example_in_docs_is_the_tested_fixture():
     assert fixture in blocks
     entry_points = (PLUGIN_DIR / "tp_example_plugin-0.3.1.dist-info" / "entry_points.txt").read_text()
     assert 'l2norm = "tp_example_plugin:NormPruner"' in text and "l2norm = tp_example_plugin:NormPruner" in entry_points
+
+
+def test_in_llm_plugin_example_in_docs_runs():
+    """The docs' in-LLM example: registered, given the hidden states entering its layer, really prunes there."""
+    import numpy as np
+    from PIL import Image
+
+    import tokenprune as tp
+
+    text = (DOCS / "pruners.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "OutlierPruner" in b)
+    namespace: dict = {}
+    exec(block, namespace)  # noqa: S102 - our own docs
+    assert "outliers" in tp.list_pruners()
+    lvlm = tp.load("tiny-llava")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = lvlm.generate([image], ["what is in the image ?"], pruner=tp.create_pruner("outliers", ratio=0.25), max_new_tokens=1)
+    assert out.stats[0].visual_per_layer == [64, 64, 64, 16]

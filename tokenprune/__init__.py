@@ -4,6 +4,7 @@ from __future__ import annotations
 from .errors import OptionError, TokenpruneError, UnknownNameError
 from .pruner import (
     PRUNERS,
+    LLMStage,
     PrunerNeeds,
     PruningInputs,
     Reduction,
@@ -48,6 +49,7 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 __all__ = [
+    "LLMStage",
     "OptionError",
     "PRUNERS",
     "PrunerNeeds",

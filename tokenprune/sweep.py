@@ -79,6 +79,18 @@ def _as_list(value: Any, name: str) -> list:
     raise OptionError(f"{name} must be a list or a comma-separated string, got {value!r}")
 
 
+def split_methods(value: str) -> list[str]:
+    """``"fastv,pdrop:layers=2,8,16,dart"`` -> ``["fastv", "pdrop:layers=2,8,16", "dart"]``: a piece that
+    does not start with a letter continues the previous spec's list-valued option."""
+    out: list[str] = []
+    for piece in (v.strip() for v in value.split(",")):
+        if piece and out and not piece[0].isalpha():
+            out[-1] += "," + piece
+        elif piece:
+            out.append(piece)
+    return out
+
+
 def normalise(cfg: SweepConfig) -> SweepConfig:
     """Validate every field (one clear error each) and put lists in canonical form."""
     from .tasks import get_task
@@ -88,7 +100,7 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError("no tasks given; e.g. --tasks pope (see `tokenprune list tasks`)")
     for t in cfg.tasks:
         get_task(t, **cfg.task_options.get(t, {}))  # unknown names list the known ones
-    methods, named = [], _as_list(cfg.methods, "methods")
+    methods, named = [], split_methods(cfg.methods) if isinstance(cfg.methods, str) else _as_list(cfg.methods, "methods")
     for m in named:
         spec = m if isinstance(m, str) else _spec_from_mapping(m)
         if spec == REFERENCE:
