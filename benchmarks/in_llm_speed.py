@@ -16,8 +16,6 @@ interleaved so machine drift hits all alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -28,25 +26,10 @@ import tokenprune as tp
 from tokenprune.cost import llm_flops
 from tokenprune.pruner import PrunerNeeds
 
+from adapter_speed import paired_medians  # run as a script: benchmarks/ is on sys.path
+
 PROMPT = "what is in the image ? answer using a single word"
 METHODS = ["fastv", "pdrop:layers=2,5,8", "sparsevlm:layers=1,3,6", "dart"]
-
-
-def paired_medians(fns, runs: int, device: torch.device) -> list[float]:
-    """Median time of each function, calls interleaved."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:  # warm-up
-        fn()
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def prefill(lvlm, llm_inputs, pruner, replay=None):

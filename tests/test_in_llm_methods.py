@@ -8,36 +8,20 @@ import functools
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import tokenprune as tp
-from tokenprune.adapters import wrap
 from tokenprune.methods.pdrop import layer_average
 from tokenprune.methods.sparsevlm import dpc_knn_weights
 from tokenprune.pruner import LLMStage, PrunerNeeds, PruningInputs, Reduction, Stage, TokenPruner
-from tokenprune.zoo import tiny
 
-FAMILIES = {name: getattr(tiny, f"tiny_{name}") for name in tiny.FAMILIES}
-PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
+from test_adapters import FAMILIES, PROMPTS, images, lvlm_for  # one cache of tiny models for both files
+
 # Tiny decoders have 4 layers: each method's schedule scaled down to fit.
 SPECS = ["pdrop:layers=1,2,3", "sparsevlm:layers=0,1,2", "dart", "dart:budget=exact"]
 NEW_TOKENS = 6
-
-
-@functools.lru_cache(maxsize=None)
-def lvlm_for(family: str):
-    model, processor = FAMILIES[family]()
-    return wrap(model, processor)
-
-
-def images(n: int = 2, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    sizes = [(96, 96), (80, 112)]
-    return [Image.fromarray(rng.integers(0, 255, (*sizes[i % 2], 3), dtype=np.uint8)) for i in range(n)]
 
 
 def recording(pruner: TokenPruner) -> list[tuple[PruningInputs, Reduction]]:

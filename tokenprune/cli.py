@@ -105,6 +105,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
     for key, value in pruner.options.items():
         print(f"  {key} = {value!r}")
     print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
+    stages = pruner.needs.schedule()
+    if len(stages) > 1:
+        counts = pruner.stage_counts(n, args.layers)
+        bounds = [st.layer for st in stages] + [args.layers]
+        avg = (bounds[0] * n + sum((bounds[i + 1] - bounds[i]) * c for i, c in enumerate(counts))) / args.layers
+        print(f"  keeps {' / '.join(map(str, counts))} of {n} tokens from layers {', '.join(str(st.layer) for st in stages)} on "
+              f"a {args.layers}-layer decoder: {avg:.1f} per layer on average ({avg / n:.1%}; merged tokens not counted)")
+        return 0
     kept = pruner.num_kept(n, grid)
     print(f"  keeps {kept} of {n} tokens on a {grid[0]}x{grid[1]} grid ({kept / n:.1%})")
     return 0
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_desc.add_argument("spec", help="pruner name with options, e.g. fopru_row:ratio=0.25:fill=rank")
     p_desc.add_argument("--ratio", help="retention ratio in (0, 1] (overrides the spec)")
     p_desc.add_argument("--grid", default="24x24", help="token grid HxW to count on (default 24x24, LLaVA-1.5)")
+    p_desc.add_argument("--layers", type=int, default=32, help="decoder depth for multi-stage schedules (default 32, LLaVA-1.5-7B)")
     p_desc.set_defaults(func=cmd_describe)
 
     p_data = sub.add_parser("check-data", help="load a task's dataset and report usable / skipped samples")

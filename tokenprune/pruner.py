@@ -318,6 +318,11 @@ class TokenPruner(ABC):
         first stage)."""
         return keep_count(self.ratio, n_tokens)
 
+    def stage_counts(self, n_tokens: int, n_layers: int = 0) -> list[int]:
+        """Visual tokens kept after each stage of the schedule (one entry for one-stage pruners;
+        before any in-LLM merges), for ``n_tokens`` on a decoder of ``n_layers`` (0: unknown)."""
+        return [self.num_kept(n_tokens, (1, n_tokens))]
+
     def min_ratio(self, n_tokens: int, n_layers: int) -> float:
         """The smallest ``ratio`` this pruner can honour for ``n_tokens`` visual tokens on a decoder of
         ``n_layers`` layers (above 0 only for schedules whose early layers always see every token)."""

@@ -109,8 +109,8 @@ class SparseVLMPruner(TokenPruner):
         return PrunerNeeds(llm_stages=tuple(LLMStage(layer=layer + 1, attention="previous", queries="chosen")
                                             for layer in self.layers))
 
-    def stage_counts(self, n_tokens: int) -> list[int]:
-        """Visual tokens kept (before recycling) at each stage for an image of ``n_tokens``."""
+    def stage_counts(self, n_tokens: int, n_layers: int = 0) -> list[int]:
+        """Visual tokens kept (before recycling) at each stage for an image of ``n_tokens`` (any depth)."""
         return [max(1, min(n_tokens, int(share * n_tokens + 0.5))) for share in stage_shares(self.ratio)]
 
     def num_kept(self, n_tokens: int, grid: tuple[int, int]) -> int:
