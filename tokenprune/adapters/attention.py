@@ -126,6 +126,7 @@ class AttentionRecorder:
         self.keep_keys = keep_keys
         self.maps: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
+        self.query_mask: torch.Tensor | None = None  # [B, Q] real rows, set by a caller that chose the rows
 
 
 @contextlib.contextmanager
