@@ -23,7 +23,7 @@ from tokenprune.adapters import wrap
 from tokenprune.pruner import PrunerNeeds, Stage
 from tokenprune.zoo import tiny
 
-BUILTIN = ["fopru_rank", "fopru_row", "random", "pool", "fastv"]
+BUILTIN = ["fopru_rank", "fopru_row", "random", "pool", "fastv", "divprune", "fastervlm"]
 FAMILIES = {name: getattr(tiny, f"tiny_{name}") for name in tiny.FAMILIES}
 PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
 NEW_TOKENS = 8
@@ -101,7 +101,7 @@ def test_llm_receives_text_plus_kept_tokens(family, name, ratio):
     n_visual = sum(v.tokens.shape[0] for v in views)
     n_text = batch["input_ids"].shape[1] - n_visual
     expected_kept = sum(p.num_kept(v.tokens.shape[0], v.grid) for v in views)
-    if p.stage is Stage.IN_LLM:  # FastV prunes the sample's visual tokens as one set
+    if p.stage is Stage.IN_LLM or p.views == "global":  # the sample's visual tokens pruned as one set
         expected_kept = tp.keep_count(ratio, n_visual)
     layers = lvlm.runner.layers
     counter = LayerInputCounter(layers)

@@ -294,12 +294,19 @@ class TokenPruner(ABC):
             ``"keep"`` (original positions) or ``"compact"`` (renumbered without gaps, as the
             official LLaVA code of most methods does); ``generate(position_policy=...)`` and
             sweeps may override it for ablations.
+        position_policy_mrope: the convention on M-RoPE models (Qwen2-VL / 2.5-VL), where the
+            official ports of most pre-LLM methods keep the original positions; ``None``: as above.
+        views: pre-LLM, how multi-view samples (LLaVA-NeXT crops, InternVL tiles) are pruned:
+            ``"per_view"`` (each view with its own budget) or ``"global"`` (all the views of a
+            sample as one set of tokens, ``grid=(1, N)``, one budget).
     """
 
     name: ClassVar[str] = "unregistered"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     quantised: ClassVar[bool] = False
     position_policy: ClassVar[str] = "keep"
+    position_policy_mrope: ClassVar[str | None] = None
+    views: ClassVar[str] = "per_view"
     ratio: float
 
     @property
@@ -322,6 +329,10 @@ class TokenPruner(ABC):
         """Visual tokens kept after each stage of the schedule (one entry for one-stage pruners;
         before any in-LLM merges), for ``n_tokens`` on a decoder of ``n_layers`` (0: unknown)."""
         return [self.num_kept(n_tokens, (1, n_tokens))]
+
+    def default_position_policy(self, mrope: bool) -> str:
+        """The method's own position convention on a model with (``mrope``) or without M-RoPE."""
+        return (self.position_policy_mrope or self.position_policy) if mrope else self.position_policy
 
     def min_ratio(self, n_tokens: int, n_layers: int) -> float:
         """The smallest ``ratio`` this pruner can honour for ``n_tokens`` visual tokens on a decoder of

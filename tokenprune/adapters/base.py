@@ -133,6 +133,7 @@ class PrunableLVLM(ABC):
 
     family: ClassVar[str] = "?"
     model_types: ClassVar[tuple[str, ...]] = ()
+    mrope: ClassVar[bool] = False  # 3-D (M-RoPE) position ids
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model.eval()
@@ -251,7 +252,7 @@ class PrunableLVLM(ABC):
         if max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if position_policy is None:
-            position_policy = pruner.position_policy if pruner is not None else "keep"
+            position_policy = pruner.default_position_policy(self.mrope) if pruner is not None else "keep"
         validate_choice(position_policy, "position_policy", POSITION_POLICIES)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         needs = self.vision_needs(pruner)
@@ -347,15 +348,22 @@ class PrunableLVLM(ABC):
 
     @staticmethod
     def _prune_views(views: list[View], pruner: TokenPruner, ids: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch."""
+        """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch.
+
+        A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
+        tokens (``grid=(1, N)``); its selection is split back to the views.
+        """
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
-        groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(views):
             if not v.prunable:
                 out[i] = (v.seq_index, v.tokens)
-                continue
-            att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
-            groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att), []).append(i)
+        if pruner.views == "global":
+            return PrunableLVLM._prune_samples(views, pruner, ids, out)
+        groups: dict[tuple, list[int]] = {}
+        for i, v in enumerate(views):
+            if v.prunable:
+                att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
+                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att), []).append(i)
         view_no: dict[int, int] = {}
         for (grid, merge, prefix, att), members in groups.items():
             for i in members:
@@ -371,3 +379,29 @@ class PrunableLVLM(ABC):
             for j, i in enumerate(members):
                 out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j])
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _prune_samples(views: list[View], pruner: TokenPruner, ids: list[str], out: list) -> list:
+        """``views = "global"``: each sample's prunable views concatenated and pruned as one."""
+        if pruner.needs.vision_attention_layer is not None:
+            raise OptionError(f"{pruner.name} prunes all views of an image as one set, which vision attention "
+                              "maps (one per view) cannot serve; use views='per_view'")
+        per_sample: dict[int, list[int]] = {}
+        for i, v in enumerate(views):
+            if v.prunable:
+                per_sample.setdefault(v.sample, []).append(i)
+        groups: dict[int, list[int]] = {}
+        for sample, members in per_sample.items():
+            groups.setdefault(sum(views[i].tokens.shape[0] for i in members), []).append(sample)
+        for n, samples in groups.items():
+            tokens = torch.stack([torch.cat([views[i].tokens for i in per_sample[s]]) for s in samples])
+            red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples]))
+            new_tokens = red.apply(tokens)
+            for j, s in enumerate(samples):
+                seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
+                # All of the sample's kept tokens go with its first view; the others keep none.
+                first, *rest = per_sample[s]
+                out[first] = (seq, new_tokens[j])
+                for i in rest:
+                    out[i] = (seq[:0], new_tokens[j][:0])
+        return out

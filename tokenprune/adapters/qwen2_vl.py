@@ -24,6 +24,7 @@ class QwenVLLVLM(PrunableLVLM):
 
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    mrope = True
 
     def _score_block(self, layer: int) -> int:
         visual = self.model.model.visual

@@ -131,3 +131,25 @@ class FoPruRow(_FoPruBase):
         row_scores = scores.gather(1, next_row.view(-1, 1, 1).expand(-1, 1, w)).squeeze(1)  # [B, w]
         partial = next_row.unsqueeze(-1) * w + topk_indices(row_scores, rest)
         return Reduction(indices=torch.cat([indices, partial], dim=1).sort(dim=-1).values)
+
+
+@register_pruner("fastervlm")
+class FasterVLM(FoPruRank):
+    """FasterVLM: the top-k tokens by the CLS token's attention at vision layer -2, averaged over heads.
+
+    A named preset of FoPru's ``cls`` axis (``Theia-4869/FasterVLM``: ``clip_encoder.py``
+    ``feature_select``, ``attentions[-2][:, :, 0, 1:]`` averaged over heads, top-T in raster order).
+    Encoders without a CLS token (Qwen2-VL / 2.5-VL) score each patch by the attention it receives,
+    averaged over queries (FoPru's column mean), as the official Qwen ports of CLS-based methods do.
+    """
+
+    position_policy = "compact"
+    position_policy_mrope = "keep"
+
+    def __init__(self, ratio: float = 0.5, vision_layer: int = -2):
+        super().__init__(ratio=ratio, vision_layer=vision_layer, score_axis="cls")
+
+    def select(self, inputs: PruningInputs) -> Reduction:
+        axis = "cls" if inputs.vision_prefix >= 1 else "column"
+        scores = fopru_scores(inputs, axis)
+        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)))
