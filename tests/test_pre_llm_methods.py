@@ -8,6 +8,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.pruner import PrunerNeeds, PruningInputs
+from tokenprune.testing import synthetic_inputs
 
 from test_adapters import PROMPTS, images, lvlm_for
 
@@ -95,3 +96,146 @@ def test_divprune_is_global_over_the_views(family):
     out = lvlm.generate(images(1), PROMPTS[:1], pruner=tp.create_pruner("divprune", ratio=0.3), max_new_tokens=1)
     st = out.stats[0]
     assert st.visual_tokens_kept == tp.keep_count(0.3, st.visual_tokens_in)
+
+
+# -- VisPruner --------------------------------------------------------------------------------------
+def test_vispruner_hand_computed():
+    # CLS attention ranks 0, 2 | 5, 3, 6, 4, 7, 1; 2 important (half of 4), 2 diverse from the rest.
+    cls = torch.tensor([0.30, 0.05, 0.20, 0.10, 0.08, 0.12, 0.09, 0.06])
+    attn = torch.cat([torch.zeros(1), cls])[None, None, :]  # [1, 1, 1 + 8]: the CLS row
+    f = {5: (1, 0), 6: (0, 1), 7: (0.6, 0.8), 3: (1, 0), 4: (0.8, 0.6), 1: (-1, 0), 0: (0, 0.5), 2: (0.3, 0.3)}
+    features = torch.tensor([[f[i] for i in range(8)]], dtype=torch.float32)
+    inputs = PruningInputs(tokens=torch.zeros(1, 8, 2), grid=(2, 4), vision_attention=attn, vision_prefix=1,
+                           vision_features=features)
+    # residual [5, 3, 6, 4, 7, 1] -> a = 5, 6, 7 vs b = 3, 4, 1: all a dropped (r = 4 > 3), residual [3, 4, 1];
+    # then r = 1: a = 3 (max cos .8 with 4), 1 (-.8) vs b = 4: drop 3 -> [1, 4].
+    assert tp.create_pruner("vispruner", ratio=0.5)(inputs).indices.tolist() == [[0, 1, 2, 4]]
+
+
+def official_vispruner(image_features, cls_attention_heads, visual_token_num, important_ratio=0.5):
+    """Theia-4869/VisPruner llava/model/llava_arch.py encode_images (the selection), unchanged."""
+    B, N, C = image_features.shape
+    important_token_num = int(visual_token_num * important_ratio)
+    diverse_token_num = visual_token_num - important_token_num
+    image_attentions = cls_attention_heads.mean(dim=1)
+    token_indices = image_attentions.argsort(dim=-1, descending=True)
+    important_indices = token_indices[:, :important_token_num]
+    residual_indices = token_indices[:, important_token_num:]
+    image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+    while diverse_token_num > 0:
+        R = residual_indices.shape[1]
+        r = min(8, R - diverse_token_num)
+        if r <= 0:
+            break
+        residual_tokens = image_normalized[torch.arange(B).unsqueeze(-1).expand(-1, R), residual_indices]
+        a, b = residual_tokens[..., ::2, :], residual_tokens[..., 1::2, :]
+        scores = (a @ b.transpose(-1, -2)).max(dim=-1).values
+        distinct_indices = scores.argsort(dim=-1, descending=True)[:, r:]
+        residual_indices = torch.cat([
+            residual_indices[..., ::2][torch.arange(B).unsqueeze(-1).expand(-1, R // 2 - r), distinct_indices],
+            residual_indices[..., 1::2]], dim=-1)
+    selected = torch.cat([important_indices, residual_indices], dim=-1)
+    return selected.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vispruner_equals_official_rule_on_random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, heads = 96, 4  # ratio 0.25: 24 kept, 12 important, residual 84 -> 12 in steps of 8 (even: no crash)
+    features = torch.randn(2, n, 20, generator=g)
+    cls_heads = torch.rand(2, heads, n, generator=g)
+    attn = torch.cat([torch.zeros(2, 1), cls_heads.mean(1)], dim=1)[:, None, :]
+    red = tp.create_pruner("vispruner", ratio=0.25)(PruningInputs(
+        tokens=torch.zeros(2, n, 4), grid=(8, 12), vision_attention=attn, vision_prefix=1, vision_features=features))
+    assert red.indices.tolist() == official_vispruner(features, cls_heads, 24).tolist()
+
+
+def test_vispruner_odd_residual_does_not_crash():
+    """The official loop fails when the residual count is odd; ours keeps the right number of tokens."""
+    inputs = synthetic_inputs(grid=(5, 7), batch=2)  # 35 tokens, ratio 0.3: 11 kept, 5 important, 30 -> 6 residual
+    red = tp.create_pruner("vispruner", ratio=0.3)(inputs)
+    assert red.indices.shape == (2, 11)
+    with pytest.raises(IndexError, match="shape mismatch"):
+        official_vispruner(torch.randn(1, 35, 8), torch.rand(1, 2, 35), 12)  # residual 29: odd
+
+
+# -- CDPruner ----------------------------------------------------------------------------------------
+def test_dpp_greedy_map_hand_computed():
+    # identity-like kernel with one strong item and two near-duplicates: 0 first (largest), then 2
+    # (orthogonal to 0), never both duplicates 0 and 1 before 2.
+    kernel = torch.tensor([[[4.0, 1.9, 0.0], [1.9, 1.0, 0.0], [0.0, 0.0, 2.0]]])
+    from tokenprune.methods.cdpruner import dpp_greedy_map
+
+    assert dpp_greedy_map(kernel, 2).tolist() == [[0, 2]]
+    assert dpp_greedy_map(kernel, 3).tolist() == [[0, 2, 1]]
+
+
+def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_num):
+    """Theia-4869/CDPruner llava/model/llava_arch.py encode_images (after the projector), unchanged."""
+    B, N, C = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float('inf')
+    return torch.sort(select_idx.t()).values
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cdpruner_equals_official_rule_on_random_inputs(seed):
+    """Our relevance uses the LLM's embeddings of the prompt where the official code uses CLIP's: the
+    same formula on the same inputs gives the same selection."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, text = torch.randn(1, 60, 80, generator=g), torch.randn(1, 7, 80, generator=g)
+    red = tp.create_pruner("cdpruner", ratio=0.3)(PruningInputs(
+        tokens=tokens, grid=(6, 10), text_tokens=text, text_mask=torch.ones(1, 7, dtype=torch.bool)))
+    assert red.indices.tolist() == official_cdpruner(tokens, tokens, text[0], 18).tolist()
+    plain = tp.create_pruner("cdpruner", ratio=0.3, relevance="plain")(PruningInputs(
+        tokens=tokens, grid=(6, 10), text_tokens=text, text_mask=torch.ones(1, 7, dtype=torch.bool)))
+    assert plain.indices.tolist() == official_cdpruner(tokens, tokens, -text[0], 18).tolist()
+
+
+# -- the inputs these methods read, on every family ------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl"])
+def test_vision_features_are_what_the_projector_reads(family):
+    lvlm = lvlm_for(family)
+    batch = lvlm.prepare(images(), PROMPTS)
+    views = [v for v in lvlm.encode_images(batch, PrunerNeeds(vision_features=True)) if v.prunable]
+    project = (lambda x: x) if lvlm.mrope else lvlm.model.model.multi_modal_projector
+    with torch.no_grad():
+        for v in views:
+            assert (project(v.vision_features) - v.tokens).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pre_llm_text_is_the_prompt_after_the_image(family):
+    lvlm = lvlm_for(family)
+    p = tp.create_pruner("cdpruner", ratio=0.5)
+    seen = []
+    select = p.select
+    p.select = lambda inputs: seen.append(inputs) or select(inputs)
+    lvlm.generate(images(), PROMPTS, pruner=p, max_new_tokens=1)
+    batch = lvlm.prepare(images(), PROMPTS)
+    embeds = lvlm.runner.embed(batch["input_ids"])
+    image = batch["input_ids"] == lvlm.model.config.image_token_id
+    for inputs in seen:
+        for i, sid in enumerate(inputs.sample_ids):
+            b = int(str(sid).split("/")[0])
+            last = image[b].nonzero().max()
+            real = batch["attention_mask"][b].bool().nonzero().flatten()
+            after = real[real > last]
+            assert torch.equal(inputs.text_tokens[i][inputs.text_mask[i]], embeds[b, after])

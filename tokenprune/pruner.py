@@ -68,6 +68,9 @@ class PrunerNeeds:
             whose head-averaged attention probabilities the pruner needs, or ``None``.
         vision_attention_rows: ``"all"`` (the whole map) or ``"prefix"`` (only the rows of the
             CLS/prefix tokens, e.g. for CLS-attention scoring), so the adapter can skip the rest.
+        vision_features: pre-LLM, the features the projector reads (``PruningInputs.vision_features``).
+        text: pre-LLM, the LLM's input embeddings of the prompt text after the image
+            (``PruningInputs.text_tokens``), for instruction-conditioned methods.
         llm_stages: the in-LLM schedule, one :class:`LLMStage` per prune point, in layer order.
         llm_attention_layer: shorthand for a one-stage schedule (kept for plugins written
             against it): attention of this 0-based decoder layer, pruning from the next one.
@@ -76,6 +79,8 @@ class PrunerNeeds:
 
     vision_attention_layer: int | None = None
     vision_attention_rows: Literal["all", "prefix"] = "all"
+    vision_features: bool = False
+    text: bool = False
     llm_stages: tuple[LLMStage, ...] = ()
     llm_attention_layer: int | None = None
     llm_attention_queries: Literal["last", "all"] = "last"
@@ -93,6 +98,10 @@ class PrunerNeeds:
         out: dict[str, object] = {}
         if self.vision_attention_layer is not None:
             out.update(vision_attention_layer=self.vision_attention_layer, vision_attention_rows=self.vision_attention_rows)
+        if self.vision_features:
+            out.update(vision_features=True)
+        if self.text:
+            out.update(text=True)
         for i, st in enumerate(self.schedule()):
             what = [f"{st.attention} attention ({st.queries} rows)"] if st.attention != "none" else []
             what += ["keys"] if st.keys else []
@@ -119,6 +128,9 @@ class PruningInputs:
         vision_prefix: how many non-patch tokens (CLS, registers) lead the vision sequence.
         patch_merge: vision patches per LLM token; patch ``p`` belongs to token ``p // patch_merge``
             (adapters put patches in that order, e.g. Qwen2-VL's 2x2 merge groups).
+        vision_features: ``[B, N, Dv]`` pre-LLM, what the projector reads for each token (LLaVA: the
+            vision layer's patch features; InternVL: the pixel-shuffled features; Qwen2-VL / 2.5-VL,
+            whose merger is the projector inside the tower: the merger outputs, i.e. ``tokens``).
         llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the visual
             tokens, at the stage's layer (see :class:`LLMStage`).
         llm_query_mask: ``[B, Q]`` bool, ``True`` for real query rows (``False``: padding).
@@ -131,9 +143,10 @@ class PruningInputs:
             out; InternVL: tiles then thumbnail); ``tokens`` is their concatenation.
         llm_keys: ``[B, N, H_kv * d]`` post-rotary keys of layer ``layer - 1`` at the visual tokens,
             heads flattened, if the stage asked for ``keys``.
-        text_tokens: ``[B, T, D]`` hidden states of the text tokens after the image (the prompt's
-            instruction and the assistant prefix), left-aligned; ``text_mask`` ``[B, T]`` marks the
-            real ones, ``text_keys`` ``[B, T, H_kv * d]`` holds their keys when ``keys`` was asked.
+        text_tokens: ``[B, T, D]`` the text tokens after the image (the prompt's instruction and the
+            assistant prefix), padding first: in-LLM their hidden states, pre-LLM (``needs.text``)
+            their input embeddings; ``text_mask`` ``[B, T]`` marks the real ones, ``text_keys``
+            ``[B, T, H_kv * d]`` holds their keys when an in-LLM stage asked for ``keys``.
         final_norm: the decoder's final norm (a callable on ``[..., D]``), for methods that compare
             normalised hidden states (DART).
     """
@@ -144,6 +157,7 @@ class PruningInputs:
     vision_attention: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
+    vision_features: torch.Tensor | None = None
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
     stage: int = 0

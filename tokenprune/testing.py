@@ -40,6 +40,7 @@ def synthetic_inputs(
         vision_attention=(3 * torch.randn(batch, t, t, generator=g)).softmax(-1),
         vision_prefix=vision_prefix,
         patch_merge=patch_merge,
+        vision_features=torch.randn(batch, n, 2 * dim, generator=g),
         llm_attention=(3 * torch.randn(batch, n_queries, n, generator=g)).softmax(-1),
         llm_query_mask=mask,
         llm_keys=torch.randn(batch, n, 8, generator=g),

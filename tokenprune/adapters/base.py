@@ -34,6 +34,7 @@ class View:
         grid: ``(h, w)``, ``h * w == N``.
         seq_index: ``[N]`` positions of these tokens in the sample's ``input_ids`` row.
         vision_attention: ``[T, T]`` (or ``[prefix, T]``) head-averaged vision attention, if asked.
+        vision_features: ``[N, Dv]`` what the projector reads for each token, if asked.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
         encoder_seqs: lengths of the vision-encoder sequences this view cost (FLOPs accounting).
@@ -47,6 +48,7 @@ class View:
     grid: tuple[int, int]
     seq_index: torch.Tensor
     vision_attention: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
     prunable: bool = True
@@ -302,7 +304,8 @@ class PrunableLVLM(ABC):
         positions = self.position_ids(batch)
         embeds = self.runner.embed(input_ids)
         pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
-        kept_views = self._prune_views(views, pre, ids) if pre is not None else [(v.seq_index, v.tokens) for v in views]
+        text = self._text_after_images(embeds, mask, views) if pre is not None and pre.needs.text else None
+        kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens) for v in views]
 
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
@@ -347,32 +350,50 @@ class PrunableLVLM(ABC):
         )
 
     @staticmethod
-    def _prune_views(views: list[View], pruner: TokenPruner, ids: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list[View]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, T, D] embeddings, [B, T] mask)`` of the prompt text after each sample's image span, padding first."""
+        span = torch.zeros_like(mask)
+        for v in views:
+            span[v.sample, v.seq_index] = True
+        idx = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(span, idx, -1).amax(1, keepdim=True)
+        after = mask & (idx > last) & (last >= 0)
+        index = left_pack(after)
+        return gather_seq(embeds, index, 1), gather_seq(after, index, 1)
+
+    @staticmethod
+    def _prune_views(views: list[View], pruner: TokenPruner, ids: list[str],
+                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch.
 
         A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
-        tokens (``grid=(1, N)``); its selection is split back to the views.
+        tokens (``grid=(1, N)``); its selection is split back to the views. ``text``: the prompt
+        text after the images, for pruners whose ``needs.text`` is set.
         """
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
         for i, v in enumerate(views):
             if not v.prunable:
                 out[i] = (v.seq_index, v.tokens)
         if pruner.views == "global":
-            return PrunableLVLM._prune_samples(views, pruner, ids, out)
+            return PrunableLVLM._prune_samples(views, pruner, ids, out, text)
         groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(views):
             if v.prunable:
                 att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
-                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att), []).append(i)
+                feat = None if v.vision_features is None else tuple(v.vision_features.shape)
+                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att, feat), []).append(i)
         view_no: dict[int, int] = {}
-        for (grid, merge, prefix, att), members in groups.items():
+        for (grid, merge, prefix, att, feat), members in groups.items():
             for i in members:
                 view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample and views[j].prunable)
+            rows = [views[i].sample for i in members]
             inputs = PruningInputs(
                 tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
                 sample_ids=[f"{ids[views[i].sample]}/{view_no[i]}" for i in members],
                 vision_attention=None if att is None else torch.stack([views[i].vision_attention for i in members]),
+                vision_features=None if feat is None else torch.stack([views[i].vision_features for i in members]),
                 vision_prefix=prefix, patch_merge=merge,
+                text_tokens=None if text is None else text[0][rows], text_mask=None if text is None else text[1][rows],
             )
             red = pruner(inputs)
             new_tokens = red.apply(inputs.tokens)
@@ -381,7 +402,7 @@ class PrunableLVLM(ABC):
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _prune_samples(views: list[View], pruner: TokenPruner, ids: list[str], out: list) -> list:
+    def _prune_samples(views: list[View], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
         """``views = "global"``: each sample's prunable views concatenated and pruned as one."""
         if pruner.needs.vision_attention_layer is not None:
             raise OptionError(f"{pruner.name} prunes all views of an image as one set, which vision attention "
@@ -395,7 +416,12 @@ class PrunableLVLM(ABC):
             groups.setdefault(sum(views[i].tokens.shape[0] for i in members), []).append(sample)
         for n, samples in groups.items():
             tokens = torch.stack([torch.cat([views[i].tokens for i in per_sample[s]]) for s in samples])
-            red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples]))
+            features = None
+            if all(views[i].vision_features is not None for s in samples for i in per_sample[s]):
+                features = torch.stack([torch.cat([views[i].vision_features for i in per_sample[s]]) for s in samples])
+            red = pruner(PruningInputs(
+                tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples], vision_features=features,
+                text_tokens=None if text is None else text[0][samples], text_mask=None if text is None else text[1][samples]))
             new_tokens = red.apply(tokens)
             for j, s in enumerate(samples):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]

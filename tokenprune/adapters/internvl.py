@@ -35,11 +35,21 @@ class InternVLLVLM(PrunableLVLM):
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("InternVL with several vision_feature_layers is not supported; use one layer")
         tower = self.model.model.vision_tower
-        with vision_recorder(tower, needs) as rec:
-            feats = self.model.model.get_image_features(
-                pixel_values=batch["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            ).pooler_output  # [tiles, n, D]
+        projector_input: list[torch.Tensor] = []
+        handle = None
+        if needs.vision_features:  # the pixel-shuffled features, as the projector (mlp1) reads them
+            handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
+                lambda mod, args: projector_input.append(args[0]))
+        try:
+            with vision_recorder(tower, needs) as rec:
+                feats = self.model.model.get_image_features(
+                    pixel_values=batch["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                ).pooler_output  # [tiles, n, D]
+        finally:
+            if handle is not None:
+                handle.remove()
+        raw = projector_input[0].reshape(feats.shape[0], feats.shape[1], -1) if projector_input else None
         tiles, n, _ = feats.shape
         side = math.isqrt(n)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
@@ -59,6 +69,7 @@ class InternVLLVLM(PrunableLVLM):
             for chunk in seq.split(n):
                 views.append(View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
                                   vision_attention=None if maps is None else maps[tile],
+                                  vision_features=None if raw is None else raw[tile],
                                   vision_prefix=prefix, patch_merge=merge, encoder_seqs=(prefix + n * merge,)))
                 tile += 1
         if tile != tiles:

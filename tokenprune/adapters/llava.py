@@ -39,6 +39,7 @@ class LlavaLVLM(PrunableLVLM):
             seq_index = image_pos[b].nonzero().flatten()
             views.append(View(sample=b, tokens=feats[b], grid=(side, side), seq_index=seq_index,
                               vision_attention=None if attn is None else attn[b], vision_prefix=prefix,
+                              vision_features=hidden[b, prefix:] if needs.vision_features else None,
                               encoder_seqs=(hidden.shape[1],)))
         return views
 

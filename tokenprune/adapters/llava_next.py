@@ -53,7 +53,8 @@ class LlavaNextLVLM(LlavaLVLM):
         with vision_recorder(tower, needs, all_rows=True) as rec:  # block composition needs every row
             out = tower(pixels, output_hidden_states=True, return_dict=True)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        feats = inner.multi_modal_projector(out.hidden_states[cfg.vision_feature_layer][:, prefix:])
+        raw = out.hidden_states[cfg.vision_feature_layer][:, prefix:]  # what the projector reads
+        feats = inner.multi_modal_projector(raw)
         maps = rec.maps[0] if rec is not None else None  # [crops, T, T]
         newline = inner.image_newline
         image_pos = batch["input_ids"] == cfg.image_token_id
@@ -62,11 +63,12 @@ class LlavaNextLVLM(LlavaLVLM):
         for b, crops in enumerate(n_crops):
             seq = image_pos[b].nonzero().flatten()
             f = feats[start:start + crops]
+            r = raw[start:start + crops] if needs.vision_features else None
             m = maps[start:start + crops] if maps is not None else None
             seq_len = out.hidden_states[0].shape[1]
             views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
                               vision_attention=None if m is None else m[0], vision_prefix=prefix,
-                              encoder_seqs=(seq_len,)))
+                              vision_features=None if r is None else r[0], encoder_seqs=(seq_len,)))
             if crops == 1:
                 views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False))
             else:
@@ -80,7 +82,8 @@ class LlavaNextLVLM(LlavaLVLM):
                 if m is not None:
                     attn = self._compose(m[1:], kept.flatten(), prefix)
                 views.append(View(sample=b, tokens=tokens, grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
-                                  vision_attention=attn, vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1)))
+                                  vision_attention=attn, vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1),
+                                  vision_features=None if r is None else r[1:].reshape((crops - 1) * n, -1)[kept.flatten()]))
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
                                   seq_index=hi_seq[:, w], prunable=False))
             start += crops

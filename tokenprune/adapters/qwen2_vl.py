@@ -81,6 +81,8 @@ class QwenVLLVLM(PrunableLVLM):
             _, h, w = grid_thw[img].tolist()
             views.append(View(sample=b, tokens=feats[img], grid=(h // merge, w // merge), seq_index=seq_index,
                               vision_attention=None if maps is None else maps[img], patch_merge=merge * merge,
+                              # the merger is the projector, inside the tower: act on its outputs
+                              vision_features=feats[img] if needs.vision_features else None,
                               encoder_seqs=(h * w,), encoder_windows=windows[img]))
             img += 1
         return views
