@@ -23,7 +23,7 @@ from tokenprune.adapters import wrap
 from tokenprune.pruner import PrunerNeeds, Stage
 from tokenprune.zoo import tiny
 
-BUILTIN = ["fopru_rank", "fopru_row", "random", "pool", "fastv", "divprune", "fastervlm", "vispruner", "cdpruner"]
+BUILTIN = ["fopru_rank", "fopru_row", "random", "pool", "fastv", "divprune", "fastervlm", "vispruner", "cdpruner", "visionzip"]
 FAMILIES = {name: getattr(tiny, f"tiny_{name}") for name in tiny.FAMILIES}
 PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
 NEW_TOKENS = 8

@@ -239,3 +239,88 @@ def test_pre_llm_text_is_the_prompt_after_the_image(family):
             real = batch["attention_mask"][b].bool().nonzero().flatten()
             after = real[real > last]
             assert torch.equal(inputs.text_tokens[i][inputs.text_mask[i]], embeds[b, after])
+
+
+# -- VisionZip ---------------------------------------------------------------------------------------
+def test_visionzip_hand_computed():
+    # 6 patches + CLS, 4 tokens: round(4 * 10 / 64) = 1 contextual, 3 dominant = CLS + patches 1, 3 (CLS
+    # attention .3, .25); the rest 0, 2, 4, 5: one target (every 4th: token 0), the others merged into it.
+    cls = torch.tensor([0.10, 0.30, 0.05, 0.25, 0.20, 0.10])
+    inputs = PruningInputs(tokens=torch.zeros(1, 6, 2), grid=(2, 3), vision_prefix=1,
+                           vision_attention=torch.cat([torch.zeros(1), cls])[None, None, :],
+                           vision_features=torch.tensor([[[float(i), 1.0] for i in range(6)]]),
+                           vision_prefix_features=torch.tensor([[[100.0, 0.0]]]), vision_keys=torch.randn(1, 7, 4))
+    red = tp.create_pruner("visionzip", ratio=4 / 6)(inputs)
+    third = 1 / 3
+    expected = torch.tensor([[[1, 0, 0, 0, 0, 0, 0],             # CLS
+                              [0, 0, 1, 0, 0, 0, 0],             # patch 1
+                              [0, 0, 0, 0, 1, 0, 0],             # patch 3
+                              [0, 1, 0, third, 0, third, third]]])  # target 0 + mean(2, 4, 5)
+    torch.testing.assert_close(red.feature_weights, expected.float())
+    assert red.indices.tolist() == [[0, 1, 2, 3]] and red.positions.tolist() == [[0, 1, 3, 0]]
+
+
+def official_visionzip(attn_weights, hidden_states, metric, dominant_num, contextual_num):
+    """dvlab-research/VisionZip visionzip/clip_encoder.py CLIPVisionTower_VisionZip.forward (batched branch)."""
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1:]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices), :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1]), target_indices), :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_visionzip_equals_official_rule_on_random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, heads = 96, 4
+    hidden = torch.randn(2, 1 + n, 12, generator=g)
+    attn = torch.randn(2, heads, 1 + n, 1 + n, generator=g).softmax(-1)
+    metric = torch.randn(2, 1 + n, 6, generator=g)
+    red = tp.create_pruner("visionzip", ratio=64 / n)(PruningInputs(
+        tokens=torch.zeros(2, n, 4), grid=(8, 12), vision_prefix=1, vision_attention=attn.mean(1)[:, :1],
+        vision_features=hidden[:, 1:], vision_prefix_features=hidden[:, :1], vision_keys=metric))
+    ours = red.feature_weights @ hidden  # what goes through the projector
+    ref = official_visionzip(attn, hidden, metric, dominant_num=53, contextual_num=10)  # main.py: 54 - 1, 10
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_vision_keys_are_the_layers_head_averaged_keys(family):
+    lvlm = lvlm_for(family)
+    batch = lvlm.prepare(images(), PROMPTS)
+    views = [v for v in lvlm.encode_images(batch, tp.create_pruner("visionzip").needs) if v.prunable]
+    tower = lvlm.model.model.vision_tower
+    with torch.no_grad():
+        hs = tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+    layer = (tower.encoder.layers if family == "llava" else tower.encoder.layer)[-2]
+    norm = layer.layer_norm1 if family == "llava" else layer.layernorm_before
+    attn = layer.self_attn if family == "llava" else layer.attention
+    with torch.no_grad():
+        keys = attn.k_proj(norm(hs[-3]))  # the input of layer -2
+    keys = keys.unflatten(-1, (-1, attn.head_dim)).mean(2)  # [views, T, d]
+    if family == "internvl":  # merge order and 2x2 groups, as the adapter lays tokens out
+        side = round((keys.shape[1] - 1) ** 0.5)
+        i, j = torch.meshgrid(torch.arange(side // 2), torch.arange(side // 2), indexing="ij")
+        groups = torch.stack([2 * i * side + 2 * j, 2 * i * side + 2 * j + 1, (2 * i + 1) * side + 2 * j,
+                              (2 * i + 1) * side + 2 * j + 1], -1).reshape(-1, 4)
+        keys = torch.cat([keys[:, :1], keys[:, 1 + groups].mean(2)], 1)
+    for v, k in zip(views, keys):
+        assert (v.vision_keys - k).abs().max() <= 1e-5

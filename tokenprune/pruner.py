@@ -68,7 +68,10 @@ class PrunerNeeds:
             whose head-averaged attention probabilities the pruner needs, or ``None``.
         vision_attention_rows: ``"all"`` (the whole map) or ``"prefix"`` (only the rows of the
             CLS/prefix tokens, e.g. for CLS-attention scoring), so the adapter can skip the rest.
-        vision_features: pre-LLM, the features the projector reads (``PruningInputs.vision_features``).
+        vision_features: pre-LLM, the features the projector reads (``PruningInputs.vision_features``),
+            and those of the CLS/prefix tokens where the projector can take them.
+        vision_keys: pre-LLM, the keys of vision layer ``vision_attention_layer``, averaged over heads
+            (``PruningInputs.vision_keys``).
         text: pre-LLM, the LLM's input embeddings of the prompt text after the image
             (``PruningInputs.text_tokens``), for instruction-conditioned methods.
         llm_stages: the in-LLM schedule, one :class:`LLMStage` per prune point, in layer order.
@@ -80,6 +83,7 @@ class PrunerNeeds:
     vision_attention_layer: int | None = None
     vision_attention_rows: Literal["all", "prefix"] = "all"
     vision_features: bool = False
+    vision_keys: bool = False
     text: bool = False
     llm_stages: tuple[LLMStage, ...] = ()
     llm_attention_layer: int | None = None
@@ -100,6 +104,8 @@ class PrunerNeeds:
             out.update(vision_attention_layer=self.vision_attention_layer, vision_attention_rows=self.vision_attention_rows)
         if self.vision_features:
             out.update(vision_features=True)
+        if self.vision_keys:
+            out.update(vision_keys=True)
         if self.text:
             out.update(text=True)
         for i, st in enumerate(self.schedule()):
@@ -131,6 +137,10 @@ class PruningInputs:
         vision_features: ``[B, N, Dv]`` pre-LLM, what the projector reads for each token (LLaVA: the
             vision layer's patch features; InternVL: the pixel-shuffled features; Qwen2-VL / 2.5-VL,
             whose merger is the projector inside the tower: the merger outputs, i.e. ``tokens``).
+        vision_prefix_features: ``[B, vision_prefix, Dv]`` the CLS/prefix tokens' features at the same
+            layer, where the projector can take them (LLaVA-1.5, LLaVA-NeXT's base view); else ``None``.
+        vision_keys: ``[B, vision_prefix + N, d]`` keys of the vision layer, averaged over heads; for
+            merged patches (``patch_merge > 1``) averaged over each token's patches.
         llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the visual
             tokens, at the stage's layer (see :class:`LLMStage`).
         llm_query_mask: ``[B, Q]`` bool, ``True`` for real query rows (``False``: padding).
@@ -158,6 +168,8 @@ class PruningInputs:
     vision_prefix: int = 0
     patch_merge: int = 1
     vision_features: torch.Tensor | None = None
+    vision_prefix_features: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
     stage: int = 0
@@ -215,12 +227,21 @@ class Reduction:
             stage's input tokens (SparseVLM's recycled tokens). A row of zeros is padding (a
             sample with fewer new tokens). Weights, not tokens, so that the no-cache reference
             and the pictures can replay and attribute the merge.
+        feature_weights: pre-LLM merges before the projector, ``[B, k, prefix + N]``: token ``i`` is
+            ``projector(feature_weights[b, i] @ [vision_prefix_features; vision_features][b])``
+            (VisionZip keeps the CLS token and merges contextual tokens in the vision encoder's space).
+            ``indices`` are then the slots the ``k`` tokens take in the image span, in order.
+        positions: ``[B, k]`` token indices whose position ids the kept tokens take under the
+            ``keep`` policy (default: ``indices``), for merging pruners whose output order is not
+            the tokens' original order.
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     merge_weights: torch.Tensor | None = None
+    feature_weights: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:

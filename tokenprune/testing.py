@@ -82,6 +82,11 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
         assert bool(((sums - 1).abs() < 1e-4).logical_or(sums == 0).all()), "each merge row must sum to 1 (or be all zeros: padding)"
         kept = torch.zeros(b, n, dtype=torch.bool).scatter(1, idx.cpu(), True)
         assert not bool(((w.cpu() > 0) & kept[:, None, :]).any()), "merged tokens must come from dropped tokens"
+    if reduction.feature_weights is not None:
+        prefix = 0 if inputs.vision_prefix_features is None else inputs.vision_prefix_features.shape[1]
+        assert reduction.feature_weights.shape == (b, k, prefix + n), "feature weights must be [B, k, prefix + N]"
+    if reduction.positions is not None:
+        assert reduction.positions.shape == (b, k) and int(reduction.positions.min()) >= 0 and int(reduction.positions.max()) < n
     assert reduction.apply(inputs.tokens).shape == (b, k + m, d)
 
 

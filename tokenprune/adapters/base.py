@@ -35,6 +35,8 @@ class View:
         seq_index: ``[N]`` positions of these tokens in the sample's ``input_ids`` row.
         vision_attention: ``[T, T]`` (or ``[prefix, T]``) head-averaged vision attention, if asked.
         vision_features: ``[N, Dv]`` what the projector reads for each token, if asked.
+        vision_prefix_features: ``[prefix, Dv]`` the CLS/prefix tokens' features, where projectable.
+        vision_keys: ``[prefix + N, d]`` head-averaged keys of the scored vision layer, if asked.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
         encoder_seqs: lengths of the vision-encoder sequences this view cost (FLOPs accounting).
@@ -49,6 +51,8 @@ class View:
     seq_index: torch.Tensor
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
+    vision_prefix_features: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
     prunable: bool = True
@@ -178,6 +182,10 @@ class PrunableLVLM(ABC):
         (see :func:`tokenprune.adapters.decoder.compact_positions`)."""
         return compact_positions(positions, mask)
 
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector applied to vision features ``[..., Dv]`` (pre-LLM merges before it)."""
+        return self.model.model.multi_modal_projector(features)
+
     def vision_spec(self):
         """The vision tower's shape for FLOPs accounting (:class:`tokenprune.cost.VisionSpec`)."""
         from ..cost import vision_spec_from_config
@@ -305,7 +313,7 @@ class PrunableLVLM(ABC):
         embeds = self.runner.embed(input_ids)
         pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
         text = self._text_after_images(embeds, mask, views) if pre is not None and pre.needs.text else None
-        kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens) for v in views]
+        kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens, v.seq_index) for v in views]
 
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
@@ -321,13 +329,17 @@ class PrunableLVLM(ABC):
             image_mask[rows_all, torch.cat([v.seq_index for v in prunable])] = True
             keep &= ~image_mask
         if views:
-            rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _) in zip(views, kept_views)])
-            cols = torch.cat([s for s, _ in kept_views])
+            rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _, _) in zip(views, kept_views)])
+            cols = torch.cat([s for s, _, _ in kept_views])
+            sources = torch.cat([p for _, _, p in kept_views])
+            if not torch.equal(sources, cols):  # merged tokens take their stated tokens' positions
+                positions = positions.clone()
+                positions[..., rows, cols] = positions[..., rows, sources]
             keep[rows, cols] = True
             image_span = torch.zeros_like(mask)
             image_span[rows, cols] = True
-            embeds = embeds.index_put((rows, cols), torch.cat([t for _, t in kept_views]).to(embeds.dtype))
-            for v, (s, _) in zip(views, kept_views):
+            embeds = embeds.index_put((rows, cols), torch.cat([t for _, t, _ in kept_views]).to(embeds.dtype))
+            for v, (s, _, _) in zip(views, kept_views):
                 if v.prunable:
                     n_in[v.sample] += v.tokens.shape[0]
                     n_kept[v.sample] += s.shape[0]
@@ -361,29 +373,34 @@ class PrunableLVLM(ABC):
         index = left_pack(after)
         return gather_seq(embeds, index, 1), gather_seq(after, index, 1)
 
-    @staticmethod
-    def _prune_views(views: list[View], pruner: TokenPruner, ids: list[str],
-                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prune_views(self, views: list[View], pruner: TokenPruner, ids: list[str],
+                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch.
 
         A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
         tokens (``grid=(1, N)``); its selection is split back to the views. ``text``: the prompt
-        text after the images, for pruners whose ``needs.text`` is set.
+        text after the images, for pruners whose ``needs.text`` is set. Returns, per view, the
+        sequence positions the kept tokens take, the tokens, and the positions whose ids they take.
         """
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
+        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(views)
         for i, v in enumerate(views):
             if not v.prunable:
-                out[i] = (v.seq_index, v.tokens)
+                out[i] = (v.seq_index, v.tokens, v.seq_index)
         if pruner.views == "global":
-            return PrunableLVLM._prune_samples(views, pruner, ids, out, text)
+            return self._prune_samples(views, pruner, ids, out, text)
         groups: dict[tuple, list[int]] = {}
         for i, v in enumerate(views):
             if v.prunable:
                 att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
-                feat = None if v.vision_features is None else tuple(v.vision_features.shape)
-                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att, feat), []).append(i)
+                shapes = tuple(None if x is None else tuple(x.shape)
+                               for x in (v.vision_features, v.vision_prefix_features, v.vision_keys))
+                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att, shapes), []).append(i)
         view_no: dict[int, int] = {}
-        for (grid, merge, prefix, att, feat), members in groups.items():
+        def stacked(name: str, members: list[int]) -> torch.Tensor | None:
+            values = [getattr(views[i], name) for i in members]
+            return None if values[0] is None else torch.stack(values)
+
+        for (grid, merge, prefix, att, _), members in groups.items():
             for i in members:
                 view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample and views[j].prunable)
             rows = [views[i].sample for i in members]
@@ -391,18 +408,26 @@ class PrunableLVLM(ABC):
                 tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
                 sample_ids=[f"{ids[views[i].sample]}/{view_no[i]}" for i in members],
                 vision_attention=None if att is None else torch.stack([views[i].vision_attention for i in members]),
-                vision_features=None if feat is None else torch.stack([views[i].vision_features for i in members]),
+                vision_features=stacked("vision_features", members),
+                vision_prefix_features=stacked("vision_prefix_features", members),
+                vision_keys=stacked("vision_keys", members),
                 vision_prefix=prefix, patch_merge=merge,
                 text_tokens=None if text is None else text[0][rows], text_mask=None if text is None else text[1][rows],
             )
             red = pruner(inputs)
-            new_tokens = red.apply(inputs.tokens)
+            if red.feature_weights is not None:  # merged before the projector, then projected
+                features = inputs.vision_features
+                if inputs.vision_prefix_features is not None:
+                    features = torch.cat([inputs.vision_prefix_features, features], 1)
+                new_tokens = self.project_features(red.feature_weights.to(features.dtype) @ features)
+            else:
+                new_tokens = red.apply(inputs.tokens)
+            sources = red.positions if red.positions is not None else red.indices
             for j, i in enumerate(members):
-                out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j])
+                out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j], views[i].seq_index[sources[j]])
         return out  # type: ignore[return-value]
 
-    @staticmethod
-    def _prune_samples(views: list[View], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
+    def _prune_samples(self, views: list[View], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
         """``views = "global"``: each sample's prunable views concatenated and pruned as one."""
         if pruner.needs.vision_attention_layer is not None:
             raise OptionError(f"{pruner.name} prunes all views of an image as one set, which vision attention "
@@ -427,7 +452,7 @@ class PrunableLVLM(ABC):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
                 # All of the sample's kept tokens go with its first view; the others keep none.
                 first, *rest = per_sample[s]
-                out[first] = (seq, new_tokens[j])
+                out[first] = (seq, new_tokens[j], seq)
                 for i in rest:
-                    out[i] = (seq[:0], new_tokens[j][:0])
+                    out[i] = (seq[:0], new_tokens[j][:0], seq[:0])
         return out

@@ -51,4 +51,4 @@ def vision_recorder(tower: nn.Module, needs, all_rows: bool = False):
     mods = attention_modules(tower)
     module = mods[layer_index(needs.vision_attention_layer, len(mods))]
     rows = "prefix" if needs.vision_attention_rows == "prefix" and not all_rows else "all"
-    return record_attention(module, rows=rows)
+    return record_attention(module, rows=rows, keys=needs.vision_keys)

@@ -54,7 +54,7 @@ class InternVLLVLM(PrunableLVLM):
         side = math.isqrt(n)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
         merge = round(1 / cfg.downsample_ratio ** 2)
-        maps = None
+        maps, keys = None, None
         if rec is not None:
             att = rec.maps[0]  # [tiles, rows, T] over CLS + patches in raster order
             order = torch.cat([torch.arange(prefix), prefix + self._merge_order(math.isqrt(att.shape[-1] - prefix))])
@@ -62,6 +62,9 @@ class InternVLLVLM(PrunableLVLM):
             maps = att[:, :, order]
             if att.shape[1] == att.shape[2]:  # all rows: permute them too
                 maps = maps[:, order]
+            if needs.vision_keys:  # head mean, merge order, each token's patches averaged
+                k = rec.keys[0].mean(1)[:, order]  # [tiles, T, d]
+                keys = torch.cat([k[:, :prefix], k[:, prefix:].unflatten(1, (-1, merge)).mean(2)], 1)
         image_pos = batch["input_ids"] == cfg.image_token_id
         views, tile = [], 0
         for b in range(image_pos.shape[0]):
@@ -70,6 +73,7 @@ class InternVLLVLM(PrunableLVLM):
                 views.append(View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
                                   vision_attention=None if maps is None else maps[tile],
                                   vision_features=None if raw is None else raw[tile],
+                                  vision_keys=None if keys is None else keys[tile],
                                   vision_prefix=prefix, patch_merge=merge, encoder_seqs=(prefix + n * merge,)))
                 tile += 1
         if tile != tiles:

@@ -33,6 +33,7 @@ class LlavaLVLM(PrunableLVLM):
         if side * side != n:
             raise OptionError(f"LLaVA image features ({n} tokens) do not form a square grid")
         attn = rec.maps[0] if rec is not None else None
+        keys = rec.keys[0].mean(1) if rec is not None and needs.vision_keys else None  # [B, T, d]
         image_pos = batch["input_ids"] == cfg.image_token_id
         views = []
         for b in range(feats.shape[0]):
@@ -40,6 +41,8 @@ class LlavaLVLM(PrunableLVLM):
             views.append(View(sample=b, tokens=feats[b], grid=(side, side), seq_index=seq_index,
                               vision_attention=None if attn is None else attn[b], vision_prefix=prefix,
                               vision_features=hidden[b, prefix:] if needs.vision_features else None,
+                              vision_prefix_features=hidden[b, :prefix] if needs.vision_features else None,
+                              vision_keys=None if keys is None else keys[b],
                               encoder_seqs=(hidden.shape[1],)))
         return views
 

@@ -53,7 +53,9 @@ class LlavaNextLVLM(LlavaLVLM):
         with vision_recorder(tower, needs, all_rows=True) as rec:  # block composition needs every row
             out = tower(pixels, output_hidden_states=True, return_dict=True)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        raw = out.hidden_states[cfg.vision_feature_layer][:, prefix:]  # what the projector reads
+        hidden = out.hidden_states[cfg.vision_feature_layer]
+        raw = hidden[:, prefix:]  # what the projector reads
+        keys = rec.keys[0].mean(1) if rec is not None and needs.vision_keys else None  # [crops, T, d]
         feats = inner.multi_modal_projector(raw)
         maps = rec.maps[0] if rec is not None else None  # [crops, T, T]
         newline = inner.image_newline
@@ -64,11 +66,14 @@ class LlavaNextLVLM(LlavaLVLM):
             seq = image_pos[b].nonzero().flatten()
             f = feats[start:start + crops]
             r = raw[start:start + crops] if needs.vision_features else None
+            k = keys[start:start + crops] if keys is not None else None
             m = maps[start:start + crops] if maps is not None else None
             seq_len = out.hidden_states[0].shape[1]
             views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
                               vision_attention=None if m is None else m[0], vision_prefix=prefix,
-                              vision_features=None if r is None else r[0], encoder_seqs=(seq_len,)))
+                              vision_features=None if r is None else r[0],
+                              vision_prefix_features=None if r is None else hidden[start, :prefix],
+                              vision_keys=None if k is None else k[0], encoder_seqs=(seq_len,)))
             if crops == 1:
                 views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False))
             else:
@@ -83,7 +88,10 @@ class LlavaNextLVLM(LlavaLVLM):
                     attn = self._compose(m[1:], kept.flatten(), prefix)
                 views.append(View(sample=b, tokens=tokens, grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
                                   vision_attention=attn, vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1),
-                                  vision_features=None if r is None else r[1:].reshape((crops - 1) * n, -1)[kept.flatten()]))
+                                  vision_features=None if r is None else r[1:].reshape((crops - 1) * n, -1)[kept.flatten()],
+                                  # one prefix row for the crops' CLS tokens, as in the attention map
+                                  vision_keys=None if k is None else torch.cat(
+                                      [k[1:, :prefix].mean(0), k[1:, prefix:].reshape((crops - 1) * n, -1)[kept.flatten()]])))
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
                                   seq_index=hi_seq[:, w], prunable=False))
             start += crops

@@ -26,6 +26,10 @@ class QwenVLLVLM(PrunableLVLM):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     mrope = True
 
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Identity: the vision features handed to pruners are already the merger's (projector's) outputs."""
+        return features
+
     def _score_block(self, layer: int) -> int:
         visual = self.model.model.visual
         idx = layer_index(layer, len(visual.blocks))
