@@ -223,7 +223,7 @@ def test_bad_yaml_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["configs/default.yaml", "configs/ablations/fopru_rank_vs_row.yaml",
                                   "configs/ablations/fopru_vision_layer.yaml", "configs/ablations/fopru_score_axis.yaml",
-                                  "configs/ablations/fastv_k_r_grid.yaml"])
+                                  "configs/ablations/fastv_k_r_grid.yaml", "configs/ablations/position_policy.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_config(name, {})
     assert cfg.methods and cfg.ratios and cfg.tasks
@@ -245,3 +245,15 @@ def test_methods_none_runs_only_the_unpruned_model():
 
     cfg = load_config(None, {"methods": "none"})
     assert cfg.methods == [] and method_runs(cfg) == [("none", 1.0)]
+
+
+def test_method_with_a_fixed_position_policy(tmp_path):
+    """``name@keep`` / ``name@compact``: the same method under both policies in one sweep (the ablation)."""
+    from tokenprune.sweep import run_policy, split_policy
+
+    cfg = load_config("configs/ablations/position_policy.yaml", {})
+    assert "visionzip@keep" in cfg.methods and "visionzip@compact" in cfg.methods
+    assert split_policy("visionzip@keep") == ("visionzip", "keep") and split_policy("fastv:k=3") == ("fastv:k=3", None)
+    assert run_policy(cfg, "divprune@keep") == "keep" and run_policy(cfg, "divprune") is None
+    with pytest.raises(tp.OptionError, match="keep or compact"):
+        load_config(None, {"methods": "divprune@shuffle"})

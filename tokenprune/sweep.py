@@ -105,7 +105,7 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         spec = m if isinstance(m, str) else _spec_from_mapping(m)
         if spec == REFERENCE:
             continue  # always run anyway; `--methods none` runs only the unpruned model
-        pruner_from_spec(spec, ratio=1.0)  # validates name and options now, before any model loads
+        pruner_from_spec(split_policy(spec)[0], ratio=1.0)  # validates name and options now, before any model loads
         methods.append(spec)
     if not named:
         raise OptionError("no methods given; e.g. --methods fopru_rank,fastv (see `tokenprune list pruners`)")
@@ -249,8 +249,25 @@ def method_runs(cfg: SweepConfig) -> list[tuple[str, float]]:
     return [(REFERENCE, 1.0)] + [(m, r) for m in cfg.methods for r in cfg.ratios]
 
 
+def split_policy(spec: str) -> tuple[str, str | None]:
+    """``"visionzip@keep"`` -> ``("visionzip", "keep")``: a method run under a fixed position policy
+    (position-policy ablations: the same method twice in one sweep, reported as separate methods)."""
+    base, sep, policy = spec.rpartition("@")
+    if not sep:
+        return spec, None
+    if policy not in ("keep", "compact"):
+        raise OptionError(f"{spec!r}: a method's '@' suffix is a position policy, keep or compact; got {policy!r}")
+    return base, policy
+
+
 def make_pruner(spec: str, ratio: float) -> TokenPruner | None:
-    return None if spec == REFERENCE else pruner_from_spec(spec, ratio=ratio)
+    return None if spec == REFERENCE else pruner_from_spec(split_policy(spec)[0], ratio=ratio)
+
+
+def run_policy(cfg: SweepConfig, spec: str) -> str | None:
+    """The position policy of a run: the method's ``@`` suffix, else the sweep's, else the method's own (``None``)."""
+    fixed = split_policy(spec)[1] if spec != REFERENCE else None
+    return fixed or (None if cfg.position_policy == "default" else cfg.position_policy)
 
 
 def batches_from(items: Iterable, size: int) -> Iterator[list]:
@@ -348,8 +365,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                 continue
                             encoded = encoded or lvlm.encode(images, prompts, needs)
                             gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
-                                                position_policy=None if cfg.position_policy == "default" else cfg.position_policy,
-                                                sample_ids=ids, encoded=encoded)
+                                                position_policy=run_policy(cfg, run[0]), sample_ids=ids, encoded=encoded)
                             t = gen.timings
                             for i in missing:  # a resumed batch may be partly done for this run
                                 s, text, st = chunk[i], gen.texts[i], gen.stats[i]
