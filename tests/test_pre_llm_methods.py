@@ -324,3 +324,57 @@ def test_vision_keys_are_the_layers_head_averaged_keys(family):
         keys = torch.cat([keys[:, :1], keys[:, 1 + groups].mean(2)], 1)
     for v, k in zip(views, keys):
         assert (v.vision_keys - k).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP whose vision width matches tiny-llava's tower, saved like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from tokenprune.zoo.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         pad_token_id=0, bos_token_id=tok.bos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+        projection_dim=8)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cdpruner_with_a_clip_checkpoint_is_the_official_relevance(tiny_clip):
+    """cdpruner:clip=CHECKPOINT: CLIP image embeddings of the model's own layer -2 features vs the CLIP
+    text embedding of the prompt (77-token chunks), negated -- official_cdpruner on the same embeddings."""
+    from tokenprune.methods.cdpruner import clip_text_embeds, load_clip
+
+    lvlm = lvlm_for("llava")
+    p = tp.create_pruner("cdpruner", ratio=0.25, clip=tiny_clip)
+    assert p.needs == PrunerNeeds(text=True, vision_features=True)
+    batch = lvlm.prepare(images(), PROMPTS)
+    views = lvlm.encode_images(batch, p.needs)
+    model, tok = load_clip(tiny_clip)
+    for b, v in enumerate(views):
+        inputs = PruningInputs(tokens=v.tokens[None], grid=v.grid, vision_features=v.vision_features[None],
+                               prompts=[PROMPTS[b]])
+        with torch.no_grad():
+            image_embeds = model.visual_projection(model.vision_model.post_layernorm(v.vision_features[None]))
+            text_embeds = clip_text_embeds(model, tok, PROMPTS[b])
+        ref = official_cdpruner(v.tokens[None], image_embeds, text_embeds, p.num_kept(64, (8, 8)))
+        assert p(inputs).indices.tolist() == ref.tolist()
+    out = lvlm.generate(images(), PROMPTS, pruner=p, max_new_tokens=2)  # end to end, prompts passed through
+    assert [s.visual_tokens_kept for s in out.stats] == [16, 16]
+
+
+def test_cdpruner_clip_checkpoint_errors_are_one_line(tiny_clip, tmp_path):
+    lvlm = lvlm_for("qwen2_vl")  # merger outputs are 64 wide, the checkpoint's vision tower 32
+    with pytest.raises(tp.OptionError, match="vision width 32"):
+        lvlm.generate(images(1), PROMPTS[:1], pruner=tp.create_pruner("cdpruner", clip=tiny_clip), max_new_tokens=1)
+    with pytest.raises(tp.TokenpruneError, match="cannot load the CLIP checkpoint"):
+        lvlm_for("llava").generate(images(1), PROMPTS[:1], pruner=tp.create_pruner("cdpruner", clip=str(tmp_path / "nope")),
+                                   max_new_tokens=1)

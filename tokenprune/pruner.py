@@ -73,7 +73,8 @@ class PrunerNeeds:
         vision_keys: pre-LLM, the keys of vision layer ``vision_attention_layer``, averaged over heads
             (``PruningInputs.vision_keys``).
         text: pre-LLM, the LLM's input embeddings of the prompt text after the image
-            (``PruningInputs.text_tokens``), for instruction-conditioned methods.
+            (``PruningInputs.text_tokens``) and the prompts as given (``PruningInputs.prompts``),
+            for instruction-conditioned methods.
         llm_stages: the in-LLM schedule, one :class:`LLMStage` per prune point, in layer order.
         llm_attention_layer: shorthand for a one-stage schedule (kept for plugins written
             against it): attention of this 0-based decoder layer, pruning from the next one.
@@ -159,6 +160,7 @@ class PruningInputs:
             ``[B, T, H_kv * d]`` holds their keys when an in-LLM stage asked for ``keys``.
         final_norm: the decoder's final norm (a callable on ``[..., D]``), for methods that compare
             normalised hidden states (DART).
+        prompts: pre-LLM with ``needs.text``, each batch entry's prompt as given to ``generate``.
     """
 
     tokens: torch.Tensor
@@ -182,6 +184,7 @@ class PruningInputs:
     text_mask: torch.Tensor | None = None
     text_keys: torch.Tensor | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prompts: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -208,6 +211,8 @@ class PruningInputs:
         out.update({name: out[name][sl] for name in batched})
         if self.sample_ids is not None:
             out["sample_ids"] = [self.sample_ids[index]]
+        if self.prompts is not None:
+            out["prompts"] = [self.prompts[index]]
         return PruningInputs(**out)
 
 

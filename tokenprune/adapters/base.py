@@ -279,7 +279,7 @@ class PrunableLVLM(ABC):
         t1 = time.perf_counter()
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
         llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
-            batch, views, pruner, "keep" if in_llm is not None else position_policy, ids)
+            batch, views, pruner, "keep" if in_llm is not None else position_policy, ids, prompts)
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
                                      ignore_eos=ignore_eos, position_policy=position_policy)
         sync()
@@ -305,14 +305,16 @@ class PrunableLVLM(ABC):
         return GenerationOutput(texts=[t.strip() for t in texts], stats=stats, token_ids=result.tokens,
                                 first_logits=result.first_logits, timings=timings)
 
-    def _assemble(self, batch, views: list[View], pruner, position_policy, ids):
+    def _assemble(self, batch, views: list[View], pruner, position_policy, ids, prompts=None):
         """Embed the prompt, place the (pruned) visual tokens, cut and left-pack the sequence."""
         input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         b = input_ids.shape[0]
         positions = self.position_ids(batch)
         embeds = self.runner.embed(input_ids)
         pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
-        text = self._text_after_images(embeds, mask, views) if pre is not None and pre.needs.text else None
+        text = None
+        if pre is not None and pre.needs.text:
+            text = (*self._text_after_images(embeds, mask, views), list(prompts) if prompts is not None else None)
         kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens, v.seq_index) for v in views]
 
         image_mask = torch.zeros_like(mask)
@@ -374,12 +376,12 @@ class PrunableLVLM(ABC):
         return gather_seq(embeds, index, 1), gather_seq(after, index, 1)
 
     def _prune_views(self, views: list[View], pruner: TokenPruner, ids: list[str],
-                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                     text: tuple | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Run a pre-LLM pruner on every view; views of one grid shape are pruned as one batch.
 
         A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
         tokens (``grid=(1, N)``); its selection is split back to the views. ``text``: the prompt
-        text after the images, for pruners whose ``needs.text`` is set. Returns, per view, the
+        text after the images (embeddings, mask) and the prompts, for pruners whose ``needs.text`` is set. Returns, per view, the
         sequence positions the kept tokens take, the tokens, and the positions whose ids they take.
         """
         out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(views)
@@ -413,6 +415,7 @@ class PrunableLVLM(ABC):
                 vision_keys=stacked("vision_keys", members),
                 vision_prefix=prefix, patch_merge=merge,
                 text_tokens=None if text is None else text[0][rows], text_mask=None if text is None else text[1][rows],
+                prompts=None if text is None or text[2] is None else [text[2][r] for r in rows],
             )
             red = pruner(inputs)
             if red.feature_weights is not None:  # merged before the projector, then projected
@@ -446,7 +449,8 @@ class PrunableLVLM(ABC):
                 features = torch.stack([torch.cat([views[i].vision_features for i in per_sample[s]]) for s in samples])
             red = pruner(PruningInputs(
                 tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples], vision_features=features,
-                text_tokens=None if text is None else text[0][samples], text_mask=None if text is None else text[1][samples]))
+                text_tokens=None if text is None else text[0][samples], text_mask=None if text is None else text[1][samples],
+                prompts=None if text is None or text[2] is None else [text[2][s] for s in samples]))
             new_tokens = red.apply(tokens)
             for j, s in enumerate(samples):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
