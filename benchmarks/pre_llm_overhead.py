@@ -1,0 +1,75 @@
+"""What does each pre-LLM method's scoring cost? Prints ratios.
+
+    python benchmarks/pre_llm_overhead.py [--runs 10] [--ratio 0.25] [--device cpu|cuda] [--dtype float32]
+
+On ``mid-llava`` (CLIP-B/14 tower at 336 px, 576 visual tokens, 12 layers), per method at
+``--ratio``: the vision pass (tower + projector) computing what the method needs (attention rows
+of one layer, its keys, the features the projector reads) against the plain vision pass, and the
+method's own selection time (its ``select``: top-k, diversity loops, DPP, merges), both as a share of
+the plain vision pass. Medians over ``--runs`` after warm-up, the variants' calls interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tokenprune as tp
+from tokenprune.pruner import PrunerNeeds, PruningInputs
+
+from adapter_speed import paired_medians  # run as a script: benchmarks/ is on sys.path
+
+PROMPT = "what is in the image ? answer using a single word"
+METHODS = ["fopru_rank", "fopru_row", "random", "pool", "fastervlm", "divprune", "vispruner", "cdpruner", "visionzip"]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lvlm = tp.load("mid-llava", dtype=getattr(torch, args.dtype))
+    lvlm.model.to(args.device)
+    device = lvlm.device
+    print(f"mid-llava device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} runs={args.runs} "
+          f"ratio={args.ratio}")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 336, 3), dtype=np.uint8))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lvlm.prepare([image], [PROMPT]).items()}
+    embeds = lvlm.runner.embed(batch["input_ids"])
+    text = lvlm._text_after_images(embeds, batch["attention_mask"].bool(), lvlm.encode_images(batch, PrunerNeeds()))
+
+    calls, pruners = [lambda: lvlm.encode_images(batch, PrunerNeeds())], []
+    for name in METHODS:
+        pruner = tp.create_pruner(name, ratio=args.ratio)
+        view = lvlm.encode_images(batch, pruner.needs)[0]
+        inputs = PruningInputs(
+            tokens=view.tokens[None], grid=view.grid, sample_ids=["0"], vision_prefix=view.vision_prefix,
+            vision_attention=None if view.vision_attention is None else view.vision_attention[None],
+            vision_features=None if view.vision_features is None else view.vision_features[None],
+            vision_prefix_features=None if view.vision_prefix_features is None else view.vision_prefix_features[None],
+            vision_keys=None if view.vision_keys is None else view.vision_keys[None],
+            text_tokens=text[0], text_mask=text[1], prompts=[PROMPT])
+        calls += [lambda p=pruner: lvlm.encode_images(batch, p.needs), lambda p=pruner, i=inputs: p(i)]
+        pruners.append(pruner)
+    times = paired_medians(calls, args.runs, device)
+    plain = times[0]
+    print(f"plain vision pass (tower + projector): {plain * 1e3:.1f} ms")
+    print(f"{'method':<12}{'needs':<32}{'vision ms':>10}{'ratio':>8}{'select ms':>11}{'share':>8}")
+    for i, pruner in enumerate(pruners):
+        vision, select = times[1 + 2 * i], times[2 + 2 * i]
+        n = pruner.needs
+        needs = ",".join(([f"attn{n.vision_attention_layer}:{n.vision_attention_rows}"] if n.vision_attention_layer is not None else [])
+                         + (["features"] if n.vision_features else []) + (["keys"] if n.vision_keys else [])
+                         + (["text"] if n.text else [])) or "-"
+        print(f"{pruner.name:<12}{needs:<32}{vision * 1e3:>10.1f}{vision / plain:>8.3f}{select * 1e3:>11.2f}"
+              f"{select / plain:>8.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
