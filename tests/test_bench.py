@@ -20,8 +20,8 @@ from datasets import Features, Image as ImageFeature, Value
 from PIL import Image
 
 import tokenprune as tp
-from tokenprune.report import SUMMARY_COLUMNS
-from tokenprune.sweep import load_config, read_rows, row_key, run_sweep
+from tokenprune.benchmarks.report import SUMMARY_COLUMNS
+from tokenprune.benchmarks.sweep import load_config, read_rows, row_key, run_sweep
 
 N_SAMPLES = 12
 
@@ -241,7 +241,7 @@ def test_flags_override_config(tmp_path):
 
 
 def test_methods_none_runs_only_the_unpruned_model():
-    from tokenprune.sweep import method_runs
+    from tokenprune.benchmarks.sweep import method_runs
 
     cfg = load_config(None, {"methods": "none"})
     assert cfg.methods == [] and method_runs(cfg) == [("none", 1.0)]
@@ -249,7 +249,7 @@ def test_methods_none_runs_only_the_unpruned_model():
 
 def test_method_with_a_fixed_position_policy(tmp_path):
     """``name@keep`` / ``name@compact``: the same method under both policies in one sweep (the ablation)."""
-    from tokenprune.sweep import run_policy, split_policy
+    from tokenprune.benchmarks.sweep import run_policy, split_policy
 
     cfg = load_config("configs/ablations/position_policy.yaml", {})
     assert "visionzip@keep" in cfg.methods and "visionzip@compact" in cfg.methods

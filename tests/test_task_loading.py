@@ -17,7 +17,7 @@ from datasets import Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 import tokenprune as tp
-from tokenprune.tasks import DatasetUnavailableError
+from tokenprune.benchmarks.tasks import DatasetUnavailableError
 
 
 def png(color=(255, 0, 0), size=(8, 6)) -> dict:

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 import tokenprune as tp
-from tokenprune.tasks import Sample
-from tokenprune.tasks.metrics import extract_option, normalize_vqa_answer, parse_yes_no, vqa_accuracy
+from tokenprune.benchmarks.tasks import Sample
+from tokenprune.benchmarks.tasks.metrics import extract_option, normalize_vqa_answer, parse_yes_no, vqa_accuracy
 
 IMG = Image.new("RGB", (4, 4))
 

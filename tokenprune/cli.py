@@ -13,7 +13,7 @@ from . import __version__
 from .errors import OptionError, TokenpruneError
 from .pruner import PRUNERS, pruner_from_spec, validate_ratio
 from .registry import Registry
-from .tasks import TASKS, get_task
+from .benchmarks.tasks import TASKS, get_task
 
 # Registries shown by `tokenprune list`, in order: (title, registry or a function returning it, row).
 LISTED: list[tuple[str, Registry | Callable[[], Registry], Callable]] = []
@@ -133,7 +133,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run (or resume) a benchmark sweep."""
-    from .sweep import load_config, run_sweep
+    from .benchmarks.sweep import load_config, run_sweep
 
     overrides = {
         "model": args.model, "tasks": args.tasks, "methods": args.methods, "ratios": args.ratios,

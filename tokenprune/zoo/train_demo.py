@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..tasks.base import SHORT_ANSWER
+from ..benchmarks.tasks.base import SHORT_ANSWER
 
 
 def easy_vqa_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:

@@ -9,6 +9,7 @@ plots and report are recomputed from ``samples.jsonl`` at the end of every run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -22,8 +23,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from .errors import OptionError, TokenpruneError
-from .pruner import TokenPruner, pruner_from_spec, validate_ratio
+from ..errors import OptionError, TokenpruneError
+from ..pruner import TokenPruner, pruner_from_spec, validate_ratio
 
 DEFAULT_MODEL = "tokenprune-demo"
 DEFAULT_LIMIT = 150  # the default (demo) run, sized to finish in < 5 min on 2 CPU cores: a seeded subset; --limit all for whole splits
@@ -141,7 +142,7 @@ def _spec_from_mapping(m: Any) -> str:
     return f"{m['name']}:{opts}" if opts else str(m["name"])
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(importlib.import_module("tokenprune.configs").__file__).parent  # top-level configs/ in the source tree
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -206,7 +207,7 @@ def provenance(cfg: SweepConfig) -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -299,8 +300,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     import torch
     from tqdm import tqdm
 
-    from . import cost
-    from .adapters import load as load_model
+    from .. import cost
+    from ..adapters import load as load_model
     from .report import write_reports
     from .tasks import get_task
 

@@ -1,6 +1,6 @@
 """Do the in-LLM methods make prefill faster, and what does their scoring cost? Prints ratios.
 
-    python benchmarks/in_llm_speed.py [--runs 10] [--ratio 0.25] [--device cpu|cuda] [--dtype float32]
+    python benchmarks/speed/in_llm_speed.py [--runs 10] [--ratio 0.25] [--device cpu|cuda] [--dtype float32]
 
 On ``mid-llava`` (a randomly initialised LLaVA of realistic shape: 576 visual tokens, a 12-layer
 decoder of width 768 with GQA), for FastV, PyramidDrop, SparseVLM and DART at ``--ratio`` against the
@@ -26,7 +26,7 @@ import tokenprune as tp
 from tokenprune.cost import llm_flops
 from tokenprune.pruner import PrunerNeeds
 
-from adapter_speed import paired_medians  # run as a script: benchmarks/ is on sys.path
+from adapter_speed import paired_medians  # run as a script: its folder is on sys.path
 
 PROMPT = "what is in the image ? answer using a single word"
 METHODS = ["fastv", "pdrop:layers=2,5,8", "sparsevlm:layers=1,3,6", "dart"]

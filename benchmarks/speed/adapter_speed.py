@@ -1,6 +1,6 @@
 """Does pruning make the model faster, and does FoPru's scoring cost anything? Prints ratios.
 
-    python benchmarks/adapter_speed.py [--runs 20] [--model tiny|mid|both] [--device cpu|cuda]
+    python benchmarks/speed/adapter_speed.py [--runs 20] [--model tiny|mid|both] [--device cpu|cuda]
 
 For each model: (1) vision-tower time with FoPru's attention scoring / without (the target is
 <= 1.10: only one layer records its attention rows, every other layer stays on SDPA);

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from ..errors import OptionError
+from ...errors import OptionError
 from .base import OPTION_LETTER, SHORT_ANSWER, Sample, Task, register_task
 from .metrics import extract_option, normalize_exact, parse_yes_no, vqa_accuracy
 
@@ -357,7 +357,7 @@ class EasyVQA(Task):
 
         import datasets
 
-        from ..zoo.convert import package_file
+        from ...zoo.convert import package_file
 
         root = Path(data_dir) if data_dir is not None else package_file("easy_vqa", "data")
         split = split or self.split

@@ -1,6 +1,6 @@
 """What does each pre-LLM method's scoring cost? Prints ratios.
 
-    python benchmarks/pre_llm_overhead.py [--runs 10] [--ratio 0.25] [--device cpu|cuda] [--dtype float32]
+    python benchmarks/speed/pre_llm_overhead.py [--runs 10] [--ratio 0.25] [--device cpu|cuda] [--dtype float32]
 
 On ``mid-llava`` (CLIP-B/14 tower at 336 px, 576 visual tokens, 12 layers), per method at
 ``--ratio``: the vision pass (tower + projector) computing what the method needs (attention rows
@@ -19,7 +19,7 @@ from PIL import Image
 import tokenprune as tp
 from tokenprune.pruner import PrunerNeeds, PruningInputs
 
-from adapter_speed import paired_medians  # run as a script: benchmarks/ is on sys.path
+from adapter_speed import paired_medians  # run as a script: its folder is on sys.path
 
 PROMPT = "what is in the image ? answer using a single word"
 METHODS = ["fopru_rank", "fopru_row", "random", "pool", "fastervlm", "divprune", "vispruner", "cdpruner", "visionzip"]

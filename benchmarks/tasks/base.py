@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Container, Iterator, Sequence
 
 from PIL import Image
 
-from ..errors import OptionError, TokenpruneError
-from ..registry import Registry
+from ...errors import OptionError, TokenpruneError
+from ...registry import Registry
 
 # LLaVA-1.5 evaluation prompt suffixes (as lmms-eval's default prompts).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -261,7 +261,7 @@ def _undecoded(feature):
     return datasets.Sequence(datasets.Image(decode=False))
 
 
-TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=("tokenprune.tasks.builtin",))
+TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=("tokenprune.benchmarks.tasks.builtin",))
 
 
 def register_task(name: str):

@@ -1,0 +1,1 @@
+"""Speed scripts (``python benchmarks/speed/speed/<name>.py``): they print ratios; they are not tests."""
