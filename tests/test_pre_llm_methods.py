@@ -239,6 +239,8 @@ def test_pre_llm_text_is_the_prompt_after_the_image(family):
             real = batch["attention_mask"][b].bool().nonzero().flatten()
             after = real[real > last]
             assert torch.equal(inputs.text_tokens[i][inputs.text_mask[i]], embeds[b, after])
+            assert torch.equal(inputs.text_ids[i][inputs.text_mask[i]], batch["input_ids"][b, after])
+            assert inputs.prompts[i] == PROMPTS[b]
 
 
 # -- VisionZip ---------------------------------------------------------------------------------------

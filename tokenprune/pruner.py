@@ -161,6 +161,7 @@ class PruningInputs:
         final_norm: the decoder's final norm (a callable on ``[..., D]``), for methods that compare
             normalised hidden states (DART).
         prompts: pre-LLM with ``needs.text``, each batch entry's prompt as given to ``generate``.
+        text_ids: ``[B, T]`` pre-LLM with ``needs.text``, the token ids of ``text_tokens``.
     """
 
     tokens: torch.Tensor
@@ -185,6 +186,7 @@ class PruningInputs:
     text_keys: torch.Tensor | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompts: Sequence[str] | None = None
+    text_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:

@@ -42,7 +42,8 @@ def main() -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 336, 3), dtype=np.uint8))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lvlm.prepare([image], [PROMPT]).items()}
     embeds = lvlm.runner.embed(batch["input_ids"])
-    text = lvlm._text_after_images(embeds, batch["attention_mask"].bool(), lvlm.encode_images(batch, PrunerNeeds()))
+    text = lvlm._text_after_images(embeds, batch["attention_mask"].bool(), lvlm.encode_images(batch, PrunerNeeds()),
+                                   batch["input_ids"])
 
     calls, pruners = [lambda: lvlm.encode_images(batch, PrunerNeeds())], []
     for name in METHODS:
@@ -54,7 +55,7 @@ def main() -> None:
             vision_features=None if view.vision_features is None else view.vision_features[None],
             vision_prefix_features=None if view.vision_prefix_features is None else view.vision_prefix_features[None],
             vision_keys=None if view.vision_keys is None else view.vision_keys[None],
-            text_tokens=text[0], text_mask=text[1], prompts=[PROMPT])
+            text_tokens=text[0], text_mask=text[1], text_ids=text[2], prompts=[PROMPT])
         calls += [lambda p=pruner: lvlm.encode_images(batch, p.needs), lambda p=pruner, i=inputs: p(i)]
         pruners.append(pruner)
     times = paired_medians(calls, args.runs, device)

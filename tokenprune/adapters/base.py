@@ -314,7 +314,7 @@ class PrunableLVLM(ABC):
         pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
         text = None
         if pre is not None and pre.needs.text:
-            text = (*self._text_after_images(embeds, mask, views), list(prompts) if prompts is not None else None)
+            text = (*self._text_after_images(embeds, mask, views, input_ids), list(prompts) if prompts is not None else None)
         kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens, v.seq_index) for v in views]
 
         image_mask = torch.zeros_like(mask)
@@ -364,8 +364,10 @@ class PrunableLVLM(ABC):
         )
 
     @staticmethod
-    def _text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list[View]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, T, D] embeddings, [B, T] mask)`` of the prompt text after each sample's image span, padding first."""
+    def _text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list[View], input_ids: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``([B, T, D] embeddings, [B, T] mask, [B, T] ids)`` of the prompt text after each sample's image span,
+        padding first."""
         span = torch.zeros_like(mask)
         for v in views:
             span[v.sample, v.seq_index] = True
@@ -373,7 +375,7 @@ class PrunableLVLM(ABC):
         last = torch.where(span, idx, -1).amax(1, keepdim=True)
         after = mask & (idx > last) & (last >= 0)
         index = left_pack(after)
-        return gather_seq(embeds, index, 1), gather_seq(after, index, 1)
+        return gather_seq(embeds, index, 1), gather_seq(after, index, 1), gather_seq(input_ids, index, 1)
 
     def _prune_views(self, views: list[View], pruner: TokenPruner, ids: list[str],
                      text: tuple | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -415,7 +417,8 @@ class PrunableLVLM(ABC):
                 vision_keys=stacked("vision_keys", members),
                 vision_prefix=prefix, patch_merge=merge,
                 text_tokens=None if text is None else text[0][rows], text_mask=None if text is None else text[1][rows],
-                prompts=None if text is None or text[2] is None else [text[2][r] for r in rows],
+                text_ids=None if text is None else text[2][rows],
+                prompts=None if text is None or text[3] is None else [text[3][r] for r in rows],
             )
             red = pruner(inputs)
             if red.feature_weights is not None:  # merged before the projector, then projected
@@ -450,7 +453,8 @@ class PrunableLVLM(ABC):
             red = pruner(PruningInputs(
                 tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples], vision_features=features,
                 text_tokens=None if text is None else text[0][samples], text_mask=None if text is None else text[1][samples],
-                prompts=None if text is None or text[2] is None else [text[2][s] for s in samples]))
+                text_ids=None if text is None else text[2][samples],
+                prompts=None if text is None or text[3] is None else [text[3][s] for s in samples]))
             new_tokens = red.apply(tokens)
             for j, s in enumerate(samples):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
