@@ -56,6 +56,25 @@ def paired_medians(fns, runs: int, device: torch.device) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def mid_llava_setup(doc: str, prompt: str):
+    """Shared set-up of the mid-llava ratio scripts: ``(args, lvlm, batch)`` for one 336 px image and
+    ``prompt`` (flags ``--runs --ratio --device --dtype``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lvlm = tp.load("mid-llava", dtype=getattr(torch, args.dtype))
+    lvlm.model.to(args.device)
+    print(f"mid-llava device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} runs={args.runs} "
+          f"ratio={args.ratio}")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 336, 3), dtype=np.uint8))
+    batch = {k: v.to(lvlm.device) if torch.is_tensor(v) else v for k, v in lvlm.prepare([image], [prompt]).items()}
+    return args, lvlm, batch
+
+
 @torch.no_grad()
 def bench(name: str, lvlm, image_size: int, runs: int, batch: int) -> None:
     device = lvlm.device

@@ -10,16 +10,12 @@ the plain vision pass. Medians over ``--runs`` after warm-up, the variants' call
 """
 from __future__ import annotations
 
-import argparse
-
-import numpy as np
 import torch
-from PIL import Image
 
 import tokenprune as tp
 from tokenprune.pruner import PrunerNeeds, PruningInputs
 
-from adapter_speed import paired_medians  # run as a script: its folder is on sys.path
+from adapter_speed import mid_llava_setup, paired_medians  # run as a script: its folder is on sys.path
 
 PROMPT = "what is in the image ? answer using a single word"
 METHODS = ["fopru_rank", "fopru_row", "random", "pool", "fastervlm", "divprune", "vispruner", "cdpruner", "visionzip"]
@@ -27,20 +23,8 @@ METHODS = ["fopru_rank", "fopru_row", "random", "pool", "fastervlm", "divprune",
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    lvlm = tp.load("mid-llava", dtype=getattr(torch, args.dtype))
-    lvlm.model.to(args.device)
+    args, lvlm, batch = mid_llava_setup(__doc__, PROMPT)
     device = lvlm.device
-    print(f"mid-llava device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} runs={args.runs} "
-          f"ratio={args.ratio}")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (336, 336, 3), dtype=np.uint8))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lvlm.prepare([image], [PROMPT]).items()}
     embeds = lvlm.runner.embed(batch["input_ids"])
     text = lvlm._text_after_images(embeds, batch["attention_mask"].bool(), lvlm.encode_images(batch, PrunerNeeds()),
                                    batch["input_ids"])
