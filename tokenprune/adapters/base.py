@@ -383,8 +383,9 @@ class PrunableLVLM(ABC):
 
         A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
         tokens (``grid=(1, N)``); its selection is split back to the views. ``text``: the prompt
-        text after the images (embeddings, mask) and the prompts, for pruners whose ``needs.text`` is set. Returns, per view, the
-        sequence positions the kept tokens take, the tokens, and the positions whose ids they take.
+        text after the images (embeddings, mask, ids) and the prompts, for pruners whose ``needs.text``
+        is set. Returns, per view, the sequence positions the kept tokens take, the tokens, and the
+        positions whose ids they take.
         """
         out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(views)
         for i, v in enumerate(views):
@@ -392,33 +393,23 @@ class PrunableLVLM(ABC):
                 out[i] = (v.seq_index, v.tokens, v.seq_index)
         if pruner.views == "global":
             return self._prune_samples(views, pruner, ids, out, text)
+        per_view = ("vision_attention", "vision_features", "vision_prefix_features", "vision_keys")
         groups: dict[tuple, list[int]] = {}
-        for i, v in enumerate(views):
+        for i, v in enumerate(views):  # views alike in every shape are pruned as one batch
             if v.prunable:
-                att = None if v.vision_attention is None else tuple(v.vision_attention.shape)
-                shapes = tuple(None if x is None else tuple(x.shape)
-                               for x in (v.vision_features, v.vision_prefix_features, v.vision_keys))
-                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, att, shapes), []).append(i)
+                shapes = tuple(None if getattr(v, f) is None else tuple(getattr(v, f).shape) for f in per_view)
+                groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, shapes), []).append(i)
         view_no: dict[int, int] = {}
-        def stacked(name: str, members: list[int]) -> torch.Tensor | None:
-            values = [getattr(views[i], name) for i in members]
-            return None if values[0] is None else torch.stack(values)
-
-        for (grid, merge, prefix, att, _), members in groups.items():
+        for (grid, merge, prefix, shapes), members in groups.items():
             for i in members:
                 view_no[i] = sum(1 for j in range(i) if views[j].sample == views[i].sample and views[j].prunable)
-            rows = [views[i].sample for i in members]
+            stacked = {f: torch.stack([getattr(views[i], f) for i in members]) for f, shape in zip(per_view, shapes)
+                       if shape is not None}
             inputs = PruningInputs(
                 tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
                 sample_ids=[f"{ids[views[i].sample]}/{view_no[i]}" for i in members],
-                vision_attention=None if att is None else torch.stack([views[i].vision_attention for i in members]),
-                vision_features=stacked("vision_features", members),
-                vision_prefix_features=stacked("vision_prefix_features", members),
-                vision_keys=stacked("vision_keys", members),
-                vision_prefix=prefix, patch_merge=merge,
-                text_tokens=None if text is None else text[0][rows], text_mask=None if text is None else text[1][rows],
-                text_ids=None if text is None else text[2][rows],
-                prompts=None if text is None or text[3] is None else [text[3][r] for r in rows],
+                vision_prefix=prefix, patch_merge=merge, **stacked,
+                **self._text_inputs(text, [views[i].sample for i in members]),
             )
             red = pruner(inputs)
             if red.feature_weights is not None:  # merged before the projector, then projected
@@ -432,6 +423,15 @@ class PrunableLVLM(ABC):
             for j, i in enumerate(members):
                 out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j], views[i].seq_index[sources[j]])
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _text_inputs(text: tuple | None, rows: list[int]) -> dict[str, Any]:
+        """The ``PruningInputs`` text fields of samples ``rows`` (none when the pruner asked for no text)."""
+        if text is None:
+            return {}
+        embeds, mask, ids, prompts = text
+        return dict(text_tokens=embeds[rows], text_mask=mask[rows], text_ids=ids[rows],
+                    prompts=None if prompts is None else [prompts[r] for r in rows])
 
     def _prune_samples(self, views: list[View], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
         """``views = "global"``: each sample's prunable views concatenated and pruned as one."""
@@ -450,11 +450,8 @@ class PrunableLVLM(ABC):
             features = None
             if all(views[i].vision_features is not None for s in samples for i in per_sample[s]):
                 features = torch.stack([torch.cat([views[i].vision_features for i in per_sample[s]]) for s in samples])
-            red = pruner(PruningInputs(
-                tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples], vision_features=features,
-                text_tokens=None if text is None else text[0][samples], text_mask=None if text is None else text[1][samples],
-                text_ids=None if text is None else text[2][samples],
-                prompts=None if text is None or text[3] is None else [text[3][s] for s in samples]))
+            red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples],
+                                       vision_features=features, **self._text_inputs(text, samples)))
             new_tokens = red.apply(tokens)
             for j, s in enumerate(samples):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
