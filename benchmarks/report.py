@@ -164,17 +164,14 @@ def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_reports(cfg, out: Path, tasks: dict, data: dict, log=print) -> str:
-    """Write every results file from ``samples.jsonl``; returns the final table as text."""
-    from .sweep import read_rows
+def write_reports(cfg, out: Path, tasks: dict, log=print) -> str:
+    """Write every results file from the sweep's results files (see :mod:`.results`); returns the
+    final table as text. Skipped samples come from ``skipped.json`` (written by the merge)."""
+    from .results import SKIPPED, read_all
 
-    rows = [r for r in read_rows(out / "samples.jsonl") if r["task"] in tasks]
-    skipped_path = out / "skipped.json"
+    rows = [r for r in read_all(out) if r["task"] in tasks]
+    skipped_path = out / SKIPPED
     skipped_ids: dict[str, list] = json.loads(skipped_path.read_text()) if skipped_path.exists() else {}
-    for name, d in data.items():
-        if d.skipped or name not in skipped_ids:
-            skipped_ids[name] = [{"id": s.id, "reason": s.reason} for s in d.skipped]
-    skipped_path.write_text(json.dumps(skipped_ids, indent=1))
     skipped = {k: len(v) for k, v in skipped_ids.items()}
 
     summary = summarise(cfg, tasks, rows, skipped)

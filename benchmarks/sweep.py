@@ -25,6 +25,9 @@ import yaml
 
 from ..errors import OptionError, TokenpruneError
 from ..pruner import TokenPruner, pruner_from_spec, validate_ratio
+from .distributed import Shard, Workers
+from .results import read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
+from . import results
 
 DEFAULT_MODEL = "tokenprune-demo"
 DEFAULT_LIMIT = 150  # the default (demo) run, sized to finish in < 5 min on 2 CPU cores: a seeded subset; --limit all for whole splits
@@ -45,6 +48,11 @@ class SweepConfig:
             ``seed`` picks them and seeds random pruners.
         data_dir: local dataset copy: one folder, or ``{task: folder}``.
         bootstrap: resamples for the confidence intervals.
+        device_map: ``from_pretrained``'s ``device_map`` (``auto``: layers spread over the GPUs; under
+            torchrun each rank over its own share of the node's GPUs). ``None``: the whole model on ``device``.
+        shard: ``"I/N"``: compute only shard I of N of the (task, sample) items (job arrays);
+            ``tokenprune report`` merges the shards. Neither changes what is computed, so a sweep
+            can be resumed under other values.
     """
 
     model: str = DEFAULT_MODEL
@@ -64,6 +72,8 @@ class SweepConfig:
     bootstrap: int = 1000
     wandb_project: str | None = None
     wandb_mode: str | None = None
+    device_map: str | None = None
+    shard: str | None = None
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY}
@@ -128,6 +138,10 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
     if cfg.wandb_mode not in (None, "online", "offline", "disabled"):
         raise OptionError(f"--wandb-mode must be one of online, offline, disabled; got {cfg.wandb_mode!r}")
+    Shard.parse(cfg.shard)
+    if cfg.device_map is not None and not isinstance(cfg.device_map, (str, dict)):
+        raise OptionError(f"device_map must be auto, balanced, sequential or a mapping of modules to devices; "
+                          f"got {cfg.device_map!r}")
     if cfg.position_policy not in ("default", "keep", "compact"):
         raise OptionError(f"position_policy must be default (each method's own convention), keep or compact; "
                           f"got {cfg.position_policy!r}")
@@ -178,29 +192,6 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> SweepConf
     return normalise(SweepConfig(**data))
 
 
-# -- results file ----------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``samples.jsonl``; a final line cut short by a crash is dropped from the file."""
-    if not path.exists():
-        return []
-    rows, good_bytes = [], 0
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a partial last line: everything after it is unreliable
-            good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good_bytes)
-    return rows
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    return row["task"], row["method"], float(row["ratio"]), str(row["sample_id"])
-
-
 # -- provenance ------------------------------------------------------------------------------------
 def provenance(cfg: SweepConfig) -> dict[str, Any]:
     """The resolved config with package versions, git commit and host, for ``config.yaml``."""
@@ -224,8 +215,8 @@ def provenance(cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-def check_output_dir(cfg: SweepConfig, out: Path) -> None:
-    """Refuse a different sweep in a directory that holds one; write ``config.yaml`` otherwise."""
+def check_output_dir(cfg: SweepConfig, out: Path, write: bool = True) -> None:
+    """Refuse a different sweep in a directory that holds one; (``write``) write ``config.yaml``."""
     path = out / "config.yaml"
     if path.exists():
         try:
@@ -241,7 +232,8 @@ def check_output_dir(cfg: SweepConfig, out: Path) -> None:
                 f"or delete {out} to start over"
             )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(provenance(cfg), sort_keys=False))
+    if write:  # atomically: shards on other machines may read it right now
+        results.write_atomic(path, yaml.safe_dump(provenance(cfg), sort_keys=False))
 
 
 # -- the sweep -------------------------------------------------------------------------------------
@@ -295,21 +287,93 @@ def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _load_model(cfg: SweepConfig, workers: Workers):
+    """The model on this rank's device, or spread over its GPUs (``device_map``)."""
+    import torch
+
+    from ..adapters import load as load_model
+
+    kwargs: dict[str, Any] = {}
+    if cfg.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, cfg.dtype)
+    if cfg.device_map is None:
+        lvlm = load_model(cfg.model, **kwargs)
+        lvlm.model.to(workers.device(cfg.device))
+        return lvlm
+    kwargs["device_map"] = cfg.device_map
+    gpus = workers.gpu_group()
+    if gpus and workers.distributed and isinstance(cfg.device_map, str):
+        from accelerate.utils import get_max_memory
+
+        available = get_max_memory()  # this rank's GPUs, and the CPU for whatever does not fit
+        kwargs["max_memory"] = {k: v for k, v in available.items() if k in gpus or not isinstance(k, int)}
+    return load_model(cfg.model, **kwargs)
+
+
+@dataclass
+class _Work:
+    """This process's share of a sweep: the samples it computes per task, and what is done."""
+
+    mine: dict[str, list[str]]  # task -> sample ids, in data order
+    done: set[tuple]  # row keys already on disk (any writer)
+    total: int  # sample-runs in this run's scope (the whole sweep, or the shard)
+    done_in_scope: int
+
+
+def plan_work(cfg: SweepConfig, ids: dict[str, list[str]], done: set[tuple], workers: Workers) -> _Work:
+    """Split the missing work: ``--shard`` takes every N-th (task, sample) item of the fixed order
+    (no coordination needed); torchrun ranks split what is *missing* of that, balanced by missing
+    runs (so a rerun under any world size computes only what is missing, and evenly)."""
+    runs = method_runs(cfg)
+    items, weights, total, done_in_scope = [], [], 0, 0
+    position = 0
+    for task, task_ids in ids.items():
+        for sid in task_ids:
+            position += 1
+            if workers.shard is not None and not workers.shard.owns(position - 1):
+                continue
+            missing = sum((task, m, float(r), sid) not in done for m, r in runs)
+            total += len(runs)
+            done_in_scope += len(runs) - missing
+            if missing:
+                items.append((task, sid))
+                weights.append(missing)
+    mine: dict[str, list[str]] = {task: [] for task in ids}
+    for task, sid in workers.split(items, weights):
+        mine[task].append(sid)
+    return _Work(mine, done, total, done_in_scope)
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> Path:
-    """Run (or resume) the sweep; returns the output directory with every result file in it."""
+    """Run (or resume) the sweep; returns the output directory with every result file in it.
+
+    Under ``torchrun`` / ``accelerate launch`` each rank computes its share and rank 0 writes the
+    results files once every rank is done; with ``cfg.shard`` only that shard is computed (the
+    results files come from ``tokenprune report``).
+    """
+    workers = Workers.start(Shard.parse(cfg.shard))
+    try:
+        return _run(cfg, workers, log if workers.is_main else (lambda *_: None))
+    except BaseException as exc:
+        workers.report_failure(f"{type(exc).__name__}: {exc}" if not isinstance(exc, TokenpruneError) else str(exc))
+        raise
+    finally:
+        workers.close()
+
+
+def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
     import torch
     from tqdm import tqdm
 
     from .. import cost
-    from ..adapters import load as load_model
     from .report import write_reports
     from .tasks import get_task
 
     out = Path(cfg.output)
-    check_output_dir(cfg, out)
-    samples_path = out / "samples.jsonl"
-    previous = read_rows(samples_path)
-    done = {row_key(r) for r in previous}
+    check_output_dir(cfg, out, write=False)
+    suffix = results.part_suffix(workers.rank, workers.world, (workers.shard.index, workers.shard.count) if workers.shard else None)
+    own = results.samples_path(out, suffix)
+    previous = results.read_all(out, own=own)
     by_run: dict[tuple, list[dict]] = defaultdict(list)  # rows per (task, method, ratio), for the one-liners
     for r in previous:
         by_run[(r["task"], r["method"], float(r["ratio"]))].append(r)
@@ -317,89 +381,118 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
     data = {name: task.load(data_dir=_data_dir(cfg, name), limit=cfg.limit, seed=cfg.seed if cfg.limit else None)
             for name, task in tasks.items()}
+    work = plan_work(cfg, {name: d.ids() for name, d in data.items()}, {row_key(r) for r in previous}, workers)
+    workers.barrier()  # every rank has read the results before any rank writes
+    if workers.is_main:
+        check_output_dir(cfg, out)
     runs = method_runs(cfg)
-    total = sum(len(d) for d in data.values()) * len(runs)
-    remaining = total - len(done)
+    scope = f" ({workers.describe()})" if workers.shard is not None else ""
     log(f"tokenprune bench: {cfg.model} | tasks {', '.join(cfg.tasks)} | {len(runs)} method x ratio runs | "
-        f"{total} sample-runs, {len(done)} already in {samples_path}")
+        f"{work.total} sample-runs{scope}, {work.done_in_scope} already in {out}"
+        + (f" | {workers.world} ranks" if workers.distributed else ""))
     if cfg.limit is not None:
         log(f"  a seeded subset of {cfg.limit} samples per task (seed {cfg.seed}); --limit all for whole splits")
 
-    if remaining > 0:
-        kwargs: dict[str, Any] = {}
-        if cfg.dtype != "auto":
-            kwargs["dtype"] = getattr(torch, cfg.dtype)
-        lvlm = load_model(cfg.model, **kwargs)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        lvlm.model.to(device)
-        spec = lvlm.vision_spec()
-        warmed = False
-        with samples_path.open("a") as sink, tqdm(total=total, initial=len(done), desc="bench", unit="sample",
-                                                  dynamic_ncols=True) as bar:
-            for task_name, task in tasks.items():
-                new_tokens = cfg.max_new_tokens or task.max_new_tokens
-                finished = {run: {k[3] for k in done if k[:3] == (task_name, *run)} for run in runs}
-                pending = [run for run in runs if len(finished[run]) < len(data[task_name])]
-                if not pending:
-                    continue
-                pruners = {run: make_pruner(*run) for run in pending}
-                # Runs whose pruners need the same vision pass share it: in-LLM pruners and the
-                # unpruned model need none of the vision attention, FoPru variants one layer's.
-                groups: dict[Any, list[tuple[str, float]]] = defaultdict(list)
-                for run in pending:
-                    groups[lvlm.vision_needs(pruners[run])].append(run)
-                # Batch-major: each batch of samples is encoded once per group, then run through
-                # every pending (method, ratio); samples every pending run has are skipped.
-                done_everywhere = set.intersection(*(finished[run] for run in pending))
-                todo = data[task_name].samples(exclude=done_everywhere)
-                for chunk in batches_from(todo, cfg.batch_size):
-                    images, prompts, ids = [s.image for s in chunk], [task.prompt(s) for s in chunk], [s.id for s in chunk]
-                    if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
-                        lvlm.generate(images[:1], prompts[:1], pruner=pruners[pending[0]], max_new_tokens=2,
-                                      sample_ids=ids[:1])
-                        warmed = True
-                    for needs, group in groups.items():
-                        encoded = None
-                        for run in group:
-                            missing = [i for i, s in enumerate(chunk) if s.id not in finished[run]]
-                            if not missing:
-                                continue
-                            encoded = encoded or lvlm.encode(images, prompts, needs)
-                            gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
-                                                position_policy=run_policy(cfg, run[0]), sample_ids=ids, encoded=encoded)
-                            t = gen.timings
-                            for i in missing:  # a resumed batch may be partly done for this run
-                                s, text, st = chunk[i], gen.texts[i], gen.stats[i]
-                                scores = task.score(text, s)
-                                c = cost.sample_cost(lvlm.model.config, spec, st)
-                                row = {
-                                    "model": cfg.model, "task": task_name, "method": run[0], "ratio": run[1],
-                                    "sample_id": s.id, "prediction": text, "answers": s.answers[:10], "scores": scores,
-                                    "category": s.category, "extra": _jsonable(s.extra),
-                                    "visual_tokens_in": st.visual_tokens_in, "visual_tokens_kept": st.visual_tokens_kept,
-                                    "visual_tokens_avg": st.visual_tokens_avg,
-                                    "text_tokens": st.text_tokens, "prefill_tokens": sum(st.tokens_per_layer),
-                                    "new_tokens": st.new_tokens, "tflops": c.total / 1e12, "tflops_vision": c.vision / 1e12,
-                                    "tflops_prefill": c.prefill / 1e12, "tflops_decode": (c.decode + c.lm_head) / 1e12,
-                                    "tflops_paper": c.paper / 1e12,
-                                    # per-sample share of the batch's wall clock; the vision pass is
-                                    # counted in full for every run that uses it (its real cost per run)
-                                    "prefill_ms": 1e3 * t["prefill"] / len(chunk),
-                                    "latency_ms": 1e3 * (t["vision"] + t["llm"]) / len(chunk),
-                                }
-                                sink.write(json.dumps(row) + "\n")
-                                by_run[(task_name, *run)].append(row)
-                                finished[run].add(s.id)
-                            sink.flush()
-                            os.fsync(sink.fileno())  # on disk before the next batch: a crash loses at most one batch
-                            bar.update(len(missing))
-                for run in pending:
-                    bar.write(_one_line(task, task_name, run[0], run[1], by_run[(task_name, *run)]))
-                if data[task_name].skipped:
-                    bar.write(data[task_name].report())
-    summary = write_reports(cfg, out, tasks, data, log=log)
+    done = work.done
+    skipped: dict[str, list] = {}
+    with tqdm(total=work.total, initial=work.done_in_scope, desc="bench", unit="sample", dynamic_ncols=True,
+              disable=not workers.is_main) as bar:
+        def show(all_ranks_done: int) -> None:  # rank 0's bar counts every rank's rows
+            target = work.done_in_scope + all_ranks_done
+            if target > bar.n:
+                bar.update(target - bar.n)
+
+        if any(work.mine.values()):
+            lvlm = _load_model(cfg, workers)
+            spec = lvlm.vision_spec()
+            warmed = False
+            with own.open("a") as sink:
+                for task_name, task in tasks.items():
+                    mine = work.mine[task_name]
+                    if not mine:
+                        continue
+                    new_tokens = cfg.max_new_tokens or task.max_new_tokens
+                    finished = {run: {k[3] for k in done if k[:3] == (task_name, *run)} for run in runs}
+                    pending = [run for run in runs if any(sid not in finished[run] for sid in mine)]
+                    pruners = {run: make_pruner(*run) for run in pending}
+                    # Runs whose pruners need the same vision pass share it: in-LLM pruners and the
+                    # unpruned model need none of the vision attention, FoPru variants one layer's.
+                    groups: dict[Any, list[tuple[str, float]]] = defaultdict(list)
+                    for run in pending:
+                        groups[lvlm.vision_needs(pruners[run])].append(run)
+                    # Batch-major: each batch of samples is encoded once per group, then run through
+                    # every pending (method, ratio); samples every pending run has are skipped.
+                    todo = data[task_name].samples(only=set(mine))
+                    for chunk in batches_from(todo, cfg.batch_size):
+                        images, prompts, ids = [s.image for s in chunk], [task.prompt(s) for s in chunk], [s.id for s in chunk]
+                        if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
+                            lvlm.generate(images[:1], prompts[:1], pruner=pruners[pending[0]], max_new_tokens=2,
+                                          sample_ids=ids[:1])
+                            warmed = True
+                        n_new = 0
+                        for needs, group in groups.items():
+                            encoded = None
+                            for run in group:
+                                missing = [i for i, s in enumerate(chunk) if s.id not in finished[run]]
+                                if not missing:
+                                    continue
+                                encoded = encoded or lvlm.encode(images, prompts, needs)
+                                gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
+                                                    position_policy=run_policy(cfg, run[0]), sample_ids=ids, encoded=encoded)
+                                for i in missing:  # a resumed batch may be partly done for this run
+                                    row = _row(cfg, task, task_name, run, chunk[i], gen, i, len(chunk), lvlm, spec, cost)
+                                    sink.write(json.dumps(row) + "\n")
+                                    by_run[(task_name, *run)].append(row)
+                                    finished[run].add(chunk[i].id)
+                                sink.flush()
+                                os.fsync(sink.fileno())  # on disk before the next batch: a crash loses at most one batch
+                                n_new += len(missing)
+                        if workers.distributed:
+                            if (line := workers.failed()) is not None:
+                                raise TokenpruneError(f"stopping: {line}")
+                            show(workers.add_done(n_new))
+                        else:
+                            bar.update(n_new)
+                    if not workers.distributed and workers.shard is None:
+                        for run in pending:
+                            bar.write(_one_line(task, task_name, run[0], run[1], by_run[(task_name, *run)]))
+                    if data[task_name].skipped:
+                        skipped[task_name] = data[task_name].skipped
+                        bar.write(data[task_name].report())
+        if skipped:
+            results.write_skipped(results.skipped_path(out, suffix), skipped)
+        workers.wait_for_others(show)
+    if not workers.is_main:
+        return out
+    if workers.shard is not None and workers.shard.count > 1:
+        log(f"{workers.describe()} done: its rows are in {out}/samples.{results.part_suffix(0, 1, (workers.shard.index, workers.shard.count))}*.jsonl; "
+            f"when every shard is done, `tokenprune report {out}` writes the results files")
+        return out
+    results.merge(out, cfg.tasks, runs, remove_ranks=True)
+    summary = write_reports(cfg, out, tasks, log=log)
     log(summary)
     return out
+
+
+def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> dict[str, Any]:
+    """One line of ``samples.jsonl``: the sample's answer, scores, token counts, FLOPs and times."""
+    text, st, t = gen.texts[i], gen.stats[i], gen.timings
+    c = cost.sample_cost(lvlm.model.config, spec, st)
+    return {
+        "model": cfg.model, "task": task_name, "method": run[0], "ratio": run[1],
+        "sample_id": sample.id, "prediction": text, "answers": sample.answers[:10], "scores": task.score(text, sample),
+        "category": sample.category, "extra": _jsonable(sample.extra),
+        "visual_tokens_in": st.visual_tokens_in, "visual_tokens_kept": st.visual_tokens_kept,
+        "visual_tokens_avg": st.visual_tokens_avg,
+        "text_tokens": st.text_tokens, "prefill_tokens": sum(st.tokens_per_layer),
+        "new_tokens": st.new_tokens, "tflops": c.total / 1e12, "tflops_vision": c.vision / 1e12,
+        "tflops_prefill": c.prefill / 1e12, "tflops_decode": (c.decode + c.lm_head) / 1e12,
+        "tflops_paper": c.paper / 1e12,
+        # per-sample share of the batch's wall clock; the vision pass is counted in full for
+        # every run that uses it (its real cost per run)
+        "prefill_ms": 1e3 * t["prefill"] / batch,
+        "latency_ms": 1e3 * (t["vision"] + t["llm"]) / batch,
+    }
 
 
 def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict]) -> str:
@@ -412,3 +505,39 @@ def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict])
     return (f"  {task_name:<14} {method:<20} r={ratio:<5} {task.headline}={value:.4f}  "
             f"TFLOPs={tflops:.4g}  visual tokens kept={kept:.1f}  n={len(rows)}")
 
+
+
+def rebuild_reports(run_dir: str | Path, log=lambda *_: None) -> str:
+    """``tokenprune report``: fold every results file of ``run_dir`` (shards, ranks, copied from
+    other machines) into ``samples.jsonl`` and rewrite summary, Pareto, report and W&B from it.
+
+    Shard files are kept (a shard may still be running); the sweep is read from ``config.yaml``.
+    Returns the summary table, preceded by what was merged.
+    """
+    from .report import write_reports
+    from .tasks import get_task
+
+    out = Path(run_dir)
+    path = out / "config.yaml"
+    if not path.exists():
+        raise TokenpruneError(f"{out} is not a sweep's output folder (no config.yaml); give the --output of a "
+                              "`tokenprune bench` run")
+    try:
+        stored = (yaml.safe_load(path.read_text()) or {}).get("config", {})
+        cfg = normalise(SweepConfig(**{k: v for k, v in stored.items() if k in FIELDS}))
+    except (yaml.YAMLError, TypeError) as exc:
+        raise TokenpruneError(f"{path} is not a readable sweep config ({exc}); rerun the sweep to rewrite it") from None
+    cfg.output = str(out)
+    tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
+    rows, parts = results.merge(out, cfg.tasks, method_runs(cfg), remove_ranks=False)
+    counts = defaultdict(int)
+    for r in rows:
+        counts[(r["task"], r["method"], float(r["ratio"]))] += 1
+    merged = ", ".join(p.name for p in parts) or "samples.jsonl only"
+    head = [f"tokenprune report: {len(rows)} sample-runs from {merged}"]
+    for task in cfg.tasks:
+        n = [counts[(task, m, r)] for m, r in method_runs(cfg)]
+        if len(set(n)) > 1 or not n[0]:
+            head.append(f"  {task}: runs have {min(n)}..{max(n)} samples: some shards are missing or unfinished "
+                        "(their rows are what the tables cover)")
+    return "\n".join(head) + "\n" + write_reports(cfg, out, tasks, log=log)

@@ -141,6 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "dtype": args.dtype, "output": args.output, "wandb_project": args.wandb_project,
         "wandb_mode": args.wandb_mode, "max_new_tokens": args.max_new_tokens,
         "position_policy": args.position_policy, "bootstrap": args.bootstrap,
+        "device_map": args.device_map, "shard": args.shard,
     }
     if args.data_dir is not None:
         pairs = [p for p in args.data_dir.split(",") if p]
@@ -154,9 +155,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         run_sweep(cfg)
     except KeyboardInterrupt:
-        print(f"\ntokenprune: interrupted; finished samples are saved in {cfg.output}/samples.jsonl -- "
+        print(f"\ntokenprune: interrupted; finished samples are saved in {cfg.output}/ -- "
               "rerun the same command to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Merge a sweep's results files (shards, ranks) and rebuild summary, Pareto and report."""
+    from .benchmarks.sweep import rebuild_reports
+
+    print(rebuild_reports(args.run_dir))
     return 0
 
 
@@ -212,7 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--bootstrap", type=_int, help="bootstrap resamples for the CIs (default 1000)")
     p_bench.add_argument("--wandb-project", help="log the sweep to this W&B project")
     p_bench.add_argument("--wandb-mode", help="online, offline or disabled (default: offline without an API key)")
+    p_bench.add_argument("--device-map", help="spread the model over devices: auto, balanced, sequential "
+                                              "(from_pretrained's device_map; under torchrun, each rank over its share of the GPUs)")
+    p_bench.add_argument("--shard", help="I/N: compute only shard I of N (job arrays); merge with `tokenprune report DIR`")
     p_bench.set_defaults(func=cmd_bench)
+
+    p_report = sub.add_parser("report", help="merge a sweep's results (shards, ranks) and rebuild every results file",
+                              description="Reads every samples*.jsonl in RUN_DIR (shards copied from several machines, "
+                                          "ranks of a torchrun job) and writes samples.jsonl, summary.csv, pareto.*, "
+                                          "report.md and the W&B run from them. Computes nothing.")
+    p_report.add_argument("run_dir", help="the sweep's --output folder")
+    p_report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -220,11 +239,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenprune`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = _rank_label()
     try:
         return args.func(args)
     except TokenpruneError as exc:
-        print(f"tokenprune: error: {exc}", file=sys.stderr)
+        print(f"tokenprune: error{who}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001
+        if not who:
+            raise  # one process: a bug keeps its traceback
+        # Under torchrun every rank would print its traceback (and the launcher its own): one line
+        # per failing rank here, the traceback in a file.
+        import traceback
+        from pathlib import Path
+
+        log = Path(f"tokenprune-error-{who.strip(' ()').replace(' ', '-')}.log")
+        log.write_text(traceback.format_exc())
+        print(f"tokenprune: error{who}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(traceback: {log.resolve()})", file=sys.stderr)
+        return 1
+
+
+def _rank_label() -> str:
+    """``" (rank 1 of 4)"`` under torchrun / accelerate launch, else ``""``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,17 +78,22 @@ class TaskData:
     def __iter__(self) -> Iterator[Sample]:
         return self.samples()
 
-    def samples(self, exclude: Container[str] = ()) -> Iterator[Sample]:
-        """The samples, decoded one at a time; ids in ``exclude`` are passed over undecoded.
+    def ids(self) -> list[str]:
+        """The sample ids, in order, without decoding any image."""
+        return [self.task.row_id(self.rows[i], i) for i in self.indices]
 
-        ``skipped`` is reset and refilled by each full pass (excluded rows are not decoded, so a
+    def samples(self, exclude: Container[str] = (), only: Container[str] | None = None) -> Iterator[Sample]:
+        """The samples, decoded one at a time; ids in ``exclude`` (or, with ``only``, not in it) are
+        passed over undecoded.
+
+        ``skipped`` is reset and refilled by each pass (rows passed over are not decoded, so a
         broken image among them is not counted again).
         """
         self.skipped = []
         for i in self.indices:
             row = self.rows[i]
             sid = self.task.row_id(row, i)
-            if sid in exclude:
+            if sid in exclude or (only is not None and sid not in only):
                 continue
             try:
                 image = decode_image(self.task.row_image(row))
