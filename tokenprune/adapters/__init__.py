@@ -51,17 +51,28 @@ def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
     """Load a model and its processor with ``from_pretrained`` and wrap them.
 
     ``hf_kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``device_map``, ...). Zoo names
-    (``tiny-llava``, ... see :mod:`tokenprune.zoo`) build a tiny random model without any download.
+    (``tiny-llava``, ... see :mod:`tokenprune.zoo`) build a model in code without any download; of
+    the keywords they take ``dtype`` and accelerate's placement: ``device_map`` (``"auto"``,
+    ``"balanced"``, ``"sequential"``, a device, or ``{module name: device or "disk"}``),
+    ``max_memory``, ``offload_folder`` and ``offload_buffers`` (see
+    :func:`tokenprune.adapters.devices.dispatch`).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from ..zoo import zoo_builder
+    from .devices import check_device_map, dispatch
 
+    if hf_kwargs.get("device_map") is not None:
+        check_device_map(hf_kwargs["device_map"])
     build = zoo_builder(model_id_or_path)
-    if build is not None:  # a tiny random model built in code (no hub)
+    if build is not None:  # a model built in code (no hub)
         model, processor = build()
         if "dtype" in hf_kwargs:
             model = model.to(hf_kwargs["dtype"])
+        if hf_kwargs.get("device_map") is not None:
+            model = dispatch(model, hf_kwargs["device_map"], max_memory=hf_kwargs.get("max_memory"),
+                             offload_folder=hf_kwargs.get("offload_folder"),
+                             offload_buffers=bool(hf_kwargs.get("offload_buffers", False)))
         return wrap(model, processor)
     try:
         config = AutoConfig.from_pretrained(model_id_or_path)

@@ -18,6 +18,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .devices import run_as
+
 RECORDING_IMPL = "tokenprune_record"
 Rows = Literal["all", "last", "prefix"]
 
@@ -57,8 +59,8 @@ def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         rec.keys.append(key)
     if rec.rows is not None:
         lq, lk = query.shape[-2], key.shape[-2]
-        if torch.is_tensor(rec.rows):  # [B, Q] query positions, per sample
-            index = rec.rows
+        if torch.is_tensor(rec.rows):  # [B, Q] query positions, per sample, on the caller's device
+            index = rec.rows.to(query.device)  # (on a model split over devices, not the layer's)
         elif rec.rows == "last":
             index = torch.full((query.shape[0], 1), lq - 1, dtype=torch.long, device=query.device)
         elif rec.rows == "prefix":
@@ -88,11 +90,24 @@ def input_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings:
     and ``k_proj`` on all ``L`` tokens, and its modeling file's ``apply_rotary_pos_emb``; no value
     or output projection, no MLP. ``hidden`` ``[B, L, D]``; ``mask`` ``[B, 1, L, L]`` boolean;
     ``rows`` ``[B, Q]`` positions.
+
+    On a dispatched model (accelerate ``device_map``) this runs under the layer's hook
+    (:func:`~tokenprune.adapters.devices.run_as`): inputs go to the layer's execution device,
+    offloaded weights are loaded for the call; the result is on the layer's execution device.
     """
     attn = layer.self_attn
     rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     if rotary is None or not hasattr(attn, "q_proj"):
         raise NotImplementedError(f"input attention is not supported for {type(attn).__name__}")
+    # Only tensors go through the hook (it moves anything with a ``.to``, modules included).
+    return run_as(layer, lambda *t: _input_attention(layer, rotary, *t), hidden, position_embeddings, mask, rows)
+
+
+def _input_attention(layer: nn.Module, rotary: Callable, hidden: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+    """:func:`input_attention`'s arithmetic, every tensor on the layer's device."""
+    attn = layer.self_attn
     b, length, _ = hidden.shape
     head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import OptionError
 from ..pruner import PrunerNeeds, PruningInputs, Stage, TokenPruner, validate_choice
 from .decoder import DecoderRunner, LLMInputs, compact_positions, gather_seq, left_pack
+from .devices import model_devices, synchronizer
 
 POSITION_POLICIES = ("keep", "compact")
 
@@ -202,7 +203,26 @@ class PrunableLVLM(ABC):
     # -- the shared pipeline ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The device inputs go to: the execution device of the input embeddings (their accelerate
+        hook's on a model dispatched with a ``device_map``, whose first weights may be offloaded to
+        ``meta``). Processor outputs, visual tokens handed to pre-LLM pruners and the decoder's
+        per-token state live here; each module's hook moves what it reads to its own device."""
+        return self.runner.device
+
+    def _synchronizer(self):
+        """Waits for every CUDA device of the model (timing boundaries); a no-op off CUDA."""
+        return synchronizer(model_devices(self.model)) if self.device.type == "cuda" else (lambda: None)
+
+    @staticmethod
+    def _views_to(views: list[View], device: torch.device) -> list[View]:
+        """``views`` with every tensor on ``device`` (a vision tower or projector on another device
+        leaves its outputs there); views already there are returned as they are."""
+        out = []
+        for v in views:
+            moved = {f.name: getattr(v, f.name).to(device) for f in fields(v)
+                     if torch.is_tensor(getattr(v, f.name)) and getattr(v, f.name).device != device}
+            out.append(replace(v, **moved) if moved else v)
+        return out
 
     @staticmethod
     def vision_needs(pruner: TokenPruner | None) -> PrunerNeeds:
@@ -216,10 +236,11 @@ class PrunableLVLM(ABC):
         if len(images) != len(prompts):
             raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         needs = needs or PrunerNeeds()
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync = self._synchronizer()
         t0 = time.perf_counter()
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
-        views = self.encode_images(batch, needs)
+        device = self.device
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
+        views = self._views_to(self.encode_images(batch, needs), device)
         sync()
         return EncodedImages(batch=batch, views=views, needs=needs, seconds=time.perf_counter() - t0)
 
@@ -266,7 +287,7 @@ class PrunableLVLM(ABC):
         validate_choice(position_policy, "position_policy", POSITION_POLICIES)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         needs = self.vision_needs(pruner)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync = self._synchronizer()
 
         if encoded is None:
             encoded = self.encode(images, prompts, needs)
@@ -416,7 +437,7 @@ class PrunableLVLM(ABC):
                 features = inputs.vision_features
                 if inputs.vision_prefix_features is not None:
                     features = torch.cat([inputs.vision_prefix_features, features], 1)
-                new_tokens = self.project_features(red.feature_weights.to(features.dtype) @ features)
+                new_tokens = self.project_features(red.feature_weights.to(features.dtype) @ features).to(features.device)
             else:
                 new_tokens = red.apply(inputs.tokens)
             sources = red.positions if red.positions is not None else red.indices

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from ..errors import OptionError
 from ..pruner import LLMStage, PruningInputs, TokenPruner
 from .attention import input_attention, record_attention
+from .devices import execution_device, model_devices, on_input_device, synchronizer
 
 
 @dataclass
@@ -190,6 +191,12 @@ def next_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class DecoderRunner:
     """Runs a decoder (``layers``, ``norm``, ``rotary_emb``, ``embed_tokens``) and its LM head.
 
+    Devices (a model dispatched with an accelerate ``device_map``): the per-token state (masks,
+    positions, the token loop) lives on :attr:`device`, the input embeddings' execution device. The
+    hidden states travel with the layers (each layer's hook moves its inputs, as in Hugging Face's
+    own forward); at a prune point they, and the attention or keys recorded inside the layer, come
+    back to :attr:`device`, where the pruner runs. Logits are returned there too.
+
     Args:
         text_model: the decoder stack (e.g. ``LlamaModel``, ``Qwen2VLTextModel``).
         lm_head: the output projection.
@@ -203,6 +210,15 @@ class DecoderRunner:
         self.layers = list(text_model.layers)
         self.pad_id = pad_id
         self.eos_ids = torch.tensor(sorted(set(eos_ids)))
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go and the per-token state lives: the input embeddings' execution device."""
+        return execution_device(self.model.embed_tokens)
+
+    def synchronizer(self):
+        """Waits for every CUDA device the decoder runs on (timing boundaries)."""
+        return synchronizer(model_devices(self.model, self.lm_head))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` ids -> ``[B, L, D]`` embeddings."""
@@ -240,6 +256,7 @@ class DecoderRunner:
         for i, layer in enumerate(self.layers):
             if i in at:
                 s = at[i]
+                seq = replace(seq, h=seq.h.to(seq.mask.device))  # the stage runs where the sequence state is
                 if replay is not None:
                     keep, merge = replay[s]
                 else:
@@ -300,14 +317,15 @@ class DecoderRunner:
     def _select(self, pruner, s, stage: LLMStage, seq: _Sequence, rec, pe, mask4, n_orig, sample_ids, view_grids):
         """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None)``."""
         attn, qmask = None, None
+        dev = seq.mask.device  # recorded on the layer's device: brought to the sequence state's
         if stage.attention == "previous":
-            attn, qmask = rec.maps[0], rec.query_mask
+            attn, qmask = rec.maps[0].to(dev), rec.query_mask
         elif stage.attention == "input":
             rows, qmask = self._query_rows(stage.queries, seq)
-            attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows)
+            attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows).to(dev)
         keys = None
         if stage.keys:
-            k = rec.keys[0]  # [B, H_kv, L, d]
+            k = rec.keys[0].to(dev)  # [B, H_kv, L, d]
             keys = k.transpose(1, 2).flatten(2)  # [B, L, H_kv * d]
         img = seq.image_mask & seq.mask
         after = seq.after_image & seq.mask
@@ -334,7 +352,7 @@ class DecoderRunner:
                 view_grids=grids, llm_keys=None if keys is None else gather_seq(keys[rows], img_pos, 1),
                 text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=gather_seq(after[rows], txt_pos, 1),
                 text_keys=None if keys is None else gather_seq(keys[rows], txt_pos, 1),
-                final_norm=self.model.norm,
+                final_norm=on_input_device(self.model.norm),  # the norm itself unless dispatched
             )
             red = pruner(inputs)
             keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
@@ -349,8 +367,9 @@ class DecoderRunner:
             merge[rows[:, None, None], slot[None, :, None], img_pos[:, None, :]] = w.float()
         return keep, merge
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h[:, -1:])).float()[:, 0]
+    def _logits(self, h: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``[B, V]`` float logits of the last position, on ``device``."""
+        return self.lm_head(self.model.norm(h[:, -1:])).float()[:, 0].to(device)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -367,14 +386,14 @@ class DecoderRunner:
         b = inputs.embeds.shape[0]
         device = inputs.embeds.device
         stages = self.schedule(pruner)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = self.synchronizer() if device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         eos = self.eos_ids.to(device) if not ignore_eos else torch.empty(0, dtype=torch.long, device=device)
         cache = DynamicCache() if use_cache else None
         seq = self._initial_sequence(inputs)
         h, n_tok, n_vis, records = self._run_layers(seq, cache, pruner, stages, None, inputs.sample_ids,
                                                     inputs.view_grids, position_policy, inputs.embeds.shape[1])
-        logits = self._logits(h)
+        logits = self._logits(h, device)
         first_logits = logits
         sync()  # timing boundaries only: never inside the decode loop
         t_prefill = time.perf_counter()
@@ -413,7 +432,7 @@ class DecoderRunner:
                                                      image_mask=torch.cat([inputs.image_mask, ~one.expand(-1, grown)], 1)))
                 h, _, _, _ = self._run_layers(seq, None, pruner, stages, replay, inputs.sample_ids, None,
                                               position_policy, embeds.shape[1])
-            logits = self._logits(h)
+            logits = self._logits(h, device)
         sync()
         t_end = time.perf_counter()
         return DecodeResult(tokens=out, first_logits=first_logits, prefill_tokens=n_tok, visual_tokens=n_vis,

@@ -59,6 +59,12 @@ class LlavaNextLVLM(LlavaLVLM):
         feats = inner.multi_modal_projector(raw)
         maps = rec.maps[0] if rec is not None else None  # [crops, T, T]
         newline = inner.image_newline
+        home = batch["input_ids"].device  # tower and projector may compute elsewhere (device_map): stitch here
+        feats, newline = feats.to(home), newline.to(home)
+        maps = None if maps is None else maps.to(home)
+        keys = None if keys is None else keys.to(home)
+        if needs.vision_features:
+            raw, hidden = raw.to(home), hidden.to(home)
         image_pos = batch["input_ids"] == cfg.image_token_id
         views, start = [], 0
         n = side * side

@@ -72,7 +72,8 @@ class QwenVLLVLM(PrunableLVLM):
         feats = torch.split(out.pooler_output, sizes)
         maps = None
         if rec is not None:
-            maps = [m[0] for m in rec.maps]  # one [P, P] map per image (attention runs image by image)
+            # one [P, P] map per image (attention runs image by image), on the block's device: to ours
+            maps = [m[0].to(grid_thw.device) for m in rec.maps]
             orders = self._patch_order(grid_thw)
             if orders is not None:
                 inverse = [torch.argsort(o) for o in orders]
