@@ -139,9 +139,10 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
     if cfg.wandb_mode not in (None, "online", "offline", "disabled"):
         raise OptionError(f"--wandb-mode must be one of online, offline, disabled; got {cfg.wandb_mode!r}")
     Shard.parse(cfg.shard)
-    if cfg.device_map is not None and not isinstance(cfg.device_map, (str, dict)):
-        raise OptionError(f"device_map must be auto, balanced, sequential or a mapping of modules to devices; "
-                          f"got {cfg.device_map!r}")
+    if cfg.device_map is not None:
+        from ..adapters.devices import check_device_map
+
+        check_device_map(cfg.device_map)  # before any model loads
     if cfg.position_policy not in ("default", "keep", "compact"):
         raise OptionError(f"position_policy must be default (each method's own convention), keep or compact; "
                           f"got {cfg.position_policy!r}")
@@ -362,7 +363,6 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
 
 
 def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
-    import torch
     from tqdm import tqdm
 
     from .. import cost

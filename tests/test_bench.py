@@ -202,6 +202,9 @@ def test_wandb_offline_table(pope_dir, tmp_path):
     (["--dtype", "float8"], "--dtype must be one of"),
     (["--wandb-mode", "sometimes"], "--wandb-mode must be one of"),
     (["--config", "nope.yaml"], "config file nope.yaml does not exist; shipped configs: configs/ablations"),
+    (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
+    (["--device-map", "cuda:99"], "bad device_map: cuda:99, but this machine has"),
+    (["--device-map", "gpus"], "bad device_map: 'gpus'; use auto, balanced"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, expected):
     proc = subprocess.run([sys.executable, "-m", "tokenprune", "bench", *argv], capture_output=True, text=True)

@@ -122,14 +122,31 @@ def _bad(msg: str) -> TokenpruneError:
 
 def _check_value(name: str, value: Any) -> Any:
     """A device-map value as accelerate takes it (``"disk"``, an int, a device string)."""
-    if value == "disk" or isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if value == "disk":
         return value
-    if isinstance(value, (str, torch.device)):
+    device = None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        device = torch.device("cuda", value)
+    elif isinstance(value, (str, torch.device)):
         try:
-            return str(torch.device(value))
+            device = torch.device(value)
         except (RuntimeError, TypeError):
             pass
+    if device is not None:
+        _check_exists(name, device)
+        return value if isinstance(value, int) else str(device)
     raise _bad(f"{name!r} is mapped to {value!r}; use 'cpu', 'disk', a GPU index or a device such as 'cuda:1'")
+
+
+def _check_exists(name: str, device: torch.device) -> None:
+    """A CUDA device this machine has (accelerate would fail deep inside ``model.to``)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        where = f"{name!r} is mapped to {device}" if name else f"{device}"
+        raise _bad(f"{where}, but this machine has {count} CUDA device(s)"
+                   + ("" if count else " (a CPU build of torch, or no GPU visible): use 'cpu' or 'disk'"))
 
 
 def check_device_map(device_map: Any) -> None:
@@ -146,10 +163,12 @@ def check_device_map(device_map: Any) -> None:
         return
     if isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool) and device_map != "disk":
         try:
-            _check_value("", device_map)
+            parsed = isinstance(device_map, int) or bool(torch.device(device_map))
+        except (RuntimeError, TypeError):
+            parsed = False
+        if parsed:
+            _check_value("", device_map)  # a device: does this machine have it?
             return
-        except TokenpruneError:
-            pass
     raise _bad(f"{device_map!r}; use {', '.join(POLICIES)}, one device ('cpu', 'cuda:1', 0) or a mapping "
                "{module name: device or 'disk'}")
 
