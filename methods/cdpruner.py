@@ -144,4 +144,4 @@ class CDPrunerPruner(TokenPruner):
         x = x / x.norm(dim=-1, keepdim=True)
         rel = self.relevance_scores(inputs)
         kernel = rel[:, :, None] * (x @ x.transpose(1, 2)) * rel[:, None, :]
-        return Reduction(indices=dpp_greedy_map(kernel, k).sort(dim=-1).values)
+        return Reduction(indices=dpp_greedy_map(kernel, k).sort(dim=-1).values, scores=rel)  # relevance

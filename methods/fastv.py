@@ -58,4 +58,4 @@ class FastVPruner(TokenPruner):
         else:
             weights = mask.to(attn.dtype).unsqueeze(-1)
             scores = (attn * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
-        return Reduction(indices=topk_indices(scores.float(), self.num_kept(inputs.num_tokens, inputs.grid)))
+        return Reduction(indices=topk_indices(scores.float(), self.num_kept(inputs.num_tokens, inputs.grid)), scores=scores)

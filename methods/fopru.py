@@ -85,7 +85,7 @@ class FoPruRank(_FoPruBase):
 
     def select(self, inputs: PruningInputs) -> Reduction:
         scores = fopru_scores(inputs, self.score_axis)
-        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)))
+        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)), scores=scores)
 
 
 @register_pruner("fopru_row")
@@ -126,11 +126,11 @@ class FoPruRow(_FoPruBase):
         cols = torch.arange(w, device=scores.device)
         indices = (rows.unsqueeze(-1) * w + cols).flatten(1)  # whole rows, raster order
         if rest == 0:
-            return Reduction(indices=indices, grid=(n_rows, w))
+            return Reduction(indices=indices, grid=(n_rows, w), scores=scores.flatten(1))
         next_row = row_order[:, n_rows]  # [B]: the best row not kept whole
         row_scores = scores.gather(1, next_row.view(-1, 1, 1).expand(-1, 1, w)).squeeze(1)  # [B, w]
         partial = next_row.unsqueeze(-1) * w + topk_indices(row_scores, rest)
-        return Reduction(indices=torch.cat([indices, partial], dim=1).sort(dim=-1).values)
+        return Reduction(indices=torch.cat([indices, partial], dim=1).sort(dim=-1).values, scores=scores.flatten(1))
 
 
 @register_pruner("fastervlm")
@@ -152,4 +152,4 @@ class FasterVLM(FoPruRank):
     def select(self, inputs: PruningInputs) -> Reduction:
         axis = "cls" if inputs.vision_prefix >= 1 else "column"
         scores = fopru_scores(inputs, axis)
-        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)))
+        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)), scores=scores)

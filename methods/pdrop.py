@@ -100,4 +100,4 @@ class PyramidDropPruner(TokenPruner):
         if attn is None:
             raise ValueError("pdrop needs llm_attention; the adapter did not provide it")
         k = self.stage_counts(inputs.num_original, inputs.num_layers)[inputs.stage]
-        return Reduction(indices=topk_indices(attn[:, -1].float(), min(k, inputs.num_tokens)))
+        return Reduction(indices=topk_indices(attn[:, -1].float(), min(k, inputs.num_tokens)), scores=attn[:, -1])

@@ -136,7 +136,7 @@ class SparseVLMPruner(TokenPruner):
         k = min(self.stage_counts(inputs.num_original)[inputs.stage], n)
         kept = topk_indices(score, k)
         if not self.recycle or k == n:
-            return Reduction(indices=kept)
+            return Reduction(indices=kept, scores=score)
         dropped = torch.ones_like(score, dtype=torch.bool).scatter(1, kept, False)
         pruned = torch.sort(dropped.to(torch.int8), dim=1, descending=True, stable=True).indices[:, : n - k]
         pruned = pruned.sort(dim=1).values  # [B, p] pruned tokens in original order
@@ -147,4 +147,4 @@ class SparseVLMPruner(TokenPruner):
         weights = dpc_knn_weights(x, int(m / 10) + 1)  # [B, K, m]
         merge = weights.new_zeros(weights.shape[0], weights.shape[1], n)
         merge.scatter_(2, recycled[:, None, :].expand(-1, weights.shape[1], -1), weights)
-        return Reduction(indices=kept, merge_weights=merge)
+        return Reduction(indices=kept, merge_weights=merge, scores=score)

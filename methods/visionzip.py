@@ -111,4 +111,4 @@ class VisionZipPruner(TokenPruner):
             positions[:, dominant:dominant + c] = rest[:, targets]
         used = dominant + (min(contextual, rest.shape[1]) if contextual else 0)
         return Reduction(indices=torch.arange(used, device=dev).expand(b, -1), feature_weights=weights[:, :used],
-                         positions=positions[:, :used])
+                         positions=positions[:, :used], scores=scores)

@@ -77,4 +77,4 @@ class VisPrunerPruner(TokenPruner):
         features = features / features.norm(dim=-1, keepdim=True)
         residual = thin_by_similarity(features, order[:, n_important:], k - n_important)
         kept = torch.cat([order[:, :n_important], residual], dim=-1)
-        return Reduction(indices=kept.sort(dim=-1).values)
+        return Reduction(indices=kept.sort(dim=-1).values, scores=scores)

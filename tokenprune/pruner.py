@@ -241,6 +241,9 @@ class Reduction:
         positions: ``[B, k]`` token indices whose position ids the kept tokens take under the
             ``keep`` policy (default: ``indices``), for merging pruners whose output order is not
             the tokens' original order.
+        scores: optional ``[B, N]``, the per-token score the method ranked by (higher = more
+            likely kept): FoPru's significance, CLS attention, FastV's attention at layer K-1, ...
+            Never used to prune; ``tokenprune show`` draws it as the method's heatmap.
     """
 
     indices: torch.Tensor
@@ -249,6 +252,7 @@ class Reduction:
     merge_weights: torch.Tensor | None = None
     feature_weights: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
