@@ -27,6 +27,7 @@ from ..errors import OptionError, TokenpruneError
 from ..pruner import TokenPruner, pruner_from_spec, validate_ratio
 from .distributed import Shard, Workers
 from .results import read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
+from ..visualize.record import record_kept, view_sizes
 from . import results
 
 DEFAULT_MODEL = "tokenprune-demo"
@@ -437,10 +438,13 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
                                 if not missing:
                                     continue
                                 encoded = encoded or lvlm.encode(images, prompts, needs)
-                                gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
-                                                    position_policy=run_policy(cfg, run[0]), sample_ids=ids, encoded=encoded)
+                                with record_kept(pruners[run]) as kept:
+                                    gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
+                                                        position_policy=run_policy(cfg, run[0]), sample_ids=ids,
+                                                        encoded=encoded)
                                 for i in missing:  # a resumed batch may be partly done for this run
                                     row = _row(cfg, task, task_name, run, chunk[i], gen, i, len(chunk), lvlm, spec, cost)
+                                    row["kept"] = _kept_json(kept, chunk[i].id, view_sizes(encoded.views, i))
                                     sink.write(json.dumps(row) + "\n")
                                     by_run[(task_name, *run)].append(row)
                                     finished[run].add(chunk[i].id)
@@ -472,6 +476,16 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
     summary = write_reports(cfg, out, tasks, log=log)
     log(summary)
     return out
+
+
+def _kept_json(recorder, sample_id: str, views: list[int]) -> dict | None:
+    """What the run kept of the sample's visual tokens, per view (compact bitmasks; ``None``: everything)."""
+    if recorder is None:
+        return None
+    try:
+        return recorder.kept(sample_id, views).to_json()
+    except KeyError:  # the pruner never ran on it (no visual tokens)
+        return None
 
 
 def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> dict[str, Any]:

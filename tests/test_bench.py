@@ -68,6 +68,14 @@ def test_sweep_writes_every_output(pope_dir, tmp_path):
         assert (out / name).exists(), name
     rows = read_rows(out / "samples.jsonl")
     assert len(rows) == 6 * 7 and len({row_key(r) for r in rows}) == len(rows)  # 1 reference + 3 methods x 2 ratios
+    from tokenprune.visualize.record import Kept
+
+    for r in rows:  # what each run kept, per view: as many tokens as the model received
+        if r["method"] == "none":
+            assert r["kept"] is None
+        else:
+            kept = Kept.from_json(r["kept"])
+            assert sum(kept.views) == r["visual_tokens_in"] and kept.stages[-1].sum() == r["visual_tokens_kept"]
     summary = read_summary(out / "summary.csv")
     assert list(summary[0]) == SUMMARY_COLUMNS
     assert [(r["method"], r["ratio"]) for r in summary][:3] == [("none", "1"), ("fopru_rank", "0.5"), ("fopru_rank", "0.25")]
