@@ -94,12 +94,21 @@ def pareto_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pts = [r for r in summary if r["task"] == task]
         flags = pareto_front([(r["tflops"], r["score"]) for r in pts])
         out += [{"task": task, "method": r["method"], "ratio": r["ratio"], "tflops": r["tflops"], "score": r["score"],
+                 "score_ci_low": r.get("score_ci_low", math.nan), "score_ci_high": r.get("score_ci_high", math.nan),
                  "on_front": flag} for r, flag in zip(pts, flags)]
     return out
 
 
+def _ci_bars(pts: list[dict[str, Any]]) -> np.ndarray:
+    """``[2, n]`` distances from each score down to its CI's low end and up to its high end (0 if unknown)."""
+    low = [p["score"] - p.get("score_ci_low", math.nan) for p in pts]
+    high = [p.get("score_ci_high", math.nan) - p["score"] for p in pts]
+    return np.nan_to_num(np.clip(np.array([low, high], dtype=float), 0, None))
+
+
 def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any]]) -> None:
-    """Accuracy vs TFLOPs: one line per method over its ratios, the reference as a star, the front marked."""
+    """Accuracy vs TFLOPs: one line per method over its ratios with 95% CI error bars, the reference
+    as a star, the front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,11 +120,12 @@ def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any
         by_method[p["method"]].append(p)
     for method, pts in by_method.items():
         pts = sorted(pts, key=lambda p: p["tflops"])
+        xs, ys = [p["tflops"] for p in pts], [p["score"] for p in pts]
         if method == "none":
-            ax.scatter([p["tflops"] for p in pts], [p["score"] for p in pts], marker="*", s=180, color="black",
-                       zorder=4, label="none (unpruned)")
+            ax.errorbar(xs, ys, yerr=_ci_bars(pts), fmt="none", ecolor="black", capsize=3, zorder=3)
+            ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=4, label="none (unpruned)")
             continue
-        ax.plot([p["tflops"] for p in pts], [p["score"] for p in pts], marker="o", label=method)
+        ax.errorbar(xs, ys, yerr=_ci_bars(pts), marker="o", capsize=3, label=method)
         for p in pts:
             ax.annotate(f"{p['ratio']:g}", (p["tflops"], p["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["tflops"])
@@ -125,7 +135,7 @@ def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any
                zorder=5)
     ax.set_xlabel("TFLOPs per sample (vision + prefill + decode; 1 multiply-add = 2 FLOPs)")
     ax.set_ylabel(headline)
-    ax.set_title(f"{task}: {headline} vs compute (labels: retention ratio)")
+    ax.set_title(f"{task}: {headline} vs compute (labels: retention ratio; bars: 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
