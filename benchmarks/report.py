@@ -174,9 +174,13 @@ def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_reports(cfg, out: Path, tasks: dict, log=print) -> str:
+def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bool = True) -> str:
     """Write every results file from the sweep's results files (see :mod:`.results`); returns the
-    final table as text. Skipped samples come from ``skipped.json`` (written by the merge)."""
+    final table as text. Skipped samples come from ``skipped.json`` (written by the merge).
+
+    ``gallery``: draw the samples each method flips (right unpruned, wrong pruned) into
+    ``gallery/`` and the report; ``lvlm`` (the sweep's model, if loaded) gives the token geometry.
+    """
     from .results import SKIPPED, read_all
 
     rows = [r for r in read_all(out) if r["task"] in tasks]
@@ -220,10 +224,23 @@ def write_reports(cfg, out: Path, tasks: dict, log=print) -> str:
                                 for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
         report.append(f"![{task_name}](pareto_{task_name}.png)\n")
     report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
+    pngs: list[Path] = []
+    if gallery:
+        from ..errors import TokenpruneError
+        from ..visualize.gallery import write_galleries
+
+        report.append("## Flipped samples\n\nPer task and ratio, up to three samples the unpruned model answers "
+                      "right and a method wrong, each drawn with what every method kept (bright: kept, dim: "
+                      "dropped, half: merged).\n")
+        try:
+            lines, pngs = write_galleries(cfg, out, tasks, rows, _sample_metric, lvlm=lvlm)
+            report += lines or ["No sample was flipped."]
+        except TokenpruneError as exc:  # the tables above stand; say why the pictures are missing
+            report.append(f"(no gallery: {exc})")
     (out / "report.md").write_text("\n".join(report))
 
     if cfg.wandb_project:
-        log_wandb(cfg, out, summary, front, tasks)
+        log_wandb(cfg, out, summary, front, tasks, pngs)
     table = _text_table(summary, shown)
     return f"\n{table}\n\nresults: {out}/summary.csv, pareto.csv, report.md, pareto_<task>.png, samples.jsonl"
 
@@ -252,8 +269,9 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
-def log_wandb(cfg, out: Path, summary: list[dict], front: list[dict], tasks: dict) -> None:
-    """One W&B run per sweep: config, the summary table, accuracy-vs-TFLOPs per task, the PNGs."""
+def log_wandb(cfg, out: Path, summary: list[dict], front: list[dict], tasks: dict, gallery: list[Path] = ()) -> None:
+    """One W&B run per sweep: config, the summary table, accuracy-vs-TFLOPs per task, the PNGs
+    (Pareto plots and the flipped-sample gallery)."""
     import wandb
     import yaml
 
@@ -277,6 +295,9 @@ def log_wandb(cfg, out: Path, summary: list[dict], front: list[dict], tasks: dic
             png = out / f"pareto_{task_name}.png"
             if png.exists():
                 payload[f"{task_name}/pareto"] = wandb.Image(str(png))
+            flipped = [wandb.Image(str(p), caption=p.stem) for p in gallery if p.name.startswith(f"{task_name}_r")]
+            if flipped:
+                payload[f"{task_name}/flipped"] = flipped
         run.log(payload)
         (out / "wandb_run.yaml").write_text(yaml.safe_dump({"mode": mode, "id": run.id, "dir": str(run.dir)}))
     finally:

@@ -403,6 +403,7 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
             if target > bar.n:
                 bar.update(target - bar.n)
 
+        lvlm = None
         if any(work.mine.values()):
             lvlm = _load_model(cfg, workers)
             spec = lvlm.vision_spec()
@@ -473,7 +474,7 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
             f"when every shard is done, `tokenprune report {out}` writes the results files")
         return out
     results.merge(out, cfg.tasks, runs, remove_ranks=True)
-    summary = write_reports(cfg, out, tasks, log=log)
+    summary = write_reports(cfg, out, tasks, log=log, lvlm=lvlm)
     log(summary)
     return out
 

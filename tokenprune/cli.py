@@ -169,6 +169,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    """Draw what each method keeps: live on an image, or from a finished sweep (--run, --sample)."""
+    from .visualize.show import DEFAULT_METHODS, save, show_image, show_run
+
+    methods = None
+    if args.methods:
+        from .benchmarks.sweep import split_methods
+
+        methods = split_methods(args.methods)
+    if args.run is not None:
+        if args.sample is None:
+            raise OptionError("--run needs --sample ID (a sample_id of the sweep's samples.jsonl)")
+        figure = show_run(args.run, args.sample, ratio=args.ratio, methods=methods, task=args.task)
+        default = f"{args.run}/show_{args.sample}.png"
+    else:
+        if args.sample is not None:
+            raise OptionError("--sample picks a sample of a finished sweep: give --run DIR too")
+        image, prompt, reference = _show_input(args)
+        figure = show_image(image, prompt, methods=methods or DEFAULT_METHODS,
+                            ratio=0.25 if args.ratio is None else args.ratio, model=args.model or "tokenprune-demo",
+                            reference=reference)
+        default = "show.png"
+    path = save(figure, args.output or default)
+    print(f"tokenprune show: {path} ({figure.width}x{figure.height})")
+    return 0
+
+
+def _show_input(args: argparse.Namespace):
+    """The image and prompt of a live ``show``: the given file, or a sample of the default task."""
+    from PIL import Image, UnidentifiedImageError
+
+    if args.image is None:
+        task = get_task("easy_vqa")
+        sample = next(iter(task.load(limit=1, seed=0)))
+        return sample.image, args.prompt or task.prompt(sample), sample.answers
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise OptionError(f"cannot read image {args.image}: {exc}; give a PNG or JPEG file") from None
+    return image, args.prompt or "Describe the image briefly.", None
+
+
+def cmd_on_object(args: argparse.Namespace) -> int:
+    """The share of each method's kept tokens on the object, from a finished easy-VQA sweep."""
+    from .visualize.on_object import format_table, on_object_table
+
+    print(format_table(on_object_table(args.run_dir, bootstrap=args.bootstrap)))
+    print(f"\nwritten: {args.run_dir}/on_object.csv")
+    return 0
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -225,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(from_pretrained's device_map; under torchrun, each rank over its share of the GPUs)")
     p_bench.add_argument("--shard", help="I/N: compute only shard I of N (job arrays); merge with `tokenprune report DIR`")
     p_bench.set_defaults(func=cmd_bench)
+
+    p_show = sub.add_parser("show", help="draw the tokens each method keeps (a panel per method)",
+                            description="Live: run each method on IMAGE (default: a sample of easy_vqa) and draw "
+                                        "the kept tokens bright, dropped ones dim, merged ones half, the method's score "
+                                        "as a heatmap and the answer. --run DIR --sample ID: redraw a sample of a "
+                                        "finished sweep from the kept tokens it stored (nothing is generated).")
+    p_show.add_argument("image", nargs="?", help="an image file (default: the first sample of easy_vqa)")
+    p_show.add_argument("--prompt", help="the question (default: the sample's, or a description request)")
+    p_show.add_argument("--model", help="model id, path or zoo name (default: tokenprune-demo)")
+    p_show.add_argument("--methods", help="comma list of pruner specs (default: fopru_rank,fopru_row,random,pool,fastv)")
+    p_show.add_argument("--ratio", type=float, help="retention ratio (default 0.25; with --run: the sweep's first)")
+    p_show.add_argument("--run", help="a finished sweep's --output folder")
+    p_show.add_argument("--sample", help="with --run: the sample_id to redraw")
+    p_show.add_argument("--task", help="with --run: the task, if the id is in several")
+    p_show.add_argument("--output", help="PNG to write (default show.png, or DIR/show_<ID>.png)")
+    p_show.set_defaults(func=cmd_show)
+
+    p_obj = sub.add_parser("on-object", help="share of each method's kept tokens on the object (easy-VQA sweeps)")
+    p_obj.add_argument("run_dir", help="a finished easy_vqa sweep's --output folder")
+    p_obj.add_argument("--bootstrap", type=_int, default=1000, help="bootstrap resamples for the CIs")
+    p_obj.set_defaults(func=cmd_on_object)
 
     p_report = sub.add_parser("report", help="merge a sweep's results (shards, ranks) and rebuild every results file",
                               description="Reads every samples*.jsonl in RUN_DIR (shards copied from several machines, "

@@ -1,0 +1,81 @@
+"""`tokenprune show` (live and from a finished sweep), flipped-sample galleries, the on-object share."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_bench import bench_args, pope_dir  # noqa: F401 -- pope_dir is a fixture
+from tokenprune.benchmarks.sweep import load_config, run_sweep
+from tokenprune.cli import main
+from tokenprune.visualize.on_object import shape_mask, token_coverage
+from tokenprune.visualize.regions import ViewRegions
+
+
+@pytest.fixture(scope="module")
+def tiny_run(pope_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("show") / "run"
+    run_sweep(load_config(None, bench_args(pope_dir, out, methods="fopru_rank,visionzip,fastv", ratios="0.25",
+                                           limit=4)), log=lambda *_: None)
+    return out
+
+
+def test_show_live_draws_a_panel_per_method(tmp_path, capsys):
+    out = tmp_path / "fig.png"
+    assert main(["show", "--model", "tiny-llava", "--methods", "fopru_rank,fastv", "--output", str(out)]) == 0
+    assert "tokenprune show:" in capsys.readouterr().out
+    fig = Image.open(out)
+    assert fig.width > 3 * 200  # none + two methods side by side
+
+
+def test_show_run_redraws_without_generating(tiny_run, monkeypatch, tmp_path):
+    from tokenprune.adapters import PrunableLVLM
+
+    def no(*a, **k):
+        raise AssertionError("show --run must not run the model")
+
+    monkeypatch.setattr(PrunableLVLM, "generate", no)
+    sid = json.loads((tiny_run / "samples.jsonl").read_text().splitlines()[0])["sample_id"]
+    out = tmp_path / "redraw.png"
+    assert main(["show", "--run", str(tiny_run), "--sample", sid, "--output", str(out)]) == 0
+    assert Image.open(out).width > 3 * 200  # none + fopru_rank + visionzip + fastv
+
+
+def test_show_bad_input_is_one_line(tiny_run, tmp_path, capsys):
+    assert main(["show", "--run", str(tiny_run), "--sample", "nope"]) == 2
+    assert "no results for sample 'nope'" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "missing.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["show", "--sample", "3"]) == 2
+    assert "give --run DIR too" in capsys.readouterr().err
+
+
+def test_report_gallery_shows_flipped_samples(tiny_run):
+    """Make the unpruned model right on one sample (tiny models answer nonsense), rebuild the report."""
+    path = tiny_run / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    sid = rows[0]["sample_id"]
+    for r in rows:
+        if r["method"] == "none" and r["sample_id"] == sid:
+            r["scores"] = {k: 1.0 for k in r["scores"]}
+        elif r["sample_id"] == sid:
+            r["scores"] = {k: 0.0 for k in r["scores"]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(tiny_run)]) == 0
+    report = (tiny_run / "report.md").read_text()
+    assert f"`{sid}`" in report and "flipped by fopru_rank, visionzip, fastv" in report
+    png = tiny_run / "gallery" / f"pope_r0.25_{sid}.png"
+    assert png.exists() and f"gallery/{png.name}" in report
+
+
+def test_token_coverage_hand_computed():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True  # the top-left quarter is the object
+    boxes = np.array([[0, 0, 2, 2], [2, 0, 4, 2], [1, 1, 3, 3], [0, 0, 4, 4]], dtype=float)
+    cov = token_coverage([ViewRegions("image", (2, 2), boxes)], mask)
+    assert cov.tolist() == [1.0, 0.0, 0.25, 0.25]
+    image = Image.new("RGB", (4, 4), (240, 240, 240))
+    image.putpixel((1, 2), (200, 30, 30))
+    assert shape_mask(image).sum() == 1 and shape_mask(image)[2, 1]
