@@ -34,3 +34,11 @@ def test_in_llm_plugin_example_in_docs_runs():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     out = lvlm.generate([image], ["what is in the image ?"], pruner=tp.create_pruner("outliers", ratio=0.25), max_new_tokens=1)
     assert out.stats[0].visual_per_layer == [64, 64, 64, 16]
+
+
+def test_lmms_eval_task_example_in_docs_is_the_tested_fixture():
+    """docs/lmms_eval.md's local task is the one tests/test_lmms_eval.py runs through lmms-eval."""
+    text = (DOCS / "lmms_eval.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    fixture = (Path(__file__).parent / "fixtures" / "lmms_eval" / "easy_vqa_tp.yaml").read_text()
+    assert block == "".join(line for line in fixture.splitlines(keepends=True) if not line.startswith("#"))

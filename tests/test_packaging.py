@@ -19,7 +19,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("tokenprune/methods/visionzip.py", "tokenprune/benchmarks/sweep.py",
                      "tokenprune/benchmarks/tasks/builtin.py", "tokenprune/configs/ablations/position_policy.yaml",
-                     "tokenprune/zoo/weights/demo_projector.safetensors"):
+                     "tokenprune/zoo/weights/demo_projector.safetensors",
+                     "tokenprune/integrations/lmms_eval/manifest.py", "tokenprune/integrations/lmms_eval/model.py"):
         assert expected in names, f"{expected} missing from the wheel"
     # A fresh venv with the wheel alone; the dependencies (torch, transformers, ...) are borrowed from this
     # environment by a .pth line (its own .pth files, the editable install's among them, are not processed).

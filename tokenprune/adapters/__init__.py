@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UnknownNameError
 from ..registry import Registry
-from .base import EncodedImages, GenerationOutput, PrunableLVLM, SampleStats, View
+from .base import EncodedImages, GenerationOutput, LoglikelihoodOutput, PrunableLVLM, SampleStats, View
 
 MODELS: Registry[type[PrunableLVLM]] = Registry("model family", "tokenprune.models")
 
@@ -90,4 +90,4 @@ def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
     return wrap(model, processor)
 
 
-__all__ = ["EncodedImages", "GenerationOutput", "MODELS", "PrunableLVLM", "SampleStats", "View", "adapter_for", "load", "register_model", "wrap"]
+__all__ = ["EncodedImages", "GenerationOutput", "LoglikelihoodOutput", "MODELS", "PrunableLVLM", "SampleStats", "View", "adapter_for", "load", "register_model", "wrap"]

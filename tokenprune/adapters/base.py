@@ -103,6 +103,29 @@ class GenerationOutput:
 
 
 @dataclass
+class LoglikelihoodOutput:
+    """Result of :meth:`PrunableLVLM.loglikelihood`, one entry per (prompt, continuation) pair.
+
+    ``logprobs[i]``: the summed log-probability of continuation ``i``; ``greedy[i]``: every one of
+    its tokens is the argmax (greedy decoding would produce it); ``token_logprobs[i]``: the
+    per-token log-probabilities (``[C_i]``); ``stats``: one :class:`SampleStats` each (the
+    prompt's prefill, with ``new_tokens`` = the continuation's length); ``first_logits`` ``[B, V]``
+    the logits after each prompt (as :meth:`PrunableLVLM.generate` returns them).
+    """
+
+    logprobs: list[float]
+    greedy: list[bool]
+    token_logprobs: list[list[float]]
+    stats: list[SampleStats]
+    first_logits: torch.Tensor
+
+    @property
+    def results(self) -> list[tuple[float, bool]]:
+        """``[(sum log-prob, is_greedy), ...]``: lm-eval's loglikelihood pairs."""
+        return list(zip(self.logprobs, self.greedy))
+
+
+@dataclass
 class EncodedImages:
     """A processed, vision-encoded batch, reusable by every pruner that needs the same thing.
 
@@ -325,6 +348,80 @@ class PrunableLVLM(ABC):
         timings = {"vision": encoded.seconds, "llm": t2 - t1, **result.timings}
         return GenerationOutput(texts=[t.strip() for t in texts], stats=stats, token_ids=result.tokens,
                                 first_logits=result.first_logits, timings=timings)
+
+    @torch.no_grad()
+    def loglikelihood(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        pruner: TokenPruner | None = None,
+        position_policy: str | None = None,
+        sample_ids: Sequence[str] | None = None,
+    ) -> LoglikelihoodOutput:
+        """Log-probability of ``continuations[i]`` as the answer to ``prompts[i]`` about ``images[i]``,
+        with ``pruner`` applied: multiple-choice scoring with the pruned model.
+
+        The prompt is built and pruned exactly as :meth:`generate` does (chat template, image
+        placeholder, generation prompt); the continuation is tokenised on its own (no special
+        tokens) and its ids are appended after the generation prompt, then teacher-forced through
+        the KV cache (:meth:`~tokenprune.adapters.decoder.DecoderRunner.score`). Pairs with the
+        same image object and prompt (the choices of one question) share one vision pass and one
+        prefill.
+
+        Args:
+            images: one PIL image per pair.
+            prompts: one question per pair (no chat template: it is added).
+            continuations: one answer text per pair, non-empty (e.g. ``"red"``; include a leading
+                space only if the model would generate one).
+            pruner / position_policy / sample_ids: as in :meth:`generate`.
+
+        Returns:
+            :class:`LoglikelihoodOutput`; ``.results`` is ``[(sum log-prob, is_greedy), ...]``.
+        """
+        if not len(images) == len(prompts) == len(continuations):
+            raise OptionError(f"got {len(images)} images, {len(prompts)} prompts and {len(continuations)} continuations; "
+                              "give one of each per pair")
+        if position_policy is None:
+            position_policy = pruner.default_position_policy(self.mrope) if pruner is not None else "keep"
+        validate_choice(position_policy, "position_policy", POSITION_POLICIES)
+        ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
+        token_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        for c, t in zip(continuations, token_ids):
+            if not t:
+                raise OptionError(f"continuation {c!r} has no tokens; give a non-empty answer text")
+        unique: dict[tuple[int, str], int] = {}  # (image object, prompt) -> prompt row
+        rows = [unique.setdefault((id(img), p), len(unique)) for img, p in zip(images, prompts)]
+        first = {r: i for i, r in reversed(list(enumerate(rows)))}  # each prompt row's first pair
+        u_images = [images[first[r]] for r in range(len(unique))]
+        u_prompts = [prompts[first[r]] for r in range(len(unique))]
+        u_ids = [ids[first[r]] for r in range(len(unique))]
+
+        encoded = self.encode(u_images, u_prompts, self.vision_needs(pruner))
+        in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
+            encoded.batch, encoded.views, pruner, "keep" if in_llm is not None else position_policy, u_ids, u_prompts)
+        device = llm_inputs.embeds.device
+        width = max(len(t) for t in token_ids)
+        targets = torch.full((len(token_ids), width), self.runner.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(token_ids), width, dtype=torch.bool, device=device)
+        for i, t in enumerate(token_ids):
+            targets[i, : len(t)] = torch.tensor(t, device=device)
+            mask[i, : len(t)] = True
+        result = self.runner.score(llm_inputs, targets, mask, pruner=in_llm, position_policy=position_policy,
+                                   rows=torch.tensor(rows, device=device))
+        text_tokens = (llm_inputs.mask & ~llm_inputs.image_mask).sum(1).tolist()
+        stats = []
+        for i, r in enumerate(rows):
+            stats.append(SampleStats(
+                visual_tokens_in=n_in[r], visual_tokens_kept=min(n_kept[r], int(result.visual_tokens[r].min())),
+                text_tokens=text_tokens[r], tokens_per_layer=result.prefill_tokens[r].tolist(),
+                visual_per_layer=result.visual_tokens[r].tolist(), new_tokens=len(token_ids[i]),
+                vision_patches=patches[r], vision_seqs=seqs[r], vision_windows=windows[r]))
+        per_token = [result.logprobs[i, : len(t)].tolist() for i, t in enumerate(token_ids)]
+        return LoglikelihoodOutput(logprobs=[float(sum(lp)) for lp in per_token],
+                                   greedy=[bool(g) for g in result.greedy.all(1).tolist()],
+                                   token_logprobs=per_token, stats=stats, first_logits=result.first_logits)
 
     def _assemble(self, batch, views: list[View], pruner, position_policy, ids, prompts=None):
         """Embed the prompt, place the (pruned) visual tokens, cut and left-pack the sequence."""

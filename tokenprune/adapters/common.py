@@ -8,11 +8,28 @@ from torch import nn
 from ..errors import OptionError
 
 
+IMAGE_PLACEHOLDER = "<image>"  # where a prompt may place its image (lmms-eval's and LLaVA's convention)
+
+
+def user_content(prompt: str) -> list[dict[str, str]]:
+    """The user turn's content for one image and ``prompt``: the image first, or where the prompt
+    writes :data:`IMAGE_PLACEHOLDER` (once; whitespace around it is dropped)."""
+    if prompt.count(IMAGE_PLACEHOLDER) > 1:
+        raise OptionError(f"a prompt holds one image, but this one has {prompt.count(IMAGE_PLACEHOLDER)} "
+                          f"{IMAGE_PLACEHOLDER!r} placeholders: {prompt[:80]!r}")
+    before, sep, after = prompt.partition(IMAGE_PLACEHOLDER)
+    if not sep:
+        return [{"type": "image"}, {"type": "text", "text": prompt}]
+    parts = [{"type": "text", "text": before.strip()}, {"type": "image"}, {"type": "text", "text": after.strip()}]
+    return [p for p in parts if p["type"] == "image" or p["text"]]
+
+
 def chat_prompts(processor: Any, prompts: Sequence[str]) -> list[str]:
-    """Each prompt as a one-turn conversation with one image, through the processor's chat template."""
+    """Each prompt as a one-turn conversation with one image, through the processor's chat template
+    (the image first, or at the prompt's :data:`IMAGE_PLACEHOLDER`)."""
     return [
         processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            [{"role": "user", "content": user_content(p)}],
             add_generation_prompt=True, tokenize=False,
         )
         for p in prompts

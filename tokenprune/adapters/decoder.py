@@ -68,6 +68,27 @@ class DecodeResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ScoreResult:
+    """Output of :meth:`DecoderRunner.score` (teacher-forced continuations).
+
+    Attributes:
+        logprobs: ``[B, C]`` float log-probability of each continuation token given the (pruned)
+            prompt and the continuation tokens before it; ``0`` at padding.
+        greedy: ``[B, C]`` bool, the token is the argmax of its distribution; ``True`` at padding.
+        first_logits: ``[B, V]`` float logits after the prompt (what :meth:`DecoderRunner.generate`
+            returns as ``first_logits`` for the same prompt).
+        prefill_tokens: ``[U, n_layers]`` tokens each decoder layer saw at prefill, per prompt.
+        visual_tokens: ``[U, n_layers]`` visual tokens among them.
+    """
+
+    logprobs: torch.Tensor
+    greedy: torch.Tensor
+    first_logits: torch.Tensor
+    prefill_tokens: torch.Tensor
+    visual_tokens: torch.Tensor
+
+
 def causal_mask_4d(mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """``[B, 1, q_len, Lk]`` boolean mask: causal over the last ``q_len`` keys, padding hidden.
 
@@ -437,6 +458,77 @@ class DecoderRunner:
         t_end = time.perf_counter()
         return DecodeResult(tokens=out, first_logits=first_logits, prefill_tokens=n_tok, visual_tokens=n_vis,
                             new_tokens=new_tokens, timings={"prefill": t_prefill - t0, "decode": t_end - t_prefill})
+
+    @torch.no_grad()
+    def score(self, inputs: LLMInputs, targets: torch.Tensor, target_mask: torch.Tensor,
+              pruner: TokenPruner | None = None, position_policy: str = "keep",
+              rows: torch.Tensor | None = None) -> ScoreResult:
+        """Log-probabilities of given continuations after the (pruned) prompts: teacher forcing.
+
+        The prompts are prefilled exactly as :meth:`generate` prefills them (in-LLM stages select
+        and cut at prefill); the continuation tokens then go through the KV cache in one cached
+        forward, each layer group over its own cached layout and positions, as generated tokens do.
+
+        Args:
+            inputs: ``U`` prompts.
+            targets: ``[B, C]`` continuation token ids, right-padded (any id at padding).
+            target_mask: ``[B, C]`` bool, ``False`` at padding; every row has at least one token.
+            pruner: an in-LLM pruner, or ``None`` (pre-LLM pruning is already in ``inputs``).
+            position_policy: as in :meth:`generate`.
+            rows: ``[B]`` the prompt (index into ``inputs``) each continuation follows; default
+                ``arange(U)`` (``B == U``). Several continuations of one prompt share its prefill.
+        """
+        device = inputs.embeds.device
+        u = inputs.embeds.shape[0]
+        rows = torch.arange(u, device=device) if rows is None else rows.to(device)
+        targets, target_mask = targets.to(device), target_mask.to(device).bool()
+        if targets.dim() != 2 or targets.shape != target_mask.shape or targets.shape[0] != rows.shape[0]:
+            raise OptionError(f"targets {tuple(targets.shape)}, target_mask {tuple(target_mask.shape)} and rows "
+                              f"{tuple(rows.shape)} must be [B, C], [B, C] and [B]")
+        if targets.shape[1] == 0 or not bool(target_mask[:, 0].all()):
+            raise OptionError("every continuation needs at least one token")
+        stages = self.schedule(pruner)
+        cache = DynamicCache()
+        seq = self._initial_sequence(inputs)
+        h, n_tok, n_vis, records = self._run_layers(seq, cache, pruner, stages, None, inputs.sample_ids,
+                                                    inputs.view_grids, position_policy, inputs.embeds.shape[1])
+        first = self._logits(h, device)[rows]  # [B, V]
+        logp = first.log_softmax(-1)
+        b, c = targets.shape
+        logprobs = torch.zeros(b, c, dtype=torch.float32, device=device)
+        greedy = torch.ones(b, c, dtype=torch.bool, device=device)
+        logprobs[:, 0] = logp.gather(1, targets[:, :1])[:, 0]
+        greedy[:, 0] = logp.argmax(-1) == targets[:, 0]
+        if c > 1:
+            if not torch.equal(rows, torch.arange(u, device=device)):
+                cache.reorder_cache(rows)  # one cached prompt per continuation
+            starts = [0] + [st.layer for st in stages]
+            masks = [m[rows] for m in [inputs.mask] + [r.mask_after for r in records]]
+            next_pos = [p[rows] for p in [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]]
+            h = self._extend(self.embed(targets[:, :-1]), starts, masks, next_pos, cache, inputs.positions.dim(),
+                             target_mask[:, :-1])
+            logp = self.lm_head(self.model.norm(h)).float().to(device).log_softmax(-1)  # [B, C-1, V]
+            logprobs[:, 1:] = logp.gather(2, targets[:, 1:, None])[..., 0]
+            greedy[:, 1:] = logp.argmax(-1) == targets[:, 1:]
+        return ScoreResult(logprobs=logprobs.masked_fill(~target_mask, 0.0), greedy=greedy | ~target_mask,
+                           first_logits=first, prefill_tokens=n_tok, visual_tokens=n_vis)
+
+    def _extend(self, tok_emb, starts, masks, next_pos, cache, dims, new_mask):
+        """``q`` new tokens ``[B, q, D]`` through the cache in one forward (causal among themselves):
+        each layer group attends over its cached layout plus the new tokens, numbered from its own
+        next position. ``new_mask`` ``[B, q]`` marks real tokens (padding comes last)."""
+        q = tok_emb.shape[1]
+        offsets = torch.arange(q, device=tok_emb.device)
+        h = tok_emb
+        group = -1
+        for i, layer in enumerate(self.layers):
+            if group + 1 < len(starts) and i == starts[group + 1]:
+                group += 1
+                pos = next_pos[group][:, None] + offsets  # [B, q]
+                pe = self.model.rotary_emb(tok_emb, pos.unsqueeze(0).expand(3, -1, -1) if dims == 3 else pos)
+                mask = causal_mask_4d(torch.cat([masks[group], new_mask], 1), q)
+            h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+        return h
 
     @staticmethod
     def _initial_sequence(inputs: LLMInputs) -> _Sequence:

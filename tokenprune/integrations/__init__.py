@@ -1,0 +1,1 @@
+"""Integrations of tokenprune into other evaluation frameworks (each optional, imported on demand)."""
