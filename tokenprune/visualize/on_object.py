@@ -109,10 +109,12 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
 
 def format_table(table: list[dict]) -> str:
     """The table as aligned text, the area share once as the reference line."""
-    lines = [f"{'method':<14}{'ratio':>6}{'images':>8}{'on object [95% CI]':>28}{'kept':>7}"]
+    width = max([14] + [len(t["method"]) + 2 for t in table])
+    lines = [f"{'method':<{width}}{'ratio':>6}{'images':>8}{'on object [95% CI]':>28}{'area share':>12}{'kept':>7}"]
     for t in table:
-        lines.append(f"{t['method']:<14}{t['ratio']:>6g}{t['n_images']:>8}"
-                     f"{t['on_object']:>11.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]{t['tokens_kept']:>7.1f}")
-    if table:
-        lines.append(f"shape area share (all tokens; what image-blind selection keeps): {table[0]['area_share']:.3f}")
+        lines.append(f"{t['method']:<{width}}{t['ratio']:>6g}{t['n_images']:>8}"
+                     f"{t['on_object']:>11.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]{t['area_share']:>12.3f}"
+                     f"{t['tokens_kept']:>7.1f}")
+    lines.append("area share: the shape's share of all tokens on the same images, what an image-blind selection "
+                 "(random) keeps in expectation")
     return "\n".join(lines)
