@@ -126,9 +126,16 @@ def test_truncated_last_line_is_dropped(tmp_path):
     assert path.read_text() == json.dumps({"a": 1}) + "\n"
 
 
+def _default_sigint():
+    # A shell running pytest in the background starts it with SIGINT ignored, and children inherit
+    # that (Python then installs no KeyboardInterrupt handler): give the child the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "-m", "tokenprune", "bench", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_default_sigint, **kw)
 
 
 def flags(pope_dir, out):
