@@ -15,6 +15,9 @@ ZOO: dict[str, str] = {
     "tiny-qwen2-vl": "tiny:tiny_qwen2_vl",
     "tiny-qwen2.5-vl": "tiny:tiny_qwen2_5_vl",
     "tiny-internvl": "tiny:tiny_internvl",
+    "tiny-qwen3-vl": "tiny:tiny_qwen3_vl",
+    "tiny-qwen3-vl-moe": "tiny:tiny_qwen3_vl_moe",
+    "tiny-llava-onevision": "tiny:tiny_llava_onevision",
     "mid-llava": "tiny:mid_llava",
 }
 

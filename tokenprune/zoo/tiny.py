@@ -98,7 +98,29 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
     return _finish(model, seed), processor
 
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
+
+
+# Newer families live in their own modules (one builder each); imported on use.
+def tiny_qwen3_vl(seed: int = 0, **kw):
+    """A tiny ``Qwen3VLForConditionalGeneration`` (DeepStack) and its processor; see :mod:`.tiny_qwen3_vl`."""
+    from .tiny_qwen3_vl import tiny_qwen3_vl as build
+
+    return build(seed=seed, **kw)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, **kw):
+    """A tiny ``Qwen3VLMoeForConditionalGeneration`` and its processor; see :mod:`.tiny_qwen3_vl`."""
+    from .tiny_qwen3_vl import tiny_qwen3_vl_moe as build
+
+    return build(seed=seed, **kw)
+
+
+def tiny_llava_onevision(seed: int = 0, **kw):
+    """A tiny ``LlavaOnevisionForConditionalGeneration`` and its processor; see :mod:`.tiny_llava_onevision`."""
+    from .tiny_llava_onevision import tiny_llava_onevision as build
+
+    return build(seed=seed, **kw)
 
 
 @torch.no_grad()
