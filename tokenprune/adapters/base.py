@@ -183,12 +183,33 @@ class PrunableLVLM(ABC):
         every transformers LVLM supported; override for others)."""
         return self.model.model.language_model, self.model.lm_head
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs) with the
-        model's chat template and image placeholder applied to each prompt."""
-        from .common import chat_prompts
+    @property
+    def image_placeholder(self) -> str:
+        """The text that marks the image in a prompt given with ``chat_template=False`` (the
+        processor's image token, e.g. LLaVA's ``<image>``; families whose image needs more, like
+        Qwen2-VL's ``<|vision_start|><|image_pad|><|vision_end|>``, override it)."""
+        from .common import IMAGE_PLACEHOLDER
 
-        texts = chat_prompts(self.processor, prompts)
+        return getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
+
+    def prompt_texts(self, prompts: Sequence[str], chat_template: bool = True) -> list[str]:
+        """The processor's text input for each prompt: through the chat template (the processor's,
+        else the family's documented default, else a one-line error), or, with
+        ``chat_template=False``, as given (it must hold :attr:`image_placeholder`)."""
+        from .common import chat_prompts, chat_template_for, raw_prompts
+
+        placeholder = self.image_placeholder
+        if not chat_template:
+            return raw_prompts(prompts, placeholder, self.family)
+        template = chat_template_for(self.processor, self.model.config.model_type, self.family, placeholder)
+        return chat_prompts(self.processor, prompts, template, placeholder)
+
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                chat_template: bool = True) -> dict[str, torch.Tensor]:
+        """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs) with the
+        model's chat template and image placeholder applied to each prompt (``chat_template=False``:
+        prompts as given, see :meth:`prompt_texts`)."""
+        texts = self.prompt_texts(prompts, chat_template)
         return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
 
     @abstractmethod
@@ -253,16 +274,19 @@ class PrunableLVLM(ABC):
         return pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
 
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image], prompts: Sequence[str], needs: PrunerNeeds | None = None) -> EncodedImages:
+    def encode(self, images: Sequence[Image.Image], prompts: Sequence[str], needs: PrunerNeeds | None = None,
+               chat_template: bool = True) -> EncodedImages:
         """Processor + vision tower + projector for a batch, to pass to :meth:`generate` as ``encoded``
-        (once for several pruners with the same ``needs``)."""
+        (once for several pruners with the same ``needs``); ``chat_template`` as in :meth:`generate`."""
         if len(images) != len(prompts):
             raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         needs = needs or PrunerNeeds()
         sync = self._synchronizer()
         t0 = time.perf_counter()
         device = self.device
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.prepare(images, prompts).items()}
+        # The keyword only when off: an adapter overriding prepare(images, prompts) keeps working.
+        raw = self.prepare(images, prompts) if chat_template else self.prepare(images, prompts, chat_template=False)
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in raw.items()}
         views = self._views_to(self.encode_images(batch, needs), device)
         sync()
         return EncodedImages(batch=batch, views=views, needs=needs, seconds=time.perf_counter() - t0)
@@ -279,13 +303,15 @@ class PrunableLVLM(ABC):
         use_cache: bool = True,
         ignore_eos: bool = False,
         encoded: EncodedImages | None = None,
+        chat_template: bool = True,
         **gen_kwargs: Any,
     ) -> GenerationOutput:
         """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
 
         Args:
             images: one PIL image per sample.
-            prompts: one question per sample; the chat template and image placeholder are added.
+            prompts: one question per sample; the chat template and image placeholder are added
+                (the image first, or where the prompt writes ``<image>``).
             pruner: any registered pruner, or ``None`` for the unpruned model.
             max_new_tokens: generation budget per sample.
             position_policy: ``"keep"`` kept visual tokens keep their original position ids;
@@ -296,6 +322,10 @@ class PrunableLVLM(ABC):
             ignore_eos: decode exactly ``max_new_tokens`` (fixed-length latency measurements).
             encoded: :meth:`encode` of these images and prompts, to skip the vision pass (its
                 ``needs`` must be the pruner's); its measured time is reported as ``vision``.
+            chat_template: ``False`` passes each prompt to the processor as given, for an exact
+                prompt format (a paper's, an evaluation harness's): it must hold the family's
+                :attr:`image_placeholder` once (or tokenprune's ``<image>``, which is mapped to it);
+                no chat template, system prompt or generation prompt is added.
             gen_kwargs: Hugging Face generation options; decoding is greedy, so only values that
                 mean greedy (``do_sample=False``, ``num_beams=1``, ``temperature=0``, ``top_p=1``)
                 are accepted, anything else is refused rather than silently ignored.
@@ -313,7 +343,7 @@ class PrunableLVLM(ABC):
         sync = self._synchronizer()
 
         if encoded is None:
-            encoded = self.encode(images, prompts, needs)
+            encoded = self.encode(images, prompts, needs, chat_template=chat_template)
         elif encoded.needs != needs:
             raise OptionError(f"the encoded batch was computed for {encoded.needs.describe() or 'no pruner needs'}, "
                               f"this pruner needs {needs.describe() or 'nothing'}; encode with its needs")
@@ -358,6 +388,7 @@ class PrunableLVLM(ABC):
         pruner: TokenPruner | None = None,
         position_policy: str | None = None,
         sample_ids: Sequence[str] | None = None,
+        chat_template: bool = True,
     ) -> LoglikelihoodOutput:
         """Log-probability of ``continuations[i]`` as the answer to ``prompts[i]`` about ``images[i]``,
         with ``pruner`` applied: multiple-choice scoring with the pruned model.
@@ -371,10 +402,11 @@ class PrunableLVLM(ABC):
 
         Args:
             images: one PIL image per pair.
-            prompts: one question per pair (no chat template: it is added).
+            prompts: one question per pair (no chat template: it is added; with
+                ``chat_template=False``, the whole prompt as given, as in :meth:`generate`).
             continuations: one answer text per pair, non-empty (e.g. ``"red"``; include a leading
                 space only if the model would generate one).
-            pruner / position_policy / sample_ids: as in :meth:`generate`.
+            pruner / position_policy / sample_ids / chat_template: as in :meth:`generate`.
 
         Returns:
             :class:`LoglikelihoodOutput`; ``.results`` is ``[(sum log-prob, is_greedy), ...]``.
@@ -397,7 +429,7 @@ class PrunableLVLM(ABC):
         u_prompts = [prompts[first[r]] for r in range(len(unique))]
         u_ids = [ids[first[r]] for r in range(len(unique))]
 
-        encoded = self.encode(u_images, u_prompts, self.vision_needs(pruner))
+        encoded = self.encode(u_images, u_prompts, self.vision_needs(pruner), chat_template=chat_template)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
         llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
             encoded.batch, encoded.views, pruner, "keep" if in_llm is not None else position_policy, u_ids, u_prompts)

@@ -24,16 +24,95 @@ def user_content(prompt: str) -> list[dict[str, str]]:
     return [p for p in parts if p["type"] == "image" or p["text"]]
 
 
-def chat_prompts(processor: Any, prompts: Sequence[str]) -> list[str]:
+# Documented default formats, for a processor saved without a chat template, by config.model_type
+# (not by adapter class: a subclass family such as LLaVA-NeXT has no single format and gets none).
+LLAVA_15_TEMPLATE = (  # llava-hf/llava-1.5-*-hf: "USER: <image>\n{prompt} ASSISTANT:"
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+QWEN2_VL_TEMPLATE = (  # Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL (ChatML, default system prompt)
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_CHAT_TEMPLATES: dict[str, str] = {
+    "llava": LLAVA_15_TEMPLATE, "qwen2_vl": QWEN2_VL_TEMPLATE, "qwen2_5_vl": QWEN2_VL_TEMPLATE,
+}
+
+
+def _render(processor: Any, prompt: str, template: str | None) -> str:
+    extra = {} if template is None else {"chat_template": template}
+    return processor.apply_chat_template([{"role": "user", "content": user_content(prompt)}],
+                                         add_generation_prompt=True, tokenize=False, **extra)
+
+
+def chat_template_for(processor: Any, model_type: str, family: str, placeholder: str) -> str | None:
+    """The chat template to render prompts with: ``None`` for the processor's own; for a processor
+    without one, the tokenizer's (if it places the image), else the family's documented default
+    (:data:`DEFAULT_CHAT_TEMPLATES`).
+
+    Raises:
+        OptionError: none of these exists (one line saying what to pass).
+    """
+    if getattr(processor, "chat_template", None) is not None:
+        return None
+    own = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if isinstance(own, str):
+        try:  # a text-only LLM template cannot place an image: skip it rather than garble the prompt
+            if placeholder in _render(processor, "?", own):
+                return own
+        except Exception:  # noqa: BLE001 -- any failure to render means "not usable here"
+            pass
+    if model_type in DEFAULT_CHAT_TEMPLATES:
+        return DEFAULT_CHAT_TEMPLATES[model_type]
+    raise OptionError(
+        f"this {family} processor has no chat template and {family} has no single standard prompt format: set "
+        f"processor.chat_template to the model's template, or pass chat_template=False with prompts in the "
+        f"model's own format ({placeholder!r} where the image goes)")
+
+
+def chat_prompts(processor: Any, prompts: Sequence[str], template: str | None = None,
+                 placeholder: str | None = None) -> list[str]:
     """Each prompt as a one-turn conversation with one image, through the processor's chat template
-    (the image first, or at the prompt's :data:`IMAGE_PLACEHOLDER`)."""
-    return [
-        processor.apply_chat_template(
-            [{"role": "user", "content": user_content(p)}],
-            add_generation_prompt=True, tokenize=False,
-        )
-        for p in prompts
-    ]
+    (or ``template``; the image first, or at the prompt's :data:`IMAGE_PLACEHOLDER`).
+
+    ``placeholder``: the text the processor expands into image tokens; a template that does not
+    write it raises a one-line :class:`OptionError` instead of the processor's token-count error.
+    """
+    texts = [_render(processor, p, template) for p in prompts]
+    for text in texts:
+        if placeholder is not None and placeholder not in text:
+            raise OptionError(
+                f"the chat template wrote no image placeholder {placeholder!r} (it gave {text[:80]!r}): set "
+                f"processor.chat_template to one that renders {{'type': 'image'}} content, or pass "
+                f"chat_template=False with {placeholder!r} in each prompt")
+    return texts
+
+
+def raw_prompts(prompts: Sequence[str], placeholder: str, family: str = "this model") -> list[str]:
+    """``chat_template=False``: each prompt as given, checked to hold exactly one image ``placeholder``.
+
+    A prompt that writes tokenprune's :data:`IMAGE_PLACEHOLDER` (``<image>``, as lmms-eval contexts
+    do) instead gets it replaced by the family's ``placeholder``, so one prompt text serves every
+    family; anything else is left untouched.
+    """
+    out = []
+    for p in prompts:
+        n = p.count(placeholder)
+        if n == 0 and placeholder != IMAGE_PLACEHOLDER and p.count(IMAGE_PLACEHOLDER) == 1:
+            p, n = p.replace(IMAGE_PLACEHOLDER, placeholder), 1
+        if n == 0:
+            raise OptionError(f"chat_template=False passes prompts as given, so each must place its image: write "
+                              f"{placeholder!r} (the {family} image placeholder) where the image goes; got {p[:80]!r}")
+        if n > 1:
+            raise OptionError(f"a prompt holds one image, but this one has {n} {placeholder!r} placeholders: {p[:80]!r}")
+        out.append(p)
+    return out
 
 
 def attention_modules(tower: nn.Module) -> list[nn.Module]:

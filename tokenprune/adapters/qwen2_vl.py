@@ -25,6 +25,9 @@ class QwenVLLVLM(PrunableLVLM):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     mrope = True
+    # The processor expands only <|image_pad|>, but get_rope_index finds images by <|vision_start|>:
+    # a raw prompt must carry all three.
+    image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Identity: the vision features handed to pruners are already the merger's (projector's) outputs."""
