@@ -152,6 +152,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             raise OptionError("--data-dir takes one folder, or task=folder pairs separated by commas")
     cfg = load_config(args.config, overrides)
+    if cfg.model:  # a bad --model PATH fails in one line now, not after the data is loaded
+        from .adapters import check_model_source
+
+        check_model_source(cfg.model)
     try:
         run_sweep(cfg)
     except KeyboardInterrupt:
@@ -186,6 +190,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         if args.sample is not None:
             raise OptionError("--sample picks a sample of a finished sweep: give --run DIR too")
+        if args.model:
+            from .adapters import check_model_source
+
+            check_model_source(args.model)
         image, prompt, reference = _show_input(args)
         figure = show_image(image, prompt, methods=methods or DEFAULT_METHODS,
                             ratio=0.25 if args.ratio is None else args.ratio, model=args.model or "tokenprune-demo",

@@ -47,6 +47,46 @@ def wrap(model: Any, processor: Any) -> PrunableLVLM:
     return adapter_for(model.config.model_type)(model, processor)
 
 
+def check_model_source(model_id_or_path: str) -> None:
+    """Fail in one line, before anything heavy is loaded, when ``model_id_or_path`` names a local
+    folder that cannot hold a supported model: missing, a file, no ``config.json``, an unreadable
+    one, no ``model_type`` or one without an adapter. Zoo names and hub ids pass (the hub is asked
+    later, by :func:`load`).
+
+    Raises:
+        TokenpruneError: the problem and what to give instead (``UnknownNameError`` for an
+            unsupported ``model_type``, listing the supported ones).
+    """
+    import json
+    import os
+
+    from ..errors import TokenpruneError
+    from ..zoo import ZOO, zoo_builder
+
+    if zoo_builder(model_id_or_path) is not None:
+        return
+    path = os.path.expanduser(model_id_or_path)
+    looks_local = model_id_or_path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+    if not looks_local:  # a hub id ("org/name"): only the hub can tell
+        return
+    what = f"give a folder written by save_pretrained, a hub id, or a built-in model ({', '.join(ZOO)})"
+    if not os.path.exists(path):
+        raise TokenpruneError(f"model path {model_id_or_path!r} does not exist: {what}")
+    if not os.path.isdir(path):
+        raise TokenpruneError(f"model path {model_id_or_path!r} is a file: {what}")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise TokenpruneError(f"model folder {model_id_or_path!r} holds no config.json: {what}")
+    try:
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON that is not an object
+        raise TokenpruneError(f"cannot read {config}: {str(exc).splitlines()[0][:200]}") from None
+    if not model_type:
+        raise TokenpruneError(f"{config} has no model_type: {what}")
+    adapter_for(model_type)
+
+
 def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
     """Load a model and its processor with ``from_pretrained`` and wrap them.
 
@@ -74,9 +114,10 @@ def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
                              offload_folder=hf_kwargs.get("offload_folder"),
                              offload_buffers=bool(hf_kwargs.get("offload_buffers", False)))
         return wrap(model, processor)
+    check_model_source(model_id_or_path)
     try:
         config = AutoConfig.from_pretrained(model_id_or_path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a config transformers cannot read (no/unknown model_type)
         from ..errors import TokenpruneError
         from ..zoo import ZOO
 
@@ -90,4 +131,4 @@ def load(model_id_or_path: str, **hf_kwargs: Any) -> PrunableLVLM:
     return wrap(model, processor)
 
 
-__all__ = ["EncodedImages", "GenerationOutput", "LoglikelihoodOutput", "MODELS", "PrunableLVLM", "SampleStats", "View", "adapter_for", "load", "register_model", "wrap"]
+__all__ = ["EncodedImages", "GenerationOutput", "LoglikelihoodOutput", "MODELS", "PrunableLVLM", "SampleStats", "View", "adapter_for", "check_model_source", "load", "register_model", "wrap"]
