@@ -106,6 +106,8 @@ class VisionSpec:
         patch_in: input features of one patch (channels x patch area [x temporal patch]).
         projector: ``(in, out)`` of each projector matrix, applied once per visual token.
         windowed_layers: layers that attend within windows (Qwen2.5-VL), not the whole sequence.
+        tokens_per_seq: if set, every encoder sequence (crop) embeds and projects this many tokens
+            whether or not they reach the LLM (LLaVA-OneVision's unpadded, downsampled grid).
     """
 
     width: int
@@ -115,6 +117,7 @@ class VisionSpec:
     patch_in: int
     projector: tuple[tuple[int, int], ...] = field(default_factory=tuple)
     windowed_layers: int = 0
+    tokens_per_seq: int = 0
 
 
 def _pair(x: Any) -> int:
@@ -156,6 +159,8 @@ def vision_flops(spec: VisionSpec, encoder_seqs: Sequence[int], patches: int, vi
     included); ``patches``: patches embedded; ``visual_tokens``: tokens the projector produced;
     ``windows``: attention-window lengths of the windowed layers (Qwen2.5-VL).
     """
+    if spec.tokens_per_seq:  # the projector ran on every crop token, not only on those the LLM got
+        patches = visual_tokens = spec.tokens_per_seq * len(encoder_seqs)
     w = spec.width
     dense = sum(4 * t * w * w + t * w * spec.mlp * (3 if spec.gated else 2) for t in encoder_seqs)
     full_attn = sum(2 * t * t * w for t in encoder_seqs)

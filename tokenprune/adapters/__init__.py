@@ -25,9 +25,10 @@ def _builtin() -> None:
     from .internvl import InternVLLVLM
     from .llava import LlavaLVLM
     from .llava_next import LlavaNextLVLM
+    from .llava_onevision import LlavaOnevisionLVLM
     from .qwen2_vl import QwenVLLVLM
 
-    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM):
+    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, LlavaOnevisionLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 
