@@ -71,7 +71,7 @@ def chat_template_for(processor: Any, model_type: str, family: str, placeholder:
     if model_type in DEFAULT_CHAT_TEMPLATES:
         return DEFAULT_CHAT_TEMPLATES[model_type]
     raise OptionError(
-        f"this {family} processor has no chat template and {family} has no single standard prompt format: set "
+        f"this {family} processor has no chat template (and tokenprune has no default format for {model_type}): set "
         f"processor.chat_template to the model's template, or pass chat_template=False with prompts in the "
         f"model's own format ({placeholder!r} where the image goes)")
 
