@@ -223,3 +223,33 @@ def test_hub_ids_and_zoo_names_pass_the_local_check():
 
     check_model_source("some-org/some-model")  # only the hub can tell: not refused here
     check_model_source("tiny-llava")
+
+
+def test_lmms_eval_model_passes_contexts_as_given():
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from tokenprune.integrations.lmms_eval.model import TokenPrune
+
+    with pytest.raises(OptionError, match="chat_template must be true or false"):
+        TokenPrune(pretrained="tiny-llava", chat_template="maybe")
+    torch.manual_seed(0)
+    model = TokenPrune(pretrained="tiny-qwen2-vl", chat_template="false", device="cpu")
+    assert model.use_chat_template is False and model.chat_template is None  # lmms-eval's attribute untouched
+    lvlm, image = model.lvlm, images()[1]
+    model.task_dict = {"t": {"test": [{"image": image}]}}
+    context = "<image>\nwhat color is the shape ?"  # a task's pre_prompt can write the whole format
+    full = templated(lvlm, "what color is the shape ?")
+
+    def request(kind, args):
+        return Instance(request_type=kind, arguments=args, idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
+
+    visual = lambda d: [d["image"]]  # noqa: E731
+    out = model.generate_until([request("generate_until", (full, {"max_new_tokens": 3}, visual, 0, "t", "test"))])
+    ref = lvlm.generate([image], ["what color is the shape ?"], max_new_tokens=3, sample_ids=["t/test/0"])
+    assert out[0].text == ref.texts[0]  # the templated text, passed raw, is the templated run
+    out = model.loglikelihood([request("loglikelihood", (context, "red", visual, 0, "t", "test"))])
+    ref = lvlm.loglikelihood([image], [context], ["red"], chat_template=False, sample_ids=["t/test/0"])
+    assert out[0].text[0] == pytest.approx(-ref.logprobs[0])
+    with pytest.raises(OptionError, match="vision_start"):  # a bare context has no image placeholder
+        model.generate_until([request("generate_until", ("what ?", {"max_new_tokens": 1}, visual, 0, "t", "test"))])

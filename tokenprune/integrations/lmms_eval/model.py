@@ -10,6 +10,10 @@ Model arguments (``--model_args k=v,...``):
   unpruned model. ``ratio``: the fraction of visual tokens kept. Every other unknown argument is a
   pruner option (``k=3``; a list in brackets: ``layers=[2,8,16]``), checked by the pruner.
 * ``position_policy``: ``keep`` / ``compact`` (default: the pruner's own convention).
+* ``chat_template``: ``false`` passes each context to the model as given, for a paper's exact
+  prompt format written with the task's ``pre_prompt`` / ``post_prompt`` (e.g. LLaVA-1.5's
+  ``USER: <image>\n`` ... `` ASSISTANT:``); the context must hold the image placeholder once
+  (``<image>``, mapped to the family's own, see ``PrunableLVLM.image_placeholder``). Default ``true``.
 * ``dtype`` (``float16``, ``bfloat16``, ...), ``device_map`` (``auto``, ...), ``revision``,
   ``attn_implementation``, ``trust_remote_code``: given to ``from_pretrained``.
 * ``batch_size`` (here or ``--batch_size``; this one wins), ``device`` (or ``--device``; default
@@ -136,6 +140,18 @@ def _option_value(value: Any) -> Any:
         return value
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A boolean model argument: a bool, or ``true`` / ``false`` (also 1/0, yes/no) as text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise OptionError(f"{name} must be true or false, got {value!r}")
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 
@@ -151,7 +167,7 @@ class TokenPrune(lmms):
     def __init__(self, pretrained: str = "tokenprune-demo", method: str | None = "none", ratio: float | None = None,
                  position_policy: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  device: str | None = None, dtype: str | None = "auto", device_map: str | None = None,
-                 max_new_tokens: int = 1024, **options: Any) -> None:
+                 max_new_tokens: int = 1024, chat_template: bool | str = True, **options: Any) -> None:
         super().__init__()
         from ... import load
         from ...cost import sample_cost
@@ -164,6 +180,8 @@ class TokenPrune(lmms):
             raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.max_new_tokens = int(max_new_tokens)
         self.position_policy = position_policy or None
+        # not self.chat_template: lmms-eval reads that attribute as the model's template (None here)
+        self.use_chat_template = _flag(chat_template, "chat_template")
         self.pretrained = str(pretrained)
         self.method = "none" if method in (None, "", "none") else str(method)
         hf = {k: options.pop(k) for k in list(options) if k in HF_OPTIONS}
@@ -267,7 +285,8 @@ class TokenPrune(lmms):
                         ids.append(f"{task}/{split}/{doc_id}")
                     t0 = time.perf_counter()
                     out = self.lvlm.generate(images, prompts, pruner=self.pruner, max_new_tokens=max_new,
-                                             position_policy=self.position_policy, sample_ids=ids)
+                                             position_policy=self.position_policy, sample_ids=ids,
+                                             chat_template=self.use_chat_template)
                     share = (time.perf_counter() - t0) / len(chunk)
                     for j, item in enumerate(chunk):
                         results[item[0]] = GenerationResult(text=cut_at_stop(out.texts[j], until),
@@ -310,7 +329,8 @@ class TokenPrune(lmms):
                         order.append(item[0])
                 t0 = time.perf_counter()
                 out = self.lvlm.loglikelihood(images, prompts, conts, pruner=self.pruner,
-                                              position_policy=self.position_policy, sample_ids=ids)
+                                              position_policy=self.position_policy, sample_ids=ids,
+                                              chat_template=self.use_chat_template)
                 share = (time.perf_counter() - t0) / len(order)
                 for j, i in enumerate(order):
                     results[i] = GenerationResult(text=(-out.logprobs[j], out.greedy[j]),
@@ -343,7 +363,8 @@ class TokenPrune(lmms):
         for r in range(1, 10_000):
             t0 = time.perf_counter()
             out = self.lvlm.generate([image], [prompt], pruner=self.pruner, max_new_tokens=max_new,
-                                     position_policy=self.position_policy, sample_ids=[f"{task}/{split}/{doc_id}/{r - 1}"])
+                                     position_policy=self.position_policy, sample_ids=[f"{task}/{split}/{doc_id}/{r - 1}"],
+                                     chat_template=self.use_chat_template)
             c = self._counts(out.stats[0], time.perf_counter() - t0)
             counts = c if counts is None else _add_counts(counts, c)
             answers.append(cut_at_stop(out.texts[0], until))
