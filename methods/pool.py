@@ -15,6 +15,15 @@ def pooled_grid(ratio: float, grid: tuple[int, int]) -> tuple[int, int]:
     return tuple(max(1, min(side, math.floor(side * scale + 0.5))) for side in grid)  # type: ignore[return-value]
 
 
+def _window_weights(size: int, out: int, device: torch.device) -> torch.Tensor:
+    """``[out, size]``: row ``i`` averages adaptive-pooling window ``i`` along one axis."""
+    i = torch.arange(out, device=device)[:, None]
+    start, end = (i * size) // out, ((i + 1) * size + out - 1) // out
+    cells = torch.arange(size, device=device)[None, :]
+    inside = ((cells >= start) & (cells < end)).float()
+    return inside / inside.sum(1, keepdim=True)
+
+
 def _window_centres(size: int, out: int, device: torch.device) -> torch.Tensor:
     """Centre index (rounded down) of each adaptive-pooling window along one axis."""
     i = torch.arange(out, device=device)
@@ -48,4 +57,8 @@ class PoolPruner(TokenPruner):
         device = inputs.tokens.device
         centres = (_window_centres(h, oh, device).unsqueeze(-1) * w + _window_centres(w, ow, device)).flatten()
         indices = centres.unsqueeze(0).expand(inputs.batch_size, -1)
-        return Reduction(indices=indices, tokens=pooled, grid=(oh, ow))
+        # The same averages as weights over the N tokens (window rows x window columns), so that
+        # per-token side features (Qwen3-VL's DeepStack) are pooled exactly like the tokens.
+        weights = torch.kron(_window_weights(h, oh, device), _window_weights(w, ow, device))  # [oh*ow, h*w]
+        return Reduction(indices=indices, tokens=pooled, grid=(oh, ow),
+                         token_weights=weights.unsqueeze(0).expand(inputs.batch_size, -1, -1))

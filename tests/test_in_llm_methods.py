@@ -277,15 +277,28 @@ class Probe(TokenPruner):
 
 
 def eager_forward(lvlm, batch):
-    """Hugging Face's own forward with eager attention: hidden states and attention probabilities."""
+    """Hugging Face's own forward with eager attention: hidden states, attention probabilities, and
+    ``layer_inputs[i]``, what decoder layer ``i`` received (pre-hooks): ``hidden_states[i]``, plus in
+    Qwen3-VL the DeepStack features added after layer ``i - 1`` (``hidden_states`` are layer outputs)."""
     text = lvlm.runner.model
     old = text.config._attn_implementation
     text.config._attn_implementation = "eager"
+    received: dict[int, torch.Tensor] = {}
+
+    def hook(i, module, args, kwargs):
+        received.setdefault(i, args[0] if args else kwargs["hidden_states"])
+
+    handles = [layer.register_forward_pre_hook(functools.partial(hook, i), with_kwargs=True)
+               for i, layer in enumerate(lvlm.runner.layers)]
     try:
         with torch.no_grad():
-            return lvlm.model(**batch, output_hidden_states=True, output_attentions=True)
+            out = lvlm.model(**batch, output_hidden_states=True, output_attentions=True)
     finally:
         text.config._attn_implementation = old
+        for h in handles:
+            h.remove()
+    out.layer_inputs = [received[i] for i in range(len(lvlm.runner.layers))]
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -310,8 +323,8 @@ def test_in_llm_pruner_receives_hugging_face_states(family):
         last = image[b].nonzero().flatten()[-1]
         text_pos = batch["attention_mask"][b].bool().nonzero().flatten()
         text_pos = text_pos[text_pos > last]
-        assert (inp.tokens[i] - ref.hidden_states[2][b, pos]).abs().max() <= 1e-5
-        assert (inp.text_tokens[i][inp.text_mask[i]] - ref.hidden_states[2][b, text_pos]).abs().max() <= 1e-5
+        assert (inp.tokens[i] - ref.layer_inputs[2][b, pos]).abs().max() <= 1e-5
+        assert (inp.text_tokens[i][inp.text_mask[i]] - ref.layer_inputs[2][b, text_pos]).abs().max() <= 1e-5
         att = ref.attentions[1][b].float().mean(0)  # layer 1, head-averaged [L, L]
         got = inp.llm_attention[i][inp.llm_query_mask[i]]
         assert (got - att[text_pos][:, pos]).abs().max() <= 1e-5
@@ -322,10 +335,13 @@ def test_in_llm_pruner_receives_hugging_face_states(family):
         # keys of layer 1, from its own input norm, k projection and rotary, on HF's hidden states
         layer = lvlm.runner.layers[1]
         positions = lvlm.position_ids({k: v[b:b + 1] for k, v in batch.items()})
-        cos, sin = lvlm.runner.model.rotary_emb(ref.hidden_states[1][b:b + 1], positions)
+        cos, sin = lvlm.runner.model.rotary_emb(ref.layer_inputs[1][b:b + 1], positions)
         with torch.no_grad():
-            k = layer.self_attn.k_proj(layer.input_layernorm(ref.hidden_states[1][b:b + 1]))
-            k = k.view(1, k.shape[1], -1, layer.self_attn.head_dim).transpose(1, 2)
+            k = layer.self_attn.k_proj(layer.input_layernorm(ref.layer_inputs[1][b:b + 1]))
+            k = k.view(1, k.shape[1], -1, layer.self_attn.head_dim)
+            if getattr(layer.self_attn, "k_norm", None) is not None:  # Qwen3: per-head norm before rotary
+                k = layer.self_attn.k_norm(k)
+            k = k.transpose(1, 2)
             rotary = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
             _, k = rotary(k, k, cos, sin)
         k = k.transpose(1, 2).flatten(2)[0]

@@ -21,7 +21,12 @@ NON_GATED_MLP = {"gpt2", "opt", "gpt_neox", "phi", "bloom", "falcon"}
 
 @dataclass(frozen=True)
 class TextDims:
-    """Shapes of a decoder that FLOPs depend on."""
+    """Shapes of a decoder that FLOPs depend on.
+
+    Mixture-of-experts decoders (Qwen-style ``num_experts`` / ``moe_intermediate_size``): ``ffn`` is
+    the width a token actually runs through (``num_experts_per_tok`` experts), ``router`` the
+    router's outputs; both averaged over layers where some layers are dense (``mlp_only_layers``).
+    """
 
     hidden: int
     ffn: int
@@ -31,17 +36,27 @@ class TextDims:
     head_dim: int
     vocab: int
     gated: bool
+    router: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TextDims":
         """From a text config (``LlamaConfig``, ``Qwen2Config``, ... or a multimodal one's ``text_config``)."""
         cfg = getattr(cfg, "text_config", None) or cfg
         heads = cfg.num_attention_heads
+        ffn, router, n = cfg.intermediate_size, 0, cfg.num_hidden_layers
+        experts = getattr(cfg, "num_experts", 0) or 0
+        if experts and getattr(cfg, "moe_intermediate_size", None):
+            dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+            step = getattr(cfg, "decoder_sparse_step", 1) or 1
+            n_sparse = sum(1 for i in range(n) if i not in dense and (i + 1) % step == 0)
+            active = cfg.num_experts_per_tok * cfg.moe_intermediate_size
+            ffn = round((n_sparse * active + (n - n_sparse) * cfg.intermediate_size) / n)
+            router = round(n_sparse * experts / n)
         return cls(
-            hidden=cfg.hidden_size, ffn=cfg.intermediate_size, layers=cfg.num_hidden_layers, heads=heads,
+            hidden=cfg.hidden_size, ffn=ffn, layers=n, heads=heads,
             kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            vocab=cfg.vocab_size, gated=getattr(cfg, "model_type", "") not in NON_GATED_MLP,
+            vocab=cfg.vocab_size, gated=getattr(cfg, "model_type", "") not in NON_GATED_MLP, router=router,
         )
 
 
@@ -51,7 +66,7 @@ def _layer_macs(d: TextDims, n_query: int, n_key: int) -> int:
     proj = n_query * d.hidden * (2 * q_width + 2 * kv_width)  # q, o and the (GQA-narrow) k, v
     attn = 2 * d.heads * d.head_dim * n_query * n_key  # QK^T and AV
     mlp = n_query * d.hidden * d.ffn * (3 if d.gated else 2)
-    return proj + attn + mlp
+    return proj + attn + mlp + n_query * d.hidden * d.router
 
 
 def paper_layer_flops(n: int, hidden: int, ffn: int) -> float:

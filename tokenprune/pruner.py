@@ -227,6 +227,9 @@ class Reduction:
             token indices into ``N``; for merging pruners, the source token that stands for each
             new token (its position id under the ``keep`` position policy).
         tokens: ``[B, k, D]`` new tokens for merging pruners; ``None`` means "gather ``indices``".
+        token_weights: optional with ``tokens``, ``[B, k, N]``: ``tokens[b] == token_weights[b] @
+            inputs.tokens[b]``. Adapters whose models carry per-token side features (Qwen3-VL's
+            DeepStack levels) merge those with the same weights.
         grid: ``(h', w')`` if the result is still a full rectangular grid (pooling, whole rows),
             else ``None``; adapters that renumber positions 2-D (M-RoPE) use it.
         merge_weights: in-LLM only, ``[B, M, N]``: ``M`` new tokens placed right after the kept
@@ -250,6 +253,7 @@ class Reduction:
     tokens: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     merge_weights: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
     feature_weights: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     scores: torch.Tensor | None = None

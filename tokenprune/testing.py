@@ -70,6 +70,11 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
     assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be unique and in original order"
     if reduction.tokens is not None:
         assert reduction.tokens.shape == (b, k, d), f"merged tokens shape {tuple(reduction.tokens.shape)}"
+    if reduction.token_weights is not None:
+        assert reduction.tokens is not None, "token_weights come with merged tokens"
+        assert reduction.token_weights.shape == (b, k, n), f"token weights shape {tuple(reduction.token_weights.shape)}"
+        torch.testing.assert_close(reduction.token_weights.to(inputs.tokens.dtype) @ inputs.tokens, reduction.tokens,
+                                   msg="tokens must equal token_weights @ inputs.tokens")
     if reduction.grid is not None:
         assert reduction.grid[0] * reduction.grid[1] == k, "output grid does not match k"
     m = 0

@@ -27,8 +27,9 @@ def _builtin() -> None:
     from .llava_next import LlavaNextLVLM
     from .llava_onevision import LlavaOnevisionLVLM
     from .qwen2_vl import QwenVLLVLM
+    from .qwen3_vl import Qwen3VLLVLM
 
-    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, LlavaOnevisionLVLM):
+    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, Qwen3VLLVLM, LlavaOnevisionLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

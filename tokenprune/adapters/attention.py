@@ -87,7 +87,8 @@ def input_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings:
 
     Used where a method scores with the *next* layer's attention before that layer runs on the
     reduced sequence (PyramidDrop). Runs the layer's own input norm, ``q_proj`` on the ``Q`` rows
-    and ``k_proj`` on all ``L`` tokens, and its modeling file's ``apply_rotary_pos_emb``; no value
+    and ``k_proj`` on all ``L`` tokens (with its ``q_norm`` / ``k_norm`` where it has them), and its
+    modeling file's ``apply_rotary_pos_emb``; no value
     or output projection, no MLP. ``hidden`` ``[B, L, D]``; ``mask`` ``[B, 1, L, L]`` boolean;
     ``rows`` ``[B, Q]`` positions.
 
@@ -112,8 +113,11 @@ def _input_attention(layer: nn.Module, rotary: Callable, hidden: torch.Tensor,
     head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)
     xq = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(xq).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, length, -1, head_dim).transpose(1, 2)
+    q = attn.q_proj(xq).view(b, rows.shape[1], -1, head_dim)
+    k = attn.k_proj(x).view(b, length, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3(-VL): per-head RMSNorm of q and k before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = position_embeddings
     cos_q = cos.gather(-2, rows[..., None].expand(-1, -1, cos.shape[-1]).expand(cos.shape[0], -1, -1))
     sin_q = sin.gather(-2, rows[..., None].expand(-1, -1, sin.shape[-1]).expand(sin.shape[0], -1, -1))

@@ -44,6 +44,9 @@ class View:
         encoder_windows: attention-window lengths of windowed vision layers (Qwen2.5-VL).
         prunable: ``False`` for structural embeddings that are placed but never pruned nor counted
             as visual tokens (LLaVA-NeXT's row newlines).
+        deepstack: ``[levels, N, D]`` per-token features the decoder adds to these tokens' hidden
+            states after its first layers (Qwen3-VL's DeepStack); pruning cuts and merges them with
+            the tokens (see :attr:`~tokenprune.adapters.decoder.LLMInputs.deepstack`).
     """
 
     sample: int
@@ -59,6 +62,7 @@ class View:
     prunable: bool = True
     encoder_seqs: tuple[int, ...] = ()
     encoder_windows: tuple[int, ...] = ()
+    deepstack: torch.Tensor | None = None
 
 
 @dataclass
@@ -465,7 +469,8 @@ class PrunableLVLM(ABC):
         text = None
         if pre is not None and pre.needs.text:
             text = (*self._text_after_images(embeds, mask, views, input_ids), list(prompts) if prompts is not None else None)
-        kept_views = self._prune_views(views, pre, ids, text) if pre is not None else [(v.seq_index, v.tokens, v.seq_index) for v in views]
+        kept_views = (self._prune_views(views, pre, ids, text) if pre is not None
+                      else [(v.seq_index, v.tokens, v.seq_index, v.deepstack) for v in views])
 
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
@@ -481,23 +486,24 @@ class PrunableLVLM(ABC):
             image_mask[rows_all, torch.cat([v.seq_index for v in prunable])] = True
             keep &= ~image_mask
         if views:
-            rows = torch.cat([torch.full_like(s, v.sample) for v, (s, _, _) in zip(views, kept_views)])
-            cols = torch.cat([s for s, _, _ in kept_views])
-            sources = torch.cat([p for _, _, p in kept_views])
+            rows = torch.cat([torch.full_like(s, v.sample) for v, (s, *_) in zip(views, kept_views)])
+            cols = torch.cat([s for s, *_ in kept_views])
+            sources = torch.cat([p for _, _, p, _ in kept_views])
             if not torch.equal(sources, cols):  # merged tokens take their stated tokens' positions
                 positions = positions.clone()
                 positions[..., rows, cols] = positions[..., rows, sources]
             keep[rows, cols] = True
             image_span = torch.zeros_like(mask)
             image_span[rows, cols] = True
-            embeds = embeds.index_put((rows, cols), torch.cat([t for _, t, _ in kept_views]).to(embeds.dtype))
-            for v, (s, _, _) in zip(views, kept_views):
+            embeds = embeds.index_put((rows, cols), torch.cat([t for _, t, *_ in kept_views]).to(embeds.dtype))
+            deepstack = self._place_deepstack(views, kept_views, embeds)
+            for v, (s, *_) in zip(views, kept_views):
                 if v.prunable:
                     n_in[v.sample] += v.tokens.shape[0]
                     n_kept[v.sample] += s.shape[0]
                     patches[v.sample] += v.tokens.shape[0] * v.patch_merge
         else:
-            image_span = torch.zeros_like(mask)
+            image_span, deepstack = torch.zeros_like(mask), None
         index = left_pack(keep)
         new_mask = gather_seq(keep, index, 1)
         new_image = gather_seq(image_mask, index, 1) & new_mask
@@ -509,9 +515,43 @@ class PrunableLVLM(ABC):
             view_grids[v.sample] += (v.grid,)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
-                      sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask),
+                      sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask,
+                      deepstack=None if deepstack is None else gather_seq(deepstack, index, 2)),
             n_in, n_kept, patches, (seqs, windows),
         )
+
+    @staticmethod
+    def _place_deepstack(views: list[View], kept_views: list[tuple], embeds: torch.Tensor) -> torch.Tensor | None:
+        """``[levels, B, L, D]``: each kept (or merged) visual token's DeepStack features at the sequence
+        position it takes, zeros elsewhere; ``None`` when no view carries any."""
+        placed = [(v.sample, s, d) for v, (s, _, _, d) in zip(views, kept_views) if d is not None]
+        if not placed:
+            return None
+        feats = torch.cat([d for _, _, d in placed], 1)  # [levels, K, D]
+        out = embeds.new_zeros(feats.shape[0], *embeds.shape[:2], feats.shape[-1])
+        rows = torch.cat([torch.full_like(s, b) for b, s, _ in placed])
+        out[:, rows, torch.cat([s for _, s, _ in placed])] = feats.to(out.dtype)
+        return out
+
+    @staticmethod
+    def _reduce_deepstack(red, deep: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """A pre-LLM reduction applied to DeepStack features ``[levels, B, N, D]`` -> ``[levels, B, k (+ M), D]``:
+        the kept tokens' features, or merges with the very weights the tokens were merged with."""
+        if red.feature_weights is not None:  # prefix (CLS) tokens carry no DeepStack features
+            return red.feature_weights[..., prefix:].to(deep.dtype) @ deep
+        if red.tokens is not None and red.token_weights is not None:
+            out = red.token_weights.to(deep.dtype) @ deep
+        else:
+            if red.tokens is not None:
+                import warnings
+
+                warnings.warn("a merging pruner returned tokens without token_weights: each merged token gets "
+                              "the DeepStack features of the token it stands for (indices)", stacklevel=3)
+            idx = red.indices.to(deep.device)
+            out = deep.gather(2, idx[None, :, :, None].expand(deep.shape[0], -1, -1, deep.shape[-1]))
+        if red.merge_weights is not None:
+            out = torch.cat([out, red.merge_weights.to(deep.dtype) @ deep], 2)
+        return out
 
     @staticmethod
     def _text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list[View], input_ids: torch.Tensor
@@ -534,13 +574,13 @@ class PrunableLVLM(ABC):
         A pruner with ``views = "global"`` sees all the prunable views of a sample as one set of
         tokens (``grid=(1, N)``); its selection is split back to the views. ``text``: the prompt
         text after the images (embeddings, mask, ids) and the prompts, for pruners whose ``needs.text``
-        is set. Returns, per view, the sequence positions the kept tokens take, the tokens, and the
-        positions whose ids they take.
+        is set. Returns, per view, the sequence positions the kept tokens take, the tokens, the
+        positions whose ids they take, and their DeepStack features (``[levels, k, D]`` or ``None``).
         """
-        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(views)
+        out: list[tuple | None] = [None] * len(views)
         for i, v in enumerate(views):
             if not v.prunable:
-                out[i] = (v.seq_index, v.tokens, v.seq_index)
+                out[i] = (v.seq_index, v.tokens, v.seq_index, v.deepstack)
         if pruner.views == "global":
             return self._prune_samples(views, pruner, ids, out, text)
         per_view = ("vision_attention", "vision_features", "vision_prefix_features", "vision_keys")
@@ -570,8 +610,12 @@ class PrunableLVLM(ABC):
             else:
                 new_tokens = red.apply(inputs.tokens)
             sources = red.positions if red.positions is not None else red.indices
+            deep = None
+            if all(views[i].deepstack is not None for i in members):
+                deep = self._reduce_deepstack(red, torch.stack([views[i].deepstack for i in members], 1), prefix)
             for j, i in enumerate(members):
-                out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j], views[i].seq_index[sources[j]])
+                out[i] = (views[i].seq_index[red.indices[j]], new_tokens[j], views[i].seq_index[sources[j]],
+                          None if deep is None else deep[:, j])
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -603,11 +647,16 @@ class PrunableLVLM(ABC):
             red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples],
                                        vision_features=features, **self._text_inputs(text, samples)))
             new_tokens = red.apply(tokens)
+            deep = None
+            if all(views[i].deepstack is not None for s in samples for i in per_sample[s]):
+                deep = self._reduce_deepstack(red, torch.stack(
+                    [torch.cat([views[i].deepstack for i in per_sample[s]], 1) for s in samples], 1))
             for j, s in enumerate(samples):
                 seq = torch.cat([views[i].seq_index for i in per_sample[s]])[red.indices[j]]
                 # All of the sample's kept tokens go with its first view; the others keep none.
                 first, *rest = per_sample[s]
-                out[first] = (seq, new_tokens[j], seq)
+                d = None if deep is None else deep[:, j]
+                out[first] = (seq, new_tokens[j], seq, d)
                 for i in rest:
-                    out[i] = (seq[:0], new_tokens[j][:0], seq[:0])
+                    out[i] = (seq[:0], new_tokens[j][:0], seq[:0], None if d is None else d[:, :0])
         return out

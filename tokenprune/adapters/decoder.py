@@ -37,6 +37,12 @@ class LLMInputs:
         image_span: ``[B, L]`` bool, every embedding the images placed, structural ones included
             (LLaVA-NeXT's row newlines); the text after it is what in-LLM pruners see as text.
             ``None``: the visual tokens alone.
+        deepstack: ``[levels, B, L, D]`` per-token features added to the hidden states inside the
+            decoder (Qwen3-VL's DeepStack): level ``j`` is added to the output of decoder layer
+            ``deepstack_layers[j]``; zero where a token has none (text, padding). Prefill only:
+            generated tokens get nothing. ``None``: the model has no such side channel.
+        deepstack_layers: the decoder layer after which each level is added; ``None``: level ``j``
+            after layer ``j`` (Qwen3-VL's ``_deepstack_process``).
     """
 
     embeds: torch.Tensor
@@ -46,6 +52,8 @@ class LLMInputs:
     sample_ids: list[str]
     view_grids: list[tuple[tuple[int, int], ...]] | None = None
     image_span: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+    deepstack_layers: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -146,7 +154,9 @@ class _Sequence:
     """The per-token state a forward carries from layer to layer (all ``[B, L]`` but ``h``/``positions``).
 
     ``after_image`` marks the text after the last visual token (query candidates, DART's text
-    pivots); ``chosen`` the query rows a pruner chose on the layer-0 embeddings.
+    pivots); ``chosen`` the query rows a pruner chose on the layer-0 embeddings. ``deepstack``
+    ``[levels, B, L, D]`` the DeepStack features still to be added (level ``j`` after decoder layer
+    ``deepstack_layers[j]``), cut and merged with the tokens; ``None`` once consumed or without any.
     """
 
     h: torch.Tensor
@@ -155,19 +165,23 @@ class _Sequence:
     image_mask: torch.Tensor
     after_image: torch.Tensor
     chosen: torch.Tensor
+    deepstack: torch.Tensor | None = None
+    deepstack_layers: tuple[int, ...] = ()
 
     def reorder(self, keep: torch.Tensor, merge: torch.Tensor | None) -> "_Sequence":
         """Keep the ``keep`` tokens and insert ``merge @ h`` right after each sample's last kept
         visual token; left-pack the result. ``keep`` ``[B, L]``; ``merge`` ``[B, M, L]`` or ``None``.
 
         A merged token takes the position of its heaviest source (the lowest such index on ties)
-        and counts as visual at later stages.
+        and counts as visual at later stages; its DeepStack features (every level still to come) are
+        the same weighted sum of its sources' features.
         """
         b, length = keep.shape
         keep = keep & self.mask
         dev = keep.device
         key = torch.arange(length, device=dev, dtype=torch.float64).expand(b, -1)
         h, pos, img, after, chosen = self.h, self.positions, self.image_mask, self.after_image, self.chosen
+        deep = self.deepstack
         if merge is not None and merge.shape[1] > 0:
             m = merge.shape[1]
             valid = merge.sum(-1) > 0  # [B, M]
@@ -177,6 +191,8 @@ class _Sequence:
             key = torch.cat([key, last_visual[:, None].double() + step], 1)
             keep = torch.cat([keep, valid], 1)
             h = torch.cat([h, merge.to(h.dtype) @ h], 1)
+            if deep is not None:  # [B, M, L] @ [levels, B, L, D] -> [levels, B, M, D]
+                deep = torch.cat([deep, merge.to(deep.dtype) @ deep], 2)
             pos = torch.cat([pos, gather_seq(pos, source, pos.dim() - 1)], -1)
             img = torch.cat([img, valid], 1)
             zeros = torch.zeros_like(valid)
@@ -185,7 +201,9 @@ class _Sequence:
         index = order[:, order.shape[1] - int(keep.sum(1).max()):]
         return _Sequence(h=gather_seq(h, index, 1), mask=gather_seq(keep, index, 1),
                          positions=gather_seq(pos, index, pos.dim() - 1), image_mask=gather_seq(img, index, 1),
-                         after_image=gather_seq(after, index, 1), chosen=gather_seq(chosen, index, 1))
+                         after_image=gather_seq(after, index, 1), chosen=gather_seq(chosen, index, 1),
+                         deepstack=None if deep is None else gather_seq(deep, index, 2),
+                         deepstack_layers=self.deepstack_layers)
 
 
 @dataclass
@@ -301,6 +319,13 @@ class DecoderRunner:
             else:
                 h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
                           use_cache=cache is not None)
+            if seq.deepstack is not None and i in seq.deepstack_layers:
+                # DeepStack (Qwen3-VL's _deepstack_process): level j joins the output of its layer, at the
+                # (kept, merged) visual tokens; elsewhere the features are zero, so adding is exact there.
+                level = seq.deepstack_layers.index(i)
+                h = h + seq.deepstack[level].to(h.device, h.dtype)
+                if i == max(seq.deepstack_layers):  # consumed: later stages need not cut it
+                    seq = replace(seq, deepstack=None)
             seq = replace(seq, h=h)
         return seq.h, torch.stack(tokens, 1), torch.stack(visual, 1), records
 
@@ -541,8 +566,13 @@ class DecoderRunner:
         idx = torch.arange(mask.shape[1], device=mask.device)
         last_visual = torch.where(image, idx, -1).amax(1, keepdim=True)  # [B, 1]; -1 without an image
         after = mask & (idx > last_visual) & (last_visual >= 0)
+        deep, deep_layers = inputs.deepstack, ()
+        if deep is not None:
+            deep_layers = tuple(inputs.deepstack_layers or range(deep.shape[0]))
+            if deep.shape[2] < mask.shape[1]:  # the no-cache reference: generated tokens get no DeepStack
+                deep = torch.cat([deep, deep.new_zeros(*deep.shape[:2], mask.shape[1] - deep.shape[2], deep.shape[3])], 2)
         return _Sequence(h=inputs.embeds, mask=mask, positions=inputs.positions, image_mask=inputs.image_mask,
-                         after_image=after, chosen=torch.zeros_like(mask))
+                         after_image=after, chosen=torch.zeros_like(mask), deepstack=deep, deepstack_layers=deep_layers)
 
     @staticmethod
     def _positions_at(value: torch.Tensor, dims: int) -> torch.Tensor:
