@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import torch
 
+from ..errors import OptionError
 from ..pruner import (
     PrunerNeeds,
     PruningInputs,
@@ -44,7 +45,9 @@ def fopru_scores(inputs: PruningInputs, score_axis: str = "auto") -> torch.Tenso
     prefix = inputs.vision_prefix
     if score_axis == "cls":
         if prefix < 1:
-            raise ValueError("score_axis='cls' needs a vision encoder with a CLS token; use 'auto'")
+            # a user choice the model cannot serve (SigLIP, Qwen2-VL: no CLS): one line, not a traceback
+            raise OptionError("score_axis='cls' needs a vision encoder with a CLS token, and this model's has none; "
+                              "use 'auto', 'column' or 'row'")
         patch_scores = attn[:, 0, prefix:]
     else:
         patches = attn[:, prefix:, prefix:]  # [B, P, P]: drop the CLS row and column

@@ -14,7 +14,8 @@ from .tiny import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer, without
 
 
 def tiny_llava_onevision(seed: int = 0, crop_size: int = 40, patch_size: int = 8, max_num_patches: int = 3,
-                         attn_implementation: str = "sdpa", vision: dict | None = None, text: dict | None = None):
+                         attn_implementation: str = "sdpa", strategy: str = "full", vision: dict | None = None,
+                         text: dict | None = None):
     """``(model, processor)``: a tiny LLaVA-OneVision with a SigLIP tower and a Qwen2 LLM.
 
     Args:
@@ -23,6 +24,8 @@ def tiny_llava_onevision(seed: int = 0, crop_size: int = 40, patch_size: int = 8
         patch_size: SigLIP patch size; ``(crop_size // patch_size)^2`` tokens per crop.
         max_num_patches: the ``N`` of ``vision_aspect_ratio="anyres_max_N"`` (model and processor).
         attn_implementation: of every sub-model.
+        strategy: ``vision_feature_select_strategy``; ``"default"`` drops a CLS token, so it goes with a
+            CLS tower (``vision=dict(model_type="clip_vision_model")``), tests of the prefix path only.
         vision / text: override vision / text config fields.
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
@@ -44,7 +47,7 @@ def tiny_llava_onevision(seed: int = 0, crop_size: int = 40, patch_size: int = 8
         },
         text_config=dict(model_type="qwen2", **_text_config(len(tok), **(text or {}))),
         image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy=strategy, image_grid_pinpoints=pinpoints,
         vision_aspect_ratio=aspect, attn_implementation=attn_implementation,
     )
     model = LlavaOnevisionForConditionalGeneration(config)
@@ -53,7 +56,8 @@ def tiny_llava_onevision(seed: int = 0, crop_size: int = 40, patch_size: int = 8
         size={"height": crop_size, "width": crop_size}, image_grid_pinpoints=pinpoints,
     )
     processor = without_video(LlavaOnevisionProcessor)(
-        image_processor=image_processor, tokenizer=tok, video_processor=None, num_image_tokens=side * side,
-        vision_feature_select_strategy="full", vision_aspect_ratio=aspect, chat_template=LLAVA_TEMPLATE,
+        image_processor=image_processor, tokenizer=tok, video_processor=None,
+        num_image_tokens=side * side + (strategy == "default"),  # the processor counts a CLS, then drops it
+        vision_feature_select_strategy=strategy, vision_aspect_ratio=aspect, chat_template=LLAVA_TEMPLATE,
     )
     return _finish(model, seed), processor
