@@ -186,3 +186,43 @@ def test_anyres_max_other_than_digits_is_refused():
     assert max_num_patches("anyres_max_9") == 9
     with pytest.raises(tp.OptionError, match="anyres_max_N"):
         max_num_patches("anyres")
+
+
+# -- token regions (tokenprune.visualize): LLaVA-NeXT's geometry + the downsampled grid's footprints --------
+@pytest.mark.parametrize("size", [(120, 70), (70, 120), (96, 96)], ids=["wide", "tall", "downsampled"])
+def test_regions_match_the_views_and_tile_the_image(size):
+    from test_visualize_regions import test_regions_match_the_views_and_tile_the_image as check
+
+    check("tiny-llava-onevision", size)  # the generic checks: grids, bounds, no overlap, no holes, raster order
+
+
+@pytest.mark.parametrize("max_patches,size,grid", [(3, (96, 96), (8, 8)), (1, (112, 80), (4, 5))])
+def test_region_centres_are_where_the_downsampled_pixels_come_from(max_patches, size, grid):
+    """Each high-res token's box centre == the centre of the processor pixels the model blends into it
+    (block means of the crops, stitched, unpadded, then the bilinear ``W`` from the formula)."""
+    from test_visualize_regions import coordinate_image
+
+    from tokenprune.visualize import token_regions
+
+    lvlm = variant(max_num_patches=max_patches)
+    image = coordinate_image(*size)
+    width, height = size
+    regions = token_regions(lvlm, image, "describe the image")
+    assert regions[1].grid == grid
+    ip = lvlm.processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    crops = lvlm.prepare([image], ["describe the image"])["pixel_values"][0].float()  # [5, 3, 40, 40]
+    blocks = crops.reshape(5, 3, 5, 8, 5, 8).mean((3, 5)).permute(0, 2, 3, 1)  # [crop, 5, 5, rgb]
+    stitched = blocks[1:].view(2, 2, 5, 5, 3).permute(0, 2, 1, 3, 4).reshape(10, 10, 3)
+    layout = lvlm._layout((height, width))
+    (h, w), top, left = layout.unpadded, layout.top, layout.left
+    kron = torch.kron(_bilinear_matrix(h, grid[0]), _bilinear_matrix(w, grid[1]))
+    rgb = kron @ stitched[top:top + h, left:left + w].reshape(-1, 3) * std + mean
+    decoded = (rgb[:, :2] * torch.tensor([width, height])).numpy()
+    b = regions[1].boxes
+    centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+    # tokens blending a partly padded (clipped) row are darkened by the padding: compare whole ones
+    whole = np.isclose(b[:, 2] - b[:, 0], (b[:, 2] - b[:, 0]).max()) & \
+        np.isclose(b[:, 3] - b[:, 1], (b[:, 3] - b[:, 1]).max())
+    assert whole.sum() >= len(b) // 2
+    assert (np.abs(centres - decoded)[whole] / np.array(size)).max() < 0.005

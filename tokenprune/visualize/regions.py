@@ -19,6 +19,8 @@ What each family's mapping does:
   does). Unpadding works on whole token rows/columns with its own rounding, so a kept edge row
   can be partly padding (clipped here), and a sliver of the image (less than one token) at the
   padded edges can be in no high-res token at all.
+* **LLaVA-OneVision**: LLaVA-NeXT's geometry; a high-res grid downsampled by ``anyres_max_N``
+  (bilinear) gives each token the footprint of the unpadded cells it is centred on.
 * **Qwen2-VL / Qwen2.5-VL**: the whole image resized (``smart_resize``, read off the processor's
   ``image_grid_thw``) to multiples of ``patch * merge``; one token = one ``merge x merge`` block.
 * **InternVL**: the image squashed to ``cols x rows`` tiles (the processor's
@@ -295,7 +297,28 @@ def _internvl(lvlm, image: Image.Image, batch: dict) -> list[ViewRegions]:
     return views
 
 
-_FAMILIES = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen, "internvl": _internvl}
+def _llava_onevision(lvlm, image: Image.Image, batch: dict) -> list[ViewRegions]:
+    """LLaVA-NeXT's geometry (the same crops, padding and unpadding); an ``anyres_max`` downsampled
+    high-res grid ``h' x w'`` makes token ``(a, b)`` the footprint of unpadded rows
+    ``[a h / h', (a + 1) h / h')`` and columns ``[b w / w', (b + 1) w / w')`` (fractional rows mapped
+    linearly inside a row): bilinear downsampling centres each token there."""
+    views = _llava_next(lvlm, image, batch)
+    width, height = image.size
+    layout = lvlm._layout((height, width))
+    if not layout.downsampled:
+        return views
+    (h, w), (oh, ow) = layout.unpadded, layout.out
+    boxes = views[1].boxes.reshape(h, w, 4)
+    ys = np.concatenate([boxes[:, 0, 1], boxes[-1:, 0, 3]])  # row edges of the unpadded grid, h + 1 knots
+    xs = np.concatenate([boxes[0, :, 0], boxes[0, -1:, 2]])
+    y = np.interp(np.arange(oh + 1) * h / oh, np.arange(h + 1), ys)
+    x = np.interp(np.arange(ow + 1) * w / ow, np.arange(w + 1), xs)
+    out = np.stack(np.broadcast_arrays(x[None, :-1], y[:-1, None], x[None, 1:], y[1:, None]), -1).reshape(-1, 4)
+    return [views[0], ViewRegions("high-res", (oh, ow), out)]
+
+
+_FAMILIES = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen, "internvl": _internvl,
+             "llava_onevision": _llava_onevision}
 
 
 def token_regions(lvlm, image: Image.Image, prompt: str = "Describe the image.", *,
