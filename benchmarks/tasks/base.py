@@ -266,7 +266,7 @@ def _undecoded(feature):
     return datasets.Sequence(datasets.Image(decode=False))
 
 
-TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=("tokenprune.benchmarks.tasks.builtin",))
+TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=("tokenprune.benchmarks.tasks.builtin", "tokenprune.benchmarks.tasks.shapes_scene"))
 
 
 def register_task(name: str):

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from ..benchmarks.tasks.base import SHORT_ANSWER
+from ..benchmarks.tasks.shapes_scene import kind_of, patch_objects
 
 
 def easy_vqa_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:
@@ -50,8 +51,10 @@ def easy_vqa_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, Pa
 
 
 @torch.no_grad()
-def cache_features(model, processor, images: dict[int, Path], path: Path, batch: int = 64) -> dict[int, torch.Tensor]:
-    """DINOv2 features ``[256, 384]`` (fp16) of every image at the demo's feature layer, cached on disk."""
+def cache_features(model, processor, images: dict, path: Path, batch: int = 64) -> dict[int, torch.Tensor]:
+    """DINOv2 features ``[256, 384]`` (fp16) of every image at the demo's feature layer, cached on disk.
+
+    ``images``: ``{image id: png path, or a callable returning a PIL image}`` (generated scenes)."""
     if path.exists():
         return torch.load(path)
     from .demo import FEATURE_LAYER
@@ -61,7 +64,8 @@ def cache_features(model, processor, images: dict[int, Path], path: Path, batch:
     t0 = time.time()
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
-        pixels = processor.image_processor([Image.open(images[j]).convert("RGB") for j in chunk], return_tensors="pt")
+        pils = [images[j]() if callable(images[j]) else Image.open(images[j]).convert("RGB") for j in chunk]
+        pixels = processor.image_processor(pils, return_tensors="pt")
         hidden = model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True).hidden_states[FEATURE_LAYER]
         for j, h in zip(chunk, hidden[:, 1:]):
             feats[j] = h.to(torch.float16).clone()
@@ -104,19 +108,58 @@ def word_vector(embed: torch.nn.Embedding, tok, word: str) -> torch.Tensor:
 
 
 class AlignmentTargets:
-    """Per-patch target embeddings ``[B, 256, dim]`` of a batch of images, from :func:`patch_labels`."""
+    """Per-patch target embeddings ``[B, 256, dim]`` of a batch of images.
 
-    def __init__(self, images: dict[int, Path], embed: torch.nn.Embedding, tok):
-        self.labels = {i: patch_labels(p) for i, p in images.items()}
+    Each image is labelled per patch: easy-VQA images (positive ids) from their pixels
+    (:func:`patch_labels`), generated ``shapes_scene`` images (negative ids, see :func:`scene_key`)
+    from the scene's geometry (:func:`~tokenprune.benchmarks.tasks.shapes_scene.patch_objects`).
+    A patch on an object is regressed onto the mean embedding of its colour and shape words, every
+    other patch onto "background". ``labels[i] = (description index [256], on_object [256] bool)``.
+    """
+
+    def __init__(self, images: dict[int, Path], embed: torch.nn.Embedding, tok, scenes: dict | None = None):
         self.words = {w: word_vector(embed, tok, w) for w in [*COLOURS, *SHAPES, "background"]}
+        self.table = [(c, s) for c in COLOURS for s in SHAPES]
+        described = [(self.words[c] + self.words[s]) / 2 for c, s in self.table]
+        self.vectors = torch.stack(described + [self.words["background"]])  # [n_descriptions + 1, dim]
+        background = len(self.table)
+        self.labels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, p in images.items():
+            colour, shape, on_shape = patch_labels(p)
+            index = torch.full((on_shape.numel(),), background)
+            index[on_shape] = self.table.index((colour, shape))
+            self.labels[i] = (index, on_shape)
+        for i, scene in (scenes or {}).items():
+            owner = torch.from_numpy(patch_objects(scene)).long()
+            codes = torch.tensor([self.table.index((o.colour, o.shape)) for o in scene.objects] + [background])
+            self.labels[i] = (codes[owner], owner >= 0)  # owner -1 -> the last code, background
 
     def __call__(self, image_ids: list[int]) -> torch.Tensor:
-        rows = []
-        for i in image_ids:
-            colour, shape, on_shape = self.labels[i]
-            described = (self.words[colour] + self.words[shape]) / 2
-            rows.append(torch.where(on_shape[:, None], described, self.words["background"]))
-        return torch.stack(rows)
+        return self.vectors[torch.stack([self.labels[i][0] for i in image_ids])]
+
+
+def scene_key(index: int) -> int:
+    """The image id of generated train scene ``index`` (negative: easy-VQA's ids are >= 0)."""
+    return -1 - index
+
+
+def scene_split(split: str, n_scenes: int, per_kind: int) -> tuple[list[tuple[str, str, int]], dict[int, object]]:
+    """``n_scenes`` generated ``shapes_scene`` scenes of ``split`` (not the test split) and
+    ``per_kind`` questions of each kind per scene: ``([(question, answer, image id)], {image id: scene})``."""
+    import random as _random
+
+    from ..benchmarks.tasks.shapes_scene import KINDS, ask, make_scene
+
+    questions, scenes = [], {}
+    for i in range(n_scenes):
+        rng = _random.Random(f"shapes_scene/{split}/{i}")
+        scene = make_scene(rng)
+        scenes[scene_key(i)] = scene
+        for _ in range(per_kind):
+            for kind in KINDS:
+                q, a = ask(scene, kind, rng)
+                questions.append((q, a, scene_key(i)))
+    return questions, scenes
 
 
 def focal_subset(on_shape: torch.Tensor, n_keep: int, rng: random.Random) -> torch.Tensor:
@@ -234,13 +277,22 @@ def first_token_accuracy(model, batcher, feats, questions, batch: int = 32) -> f
         pred = model.lm_head(logits[torch.arange(len(chunk)), pos]).argmax(-1)
         gold = torch.tensor([batcher.tok(q[1], add_special_tokens=False)["input_ids"][0] for q in chunk])
         for q, hit in zip(chunk, (pred == gold).tolist()):
-            present = asks_present(q[0], q[1])
-            kind = ("yes/no, present" if present else "yes/no, absent") if present is not None else \
-                "colour" if q[1] in COLOURS else "shape"
+            if q[2] < 0:  # a generated scene: its question kind
+                kind = f"scene {kind_of(q[0])}"
+            else:
+                present = asks_present(q[0], q[1])
+                kind = ("yes/no, present" if present else "yes/no, absent") if present is not None else \
+                    "colour" if q[1] in COLOURS else "shape"
             kinds.setdefault(kind, []).append(hit)
     print("  first-token accuracy by answer kind: " + ", ".join(
         f"{k} {sum(v) / len(v):.2f} (n={len(v)})" for k, v in sorted(kinds.items())), flush=True)
-    return sum(sum(v) for v in kinds.values()) / len(questions)
+    easy = [h for k, v in kinds.items() if not k.startswith("scene") for h in v]
+    scene = [h for k, v in kinds.items() if k.startswith("scene") for h in v]
+    # Checkpoints are chosen on the mean of the two tasks' accuracies (each counts alike).
+    parts = [sum(v) / len(v) for v in (easy, scene) if v]
+    if len(parts) == 2:
+        print(f"  easy-VQA {parts[0]:.3f}, shapes_scene {parts[1]:.3f}", flush=True)
+    return sum(parts) / len(parts)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -295,7 +347,7 @@ def load_exported(model, path: Path) -> None:
 def align(projector, feats: dict[int, torch.Tensor], targets: AlignmentTargets, steps: int, batch: int,
           lr: float, seed: int) -> None:
     """Stage 1: regress every projected patch token onto its target embedding (no LLM pass)."""
-    ids = sorted(feats)
+    ids = sorted(i for i in feats if i in targets.labels)
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = random.Random(seed)
@@ -333,6 +385,11 @@ def main(argv=None) -> None:
                         help="image tokens on short steps (0: every step sees all 256); see focal_subset")
     parser.add_argument("--batch-short", type=int, default=24, help="questions per short step")
     parser.add_argument("--full-every", type=int, default=4, help="every N-th step sees all 256 image tokens")
+    parser.add_argument("--scenes", type=int, default=0,
+                        help="generated shapes_scene train scenes mixed in (0: easy-VQA only)")
+    parser.add_argument("--scene-questions", type=int, default=3, help="questions of each kind per scene")
+    parser.add_argument("--scene-share", type=float, default=0.6, help="share of training questions about scenes")
+    parser.add_argument("--val-scenes", type=int, default=200, help="generated scenes for checkpoint choice")
     parser.add_argument("--init", default=None,
                         help="start a new run from an exported file (projector + LoRA) instead of stage 1")
     parser.add_argument("--export", default=None, help="write the best projector (+ LoRA) here (safetensors)")
@@ -365,9 +422,26 @@ def main(argv=None) -> None:
           f"{sum(p.numel() for p in projector.parameters())} projector and {sum(p.numel() for p in lora_params)} "
           f"LoRA parameters", flush=True)
     all_feats = cache_features(model, processor, all_img, work / "features_train.pt")
+    scene_q, scenes = [], {}
+    if args.scenes:
+        from ..benchmarks.tasks.shapes_scene import render
+
+        # Train scenes from the "train" seeds, checkpoint scenes from "val"; the test split (the
+        # benchmark's) is never seen. Val ids follow the train ids (all negative, see scene_key).
+        scene_q, scenes = scene_split("train", args.scenes, args.scene_questions)
+        val_q, val_scenes = scene_split("val", args.val_scenes, 1)
+        shift = args.scenes  # val scene i -> image id scene_key(args.scenes + i)
+        val_q = [(q, a, i - shift) for q, a, i in val_q]
+        val_scenes = {i - shift: sc for i, sc in val_scenes.items()}
+        eval_q = eval_q[: args.eval_size // 2] + random.Random(args.seed).sample(val_q, min(len(val_q), args.eval_size // 2))
+        every = {**scenes, **val_scenes}
+        all_feats.update(cache_features(model, processor, {i: (lambda sc=sc: render(sc)) for i, sc in every.items()},
+                                        work / f"features_scenes_{args.scenes}_{args.val_scenes}.pt"))
+        print(f"shapes_scene: {len(scene_q)} questions on {len(scenes)} generated train scenes; "
+              f"{len(val_q)} checkpoint questions on {len(val_scenes)} val scenes", flush=True)
     train_feats = {i: f for i, f in all_feats.items() if i not in val_images}
     targets = AlignmentTargets({i: p for i, p in all_img.items() if i not in val_images},
-                               model.model.language_model.embed_tokens, processor.tokenizer)
+                               model.model.language_model.embed_tokens, processor.tokenizer, scenes)
     batcher = Batcher(model, processor)
 
     def export() -> None:
@@ -420,6 +494,12 @@ def main(argv=None) -> None:
     print(f"stage 2: answer loss through the frozen LLM (+ {args.align_weight} x alignment), "
           f"{args.steps} steps of {args.batch}", flush=True)
     order = presence_balanced(train_q)
+    if scene_q:
+        # Scene questions join the list; easy-VQA's (balanced) are subsampled to the chosen share.
+        n_easy = round(len(scene_q) * (1 - args.scene_share) / args.scene_share)
+        order = sorted(random.Random(args.seed).sample(order, min(n_easy, len(order))))
+        order += list(range(len(train_q), len(train_q) + len(scene_q)))
+        train_q = train_q + scene_q
     print(f"yes/no questions about a colour or shape that is present repeated to balance the absent ones: "
           f"{len(order)} questions an epoch", flush=True)
     def is_short(s: int) -> bool:  # step s (0-based) sees a focal subset of the image tokens
@@ -451,7 +531,7 @@ def main(argv=None) -> None:
         keep = None
         if is_short(step):
             rng = random.Random(args.seed * 1_000_003 + step)
-            keep = [focal_subset(targets.labels[q[2]][2], args.focal_tokens, rng) for q in qs]
+            keep = [focal_subset(targets.labels[q[2]][1], args.focal_tokens, rng) for q in qs]
         projected = projector(torch.stack([train_feats[q[2]] for q in qs]).float())  # [B, 256, D], once
         embeds, mask, labels, pos_ids, _ = batcher(projected, [q[0] for q in qs], [q[1] for q in qs], keep)
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
