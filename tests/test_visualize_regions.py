@@ -31,6 +31,7 @@ CASES = [
     ("tiny-llava-next", (70, 120)),
     ("tiny-qwen2-vl", (120, 70)),
     ("tiny-qwen2.5-vl", (70, 120)),
+    ("tiny-qwen3-vl", (120, 70)),
     ("tiny-internvl", (160, 40)),
     ("tiny-internvl", (64, 64)),
 ]
@@ -171,7 +172,7 @@ def decoded_centres(model, image: Image.Image) -> list[np.ndarray]:
         p = cfg.vision_config.patch_size
         img = batch["pixel_values"][0]
         return [xy(blocks(img, img.shape[1] // p, img.shape[2] // p, p, p))]
-    if model.family == "qwen2_vl":  # patches in merge order: token t = patches 4t..4t+3
+    if model.family in ("qwen2_vl", "qwen3_vl"):  # patches in merge order: token t = patches 4t..4t+3
         px = batch["pixel_values"].view(-1, ip.merge_size ** 2, 3, ip.temporal_patch_size, ip.patch_size, ip.patch_size)
         return [xy(px.float().mean((1, 3, 4, 5)) * std + mean)]
     if model.family == "internvl":  # pixel shuffle: token (i, j) = patches (2i..2i+1, 2j..2j+1)

@@ -317,7 +317,8 @@ def _llava_onevision(lvlm, image: Image.Image, batch: dict) -> list[ViewRegions]
     return [views[0], ViewRegions("high-res", (oh, ow), out)]
 
 
-_FAMILIES = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen, "internvl": _internvl,
+# Qwen3-VL: Qwen2-VL's processor geometry (patch_size read from the processor: 16 px)
+_FAMILIES = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen, "qwen3_vl": _qwen, "internvl": _internvl,
              "llava_onevision": _llava_onevision}
 
 
