@@ -79,3 +79,26 @@ def test_token_coverage_hand_computed():
     image = Image.new("RGB", (4, 4), (240, 240, 240))
     image.putpixel((1, 2), (200, 30, 30))
     assert shape_mask(image).sum() == 1 and shape_mask(image)[2, 1]
+
+
+def test_on_object_on_a_shapes_scene_sweep(tmp_path):
+    """``shapes_scene`` sweeps get the share too, with the objects drawn from each sample's scene; the
+    area share is the objects' share of the pixels (tiny-llava's 8x8 tokens tile the 224 px image)."""
+    from tokenprune.benchmarks.tasks import get_task
+    from tokenprune.benchmarks.tasks.shapes_scene import Scene, object_masks
+    from tokenprune.visualize.on_object import on_object_table
+
+    out = tmp_path / "run"
+    run_sweep(load_config(None, {"model": "tiny-llava", "tasks": "shapes_scene", "methods": "random,fopru_rank",
+                                 "ratios": "0.25", "limit": 3, "output": str(out), "bootstrap": 50,
+                                 "max_new_tokens": 1, "batch_size": 3}), log=lambda *_: None)
+    table = on_object_table(out, task="shapes_scene", bootstrap=50)
+    assert {(t["method"], t["ratio"]) for t in table} == {("random", 0.25), ("fopru_rank", 0.25)}
+    samples = list(get_task("shapes_scene").load(limit=3, seed=0))
+    area = np.mean([object_masks(Scene.from_json(s.extra["scene"])).any(0).mean() for s in samples])
+    for t in table:
+        assert t["n_images"] == 3 and t["tokens_kept"] == 16
+        assert abs(t["area_share"] - area) < 1e-9
+    assert (out / "on_object.csv").exists()
+    with pytest.raises(Exception, match="needs object masks"):
+        on_object_table(out, task="pope")

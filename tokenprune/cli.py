@@ -223,7 +223,7 @@ def cmd_on_object(args: argparse.Namespace) -> int:
     """The share of each method's kept tokens on the object, from a finished easy-VQA sweep."""
     from .visualize.on_object import format_table, on_object_table
 
-    print(format_table(on_object_table(args.run_dir, bootstrap=args.bootstrap)))
+    print(format_table(on_object_table(args.run_dir, bootstrap=args.bootstrap, task=args.task)))
     print(f"\nwritten: {args.run_dir}/on_object.csv")
     return 0
 
@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("--output", help="PNG to write (default show.png, or DIR/show_<ID>.png)")
     p_show.set_defaults(func=cmd_show)
 
-    p_obj = sub.add_parser("on-object", help="share of each method's kept tokens on the object (easy-VQA sweeps)")
-    p_obj.add_argument("run_dir", help="a finished easy_vqa sweep's --output folder")
+    p_obj = sub.add_parser("on-object", help="share of each method's kept tokens on the objects (easy_vqa, shapes_scene sweeps)")
+    p_obj.add_argument("run_dir", help="a finished easy_vqa or shapes_scene sweep's --output folder")
+    p_obj.add_argument("--task", choices=["easy_vqa", "shapes_scene"], help="which task of the sweep (default: the first)")
     p_obj.add_argument("--bootstrap", type=_int, default=1000, help="bootstrap resamples for the CIs")
     p_obj.set_defaults(func=cmd_on_object)
 

@@ -1,7 +1,8 @@
 """Is a method looking at the right place? The share of its kept tokens that lie on the object.
 
 On easy-VQA every image is one shape on a pale background, so the object has a pixel mask (every
-pixel with a channel below 200; backgrounds have every channel >= 230). A token's *coverage* is
+pixel with a channel below 200; backgrounds have every channel >= 230); on ``shapes_scene`` the
+objects are drawn from the scene each sample stores. A token's *coverage* is
 the fraction of the pixels of its image region on the shape; a method's on-object share for an
 image is the mean coverage of the tokens it kept, averaged over images with a bootstrap CI. The
 same mean over *all* tokens is the shape's area share: what a method that ignores the image
@@ -50,9 +51,24 @@ def token_coverage(regions: list[ViewRegions], mask: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000, seed: int = 0) -> list[dict]:
-    """One row per (method, ratio) of an easy-VQA sweep: on-object share of the kept tokens with a
-    95% bootstrap CI over images, the shape's area share on the same images, tokens kept."""
+MASKED_TASKS = ("easy_vqa", "shapes_scene")  # tasks whose images come with object masks
+
+
+def object_mask(task_name: str, sample: Any) -> np.ndarray:
+    """``[H, W]`` bool: the object pixels of a sample of a :data:`MASKED_TASKS` task (easy-VQA: its
+    one shape; ``shapes_scene``: every object, drawn from the scene the sample stores)."""
+    if task_name == "shapes_scene":
+        from ..benchmarks.tasks.shapes_scene import Scene, object_masks
+
+        return object_masks(Scene.from_json(sample.extra["scene"])).any(0)
+    return shape_mask(sample.image)
+
+
+def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000, seed: int = 0,
+                    task: str | None = None) -> list[dict]:
+    """One row per (method, ratio) of an easy-VQA or ``shapes_scene`` sweep (``task``; default: the
+    sweep's first of them): on-object share of the kept tokens with a 95% bootstrap CI over images,
+    the objects' area share on the same images, tokens kept."""
     from ..adapters import load
     from ..benchmarks.results import read_all
     from ..benchmarks.stats import bootstrap_ci
@@ -60,10 +76,13 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
 
     run_dir = Path(run_dir)
     cfg = _load_sweep(run_dir)
-    if "easy_vqa" not in cfg.tasks:
-        raise TokenpruneError(f"the on-object share needs shape masks: run it on an easy_vqa sweep "
+    usable = [t for t in cfg.tasks if t in MASKED_TASKS]
+    if task is None and usable:
+        task = usable[0]
+    if task not in usable:
+        raise TokenpruneError(f"the on-object share needs object masks: run it on a sweep of {' or '.join(MASKED_TASKS)} "
                               f"(this one has {', '.join(cfg.tasks)})")
-    rows = [r for r in read_all(run_dir) if r["task"] == "easy_vqa" and r["method"] != "none" and r.get("kept")]
+    rows = [r for r in read_all(run_dir) if r["task"] == task and r["method"] != "none" and r.get("kept")]
     if not rows:
         raise TokenpruneError(f"{run_dir} has no rows with kept tokens (sweeps before kept tokens were stored?); "
                               "rerun the sweep into a new --output")
@@ -71,12 +90,13 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
     coverage: dict[str, np.ndarray] = {}
     by_image: dict[str, int] = {}
     for sid in dict.fromkeys(r["sample_id"] for r in rows):
-        task, sample = sample_image(cfg, "easy_vqa", sid)
-        image_id = sample.extra.get("image_id", sid)  # questions share images: one entry per image
+        task_obj, sample = sample_image(cfg, task, sid)
+        image_id = sample.extra.get("image_id", sample.extra.get("scene", sid))  # questions share images: one entry per image
         if image_id in by_image.values():
             continue
         by_image[sid] = image_id
-        coverage[sid] = token_coverage(token_regions(lvlm, sample.image, task.prompt(sample)), shape_mask(sample.image))
+        coverage[sid] = token_coverage(token_regions(lvlm, sample.image, task_obj.prompt(sample)),
+                                       object_mask(task, sample))
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         if r["sample_id"] in coverage:
