@@ -54,6 +54,9 @@ def test_analytical_flops_within_5_percent_of_flop_counter(family, name):
     model.config._attn_implementation = "eager"  # FlopCounterMode misses some SDPA paths on CPU
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")  # and MoE experts' grouped_mm
+    for block in getattr(getattr(model, "vision_tower", None), "blocks", ()):  # timm ViTs: its unfused path too
+        if hasattr(getattr(block, "attn", None), "fused_attn"):
+            block.attn.fused_attn = False
     lvlm = tp.wrap(model, processor)
     lvlm.runner.model.config._attn_implementation = "eager"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))

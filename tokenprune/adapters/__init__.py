@@ -28,8 +28,9 @@ def _builtin() -> None:
     from .llava_onevision import LlavaOnevisionLVLM
     from .qwen2_vl import QwenVLLVLM
     from .qwen3_vl import Qwen3VLLVLM
+    from .timm_lvlm import TimmLVLM  # imports timm only when such a model is built
 
-    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, Qwen3VLLVLM, LlavaOnevisionLVLM):
+    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, Qwen3VLLVLM, LlavaOnevisionLVLM, TimmLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

@@ -98,7 +98,17 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
     return _finish(model, seed), processor
 
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
+def _timm_importable() -> bool:
+    """timm imports torchvision, which fails beside a CPU torch (docs/adapters.md): test it only where it works."""
+    try:
+        import timm  # noqa: F401
+    except Exception:  # noqa: BLE001 -- ImportError, or torchvision's RuntimeError
+        return False
+    return True
+
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe",
+            "llava_onevision") + (("timm_lvlm",) if _timm_importable() else ())
 
 
 # Newer families live in their own modules (one builder each); imported on use.
@@ -119,6 +129,13 @@ def tiny_qwen3_vl_moe(seed: int = 0, **kw):
 def tiny_llava_onevision(seed: int = 0, **kw):
     """A tiny ``LlavaOnevisionForConditionalGeneration`` and its processor; see :mod:`.tiny_llava_onevision`."""
     from .tiny_llava_onevision import tiny_llava_onevision as build
+
+    return build(seed=seed, **kw)
+
+
+def tiny_timm_lvlm(seed: int = 0, **kw):
+    """A tiny timm-backboned LVLM (timm ViT + projector + Llama); see :mod:`.tiny_timm_lvlm`."""
+    from .tiny_timm_lvlm import tiny_timm_lvlm as build
 
     return build(seed=seed, **kw)
 
