@@ -304,6 +304,28 @@ def test_scene_alignment_targets_follow_the_objects():
     assert torch.equal(out[0, 0], targets.vectors[background])
 
 
+def test_scene_alignment_targets_can_name_the_place():
+    """With ``places``, a scene object's patches are described by colour, shape *and* the place of
+    its layout cell; easy-VQA-style (colour, shape) descriptions stay in the table unchanged."""
+    from tokenprune.benchmarks.tasks.shapes_scene import Scene, SceneObject
+    from tokenprune.zoo.tiny import tiny_tokenizer
+    from tokenprune.zoo.train_demo import AlignmentTargets, scene_key, word_vector
+
+    scene = Scene((240, 240, 240), (SceneObject("blue", "circle", (0, 0), (14, 14, 42, 42)),
+                                    SceneObject("red", "rectangle", (2, 2), (168, 182, 196, 210))))
+    embed = torch.nn.Embedding(len(tiny_tokenizer()), 8)
+    targets = AlignmentTargets({}, embed, tiny_tokenizer(), {scene_key(0): scene}, places=True)
+    index, on_object = targets.labels[scene_key(0)]
+    grid = index.view(16, 16)
+    circle = targets.table.index(("blue", "circle", "top left"))
+    rectangle = targets.table.index(("red", "rectangle", "bottom right"))
+    assert {int(grid[1, 1]), int(grid[2, 2])} == {circle} and int(grid[13, 12]) == rectangle
+    assert int(on_object.sum()) == 8
+    words = [word_vector(embed, tiny_tokenizer(), w) for w in ("blue", "circle", "top left")]
+    assert torch.allclose(targets([scene_key(0)])[0, 17], sum(words) / 3)
+    assert ("blue", "circle") in targets.table
+
+
 def test_training_scene_questions_come_from_train_and_val_seeds_only():
     from tokenprune.benchmarks.tasks.shapes_scene import scene_questions
     from tokenprune.zoo.train_demo import scene_key, scene_split
