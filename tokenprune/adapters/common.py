@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import OptionError
@@ -123,6 +124,23 @@ def attention_modules(tower: nn.Module) -> list[nn.Module]:
     """
     mods = [m for m in tower.modules() if hasattr(m, "is_causal") and hasattr(m, "config") and m is not tower]
     return [m for m in mods if not any(o is not m and m in set(o.modules()) for o in mods)]
+
+
+@torch.no_grad()
+def eager_vision_attention(tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """Head-averaged attention ``[images, T, T]`` of vision ``layer``, the slow way: the tower run
+    with eager attention and ``output_attentions=True``.
+
+    The independent reference that the adapters' fused FoPru scoring is tested against (never on a
+    hot path); the tower's attention implementation is restored afterwards, whatever happens.
+    """
+    old = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        out = tower(pixel_values=pixel_values.to(tower.dtype), output_attentions=True, return_dict=True)
+    finally:
+        tower.config._attn_implementation = old
+    return out.attentions[layer].float().mean(dim=1)
 
 
 def layer_index(layer: int, n_layers: int, what: str = "vision_layer") -> int:

@@ -14,7 +14,7 @@ import torch
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import PrunableLVLM, View
-from .common import vision_recorder
+from .common import eager_vision_attention, vision_recorder
 
 
 class InternVLLVLM(PrunableLVLM):
@@ -83,14 +83,7 @@ class InternVLLVLM(PrunableLVLM):
     @torch.no_grad()
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
         """Eager ``output_attentions`` reference, permuted into merge order with explicit 2x2 arithmetic."""
-        tower = self.model.model.vision_tower
-        old = tower.config._attn_implementation
-        tower.config._attn_implementation = "eager"
-        try:
-            out = tower(pixel_values=batch["pixel_values"].to(tower.dtype), output_attentions=True, return_dict=True)
-        finally:
-            tower.config._attn_implementation = old
-        att = out.attentions[layer].float().mean(dim=1)  # [tiles, T, T]
+        att = eager_vision_attention(self.model.model.vision_tower, batch["pixel_values"], layer)  # [tiles, T, T]
         side = math.isqrt(att.shape[-1] - 1)
         # Token (i, j) covers patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1).
         i, j = torch.meshgrid(torch.arange(side // 2), torch.arange(side // 2), indexing="ij")

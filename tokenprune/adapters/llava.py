@@ -8,7 +8,7 @@ import torch
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import PrunableLVLM, View
-from .common import vision_recorder
+from .common import eager_vision_attention, vision_recorder
 
 
 class LlavaLVLM(PrunableLVLM):
@@ -48,11 +48,4 @@ class LlavaLVLM(PrunableLVLM):
 
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
         """Head-averaged vision attention of ``layer`` via eager attention + ``output_attentions``."""
-        tower = self.model.model.vision_tower
-        old = tower.config._attn_implementation
-        tower.config._attn_implementation = "eager"
-        try:
-            out = tower(batch["pixel_values"].to(tower.dtype), output_attentions=True, return_dict=True)
-        finally:
-            tower.config._attn_implementation = old
-        return list(out.attentions[layer].float().mean(dim=1))
+        return list(eager_vision_attention(self.model.model.vision_tower, batch["pixel_values"], layer))

@@ -24,7 +24,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import View
-from .common import vision_recorder
+from .common import eager_vision_attention, vision_recorder
 from .llava import LlavaLVLM
 
 
@@ -125,13 +125,8 @@ class LlavaNextLVLM(LlavaLVLM):
         tower = self.model.model.vision_tower
         sizes = batch["image_sizes"]
         n_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
-        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
-        old = tower.config._attn_implementation
-        tower.config._attn_implementation = "eager"
-        try:
-            att = tower(pixels, output_attentions=True, return_dict=True).attentions[layer].float().mean(1)
-        finally:
-            tower.config._attn_implementation = old
+        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)])
+        att = eager_vision_attention(tower, pixels, layer)
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         out, start = [], 0
         for b, crops in enumerate(n_crops):

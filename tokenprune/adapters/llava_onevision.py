@@ -43,7 +43,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import View
-from .common import vision_recorder
+from .common import eager_vision_attention, vision_recorder
 from .llava_next import LlavaNextLVLM, _stitch
 
 
@@ -277,13 +277,8 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         cfg = self.model.config
         tower = self.model.model.vision_tower
         samples, n_crops, sizes = self._images(batch)
-        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
-        old = tower.config._attn_implementation
-        tower.config._attn_implementation = "eager"
-        try:
-            att = tower(pixels, output_attentions=True, return_dict=True).attentions[layer].float().mean(1)
-        finally:
-            tower.config._attn_implementation = old
+        pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)])
+        att = eager_vision_attention(tower, pixels, layer)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         out, start = [], 0
