@@ -522,16 +522,9 @@ def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict])
 
 
 
-def rebuild_reports(run_dir: str | Path, log=lambda *_: None) -> str:
-    """``tokenprune report``: fold every results file of ``run_dir`` (shards, ranks, copied from
-    other machines) into ``samples.jsonl`` and rewrite summary, Pareto, report and W&B from it.
-
-    Shard files are kept (a shard may still be running); the sweep is read from ``config.yaml``.
-    Returns the summary table, preceded by what was merged.
-    """
-    from .report import write_reports
-    from .tasks import get_task
-
+def load_sweep_config(run_dir: str | Path) -> SweepConfig:
+    """The :class:`SweepConfig` a finished or interrupted sweep stored in ``run_dir/config.yaml``
+    (its ``output`` pointed at ``run_dir``, wherever the folder has been moved since)."""
     out = Path(run_dir)
     path = out / "config.yaml"
     if not path.exists():
@@ -543,6 +536,21 @@ def rebuild_reports(run_dir: str | Path, log=lambda *_: None) -> str:
     except (yaml.YAMLError, TypeError) as exc:
         raise TokenpruneError(f"{path} is not a readable sweep config ({exc}); rerun the sweep to rewrite it") from None
     cfg.output = str(out)
+    return cfg
+
+
+def rebuild_reports(run_dir: str | Path, log=lambda *_: None) -> str:
+    """``tokenprune report``: fold every results file of ``run_dir`` (shards, ranks, copied from
+    other machines) into ``samples.jsonl`` and rewrite summary, Pareto, report and W&B from it.
+
+    Shard files are kept (a shard may still be running); the sweep is read from ``config.yaml``.
+    Returns the summary table, preceded by what was merged.
+    """
+    from .report import write_reports
+    from .tasks import get_task
+
+    out = Path(run_dir)
+    cfg = load_sweep_config(out)
     tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
     rows, parts = results.merge(out, cfg.tasks, method_runs(cfg), remove_ranks=False)
     counts = defaultdict(int)

@@ -72,10 +72,11 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
     from ..adapters import load
     from ..benchmarks.results import read_all
     from ..benchmarks.stats import bootstrap_ci
-    from .show import _load_sweep, sample_image
+    from ..benchmarks.sweep import load_sweep_config
+    from .show import sample_image
 
     run_dir = Path(run_dir)
-    cfg = _load_sweep(run_dir)
+    cfg = load_sweep_config(run_dir)
     usable = [t for t in cfg.tasks if t in MASKED_TASKS]
     if task is None and usable:
         task = usable[0]

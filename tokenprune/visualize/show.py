@@ -83,18 +83,6 @@ def show_image(image: Image.Image, prompt: str, methods: Sequence[str] = DEFAULT
     return compose(panels)
 
 
-def _load_sweep(run_dir: Path):
-    from ..benchmarks.sweep import FIELDS, SweepConfig, normalise
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise TokenpruneError(f"{run_dir} is not a sweep's output folder (no config.yaml)")
-    import yaml
-
-    stored = (yaml.safe_load(path.read_text()) or {}).get("config", {})
-    return normalise(SweepConfig(**{k: v for k, v in stored.items() if k in FIELDS}))
-
-
 def sample_image(cfg, task_name: str, sample_id: str):
     """``(task, sample)`` of sample ``sample_id`` of a sweep's task, decoded from the sweep's data."""
     from ..benchmarks.sweep import _data_dir
@@ -124,7 +112,9 @@ def show_run(run_dir: str | Path, sample_id: str, ratio: float | None = None, me
     from ..adapters import load
 
     run_dir = Path(run_dir)
-    cfg = _load_sweep(run_dir)
+    from ..benchmarks.sweep import load_sweep_config
+
+    cfg = load_sweep_config(run_dir)
     rows = run_rows(run_dir, sample_id, task)
     task_name = rows[0]["task"]
     ratio = float(ratio) if ratio is not None else cfg.ratios[0]
