@@ -286,7 +286,7 @@ def first_token_accuracy(model, batcher, feats, questions, batch: int = 32) -> f
     kinds: dict[str, list[bool]] = {}
     for i in range(0, len(questions), batch):
         chunk = questions[i:i + batch]
-        projected = model.model.multi_modal_projector(torch.stack([feats[q[2]] for q in chunk]).float())
+        projected = model.model.multi_modal_projector(torch.stack([feats[q[2]].float() for q in chunk]))
         embeds, mask, _, pos_ids, pos = batcher(projected, [q[0] for q in chunk], None)
         logits = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                             position_ids=pos_ids).last_hidden_state
