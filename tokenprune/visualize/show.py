@@ -110,10 +110,9 @@ def show_run(run_dir: str | Path, sample_id: str, ratio: float | None = None, me
              task: str | None = None, lvlm: Any = None) -> Image.Image:
     """Redraw sample ``sample_id`` of a finished sweep from the kept tokens it stored (no generation)."""
     from ..adapters import load
-
-    run_dir = Path(run_dir)
     from ..benchmarks.sweep import load_sweep_config
 
+    run_dir = Path(run_dir)
     cfg = load_sweep_config(run_dir)
     rows = run_rows(run_dir, sample_id, task)
     task_name = rows[0]["task"]

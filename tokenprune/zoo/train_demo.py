@@ -410,7 +410,7 @@ def main(argv=None) -> None:
                         help="scene objects' alignment targets also name their place (see AlignmentTargets)")
     parser.add_argument("--bf16", action="store_true",
                         help="LLM forward/backward under bfloat16 autocast (master weights fp32; ~2x on CPUs "
-                             "with AVX512-BF16 or AMX); evaluations stay fp32")
+                             "with AVX512-BF16 or AMX); checkpoint evaluations in bf16 too, the benchmark stays fp32")
     parser.add_argument("--init", default=None,
                         help="start a new run from an exported file (projector + LoRA) instead of stage 1")
     parser.add_argument("--export", default=None, help="write the best projector (+ LoRA) here (safetensors)")
@@ -557,13 +557,13 @@ def main(argv=None) -> None:
             keep = [focal_subset(targets.labels[q[2]][1], args.focal_tokens, rng) for q in qs]
         projected = projector(torch.stack([train_feats[q[2]] for q in qs]).float())  # [B, 256, D], once
         embeds, mask, labels, pos_ids, _ = batcher(projected, [q[0] for q in qs], [q[1] for q in qs], keep)
+        # Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions): the
+        # LM head over every position would cost more than the whole projector.
+        target = labels[:, 1:]
+        where = target != -100
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                               position_ids=pos_ids).last_hidden_state
-            # Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions): the
-            # LM head over every position would cost more than the whole projector.
-            target = labels[:, 1:]
-            where = target != -100
             answer_logits = model.lm_head(out[:, :-1][where])
         answer_loss = torch.nn.functional.cross_entropy(answer_logits.float(), target[where])
         loss = answer_loss + args.align_weight * alignment_loss(projected, targets([q[2] for q in qs]))
