@@ -337,6 +337,27 @@ def test_training_scene_questions_come_from_train_and_val_seeds_only():
     assert not test_scenes & set(scene_split("val", 50, 1)[1].values())
 
 
+def test_keep_kinds_subsamples_only_the_named_kinds():
+    from tokenprune.benchmarks.tasks.shapes_scene import kind_of
+    from tokenprune.zoo.train_demo import keep_kinds, scene_split
+
+    questions, _ = scene_split("train", 50, per_kind=2)
+    kinds = ("presence", "count", "place", "relation")
+    before = {k: sum(kind_of(q[0]) == k for q in questions) for k in kinds}
+    # 100 asked of each kind; 4 relation questions fell back to presence (no unique pair in the scene)
+    assert before == {"presence": 104, "count": 100, "place": 100, "relation": 96}
+    kept = keep_kinds(questions, {"presence": 0.3}, seed=1)
+    counts = {k: sum(kind_of(q[0]) == k for q in kept) for k in kinds}
+    assert counts == {"presence": 31, "count": 100, "place": 100, "relation": 96}
+    rest = iter(questions)
+    assert all(any(q == r for r in rest) for q in kept)  # a subsequence: order kept
+    assert kept == keep_kinds(questions, {"presence": 0.3}, seed=1)  # seeded
+    with pytest.raises(ValueError, match="kinds are presence"):
+        keep_kinds(questions, {"colour": 0.5})
+    with pytest.raises(ValueError, match="outside"):
+        keep_kinds(questions, {"count": 0.0})
+
+
 def test_trained_demo_reads_scenes():
     """The shipped weights answer held-out shapes_scene questions far above the image-blind rule
     (v2 weights: about 0.72 unpruned against the rule's 0.44; docs/demo.md)."""

@@ -178,6 +178,29 @@ def scene_split(split: str, n_scenes: int, per_kind: int) -> tuple[list[tuple[st
     return questions, scenes
 
 
+def keep_kinds(questions: list[tuple[str, str, int]], weights: dict[str, float],
+               seed: int = 0) -> list[tuple[str, str, int]]:
+    """Subsample scene ``questions`` by kind: a kind with weight ``w`` in (0, 1] keeps a seeded
+    ``w`` share of its questions (at least one), unnamed kinds keep all. Why: once a kind is
+    solved (presence sits at 1.00) its questions only dilute the steps the hard kinds need."""
+    from ..benchmarks.tasks.shapes_scene import KINDS, kind_of
+
+    unknown = sorted(set(weights) - set(KINDS))
+    bad = sorted(k for k, w in weights.items() if not 0 < w <= 1)
+    if unknown or bad:
+        raise ValueError(f"scene kind weights: unknown kinds {unknown} or weights outside (0, 1] {bad}; "
+                         f"kinds are {', '.join(KINDS)}")
+    rng = random.Random(seed)
+    by_kind: dict[str, list[int]] = {}
+    for n, q in enumerate(questions):
+        by_kind.setdefault(kind_of(q[0]), []).append(n)
+    keep = set()
+    for kind, rows in by_kind.items():
+        w = weights.get(kind, 1.0)
+        keep.update(rows if w >= 1 else rng.sample(rows, max(1, round(w * len(rows)))))
+    return [q for n, q in enumerate(questions) if n in keep]
+
+
 def focal_subset(on_shape: torch.Tensor, n_keep: int, rng: random.Random) -> torch.Tensor:
     """Sorted patch indices ``[n_keep]``: up to 3/4 of them on the shape (all of its patches when
     it has fewer), the rest background, each part drawn at random.
@@ -406,6 +429,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scene-questions", type=int, default=3, help="questions of each kind per scene")
     parser.add_argument("--scene-share", type=float, default=0.6, help="share of training questions about scenes")
     parser.add_argument("--val-scenes", type=int, default=200, help="generated scenes for checkpoint choice")
+    parser.add_argument("--scene-kind-weights", default="",
+                        help="e.g. presence=0.3: keep that share of a kind's train questions (see keep_kinds)")
     parser.add_argument("--scene-places", action="store_true",
                         help="scene objects' alignment targets also name their place (see AlignmentTargets)")
     parser.add_argument("--bf16", action="store_true",
@@ -450,6 +475,14 @@ def main(argv=None) -> None:
         # Train scenes from the "train" seeds, checkpoint scenes from "val"; the test split (the
         # benchmark's) is never seen. Val ids follow the train ids (all negative, see scene_key).
         scene_q, scenes = scene_split("train", args.scenes, args.scene_questions)
+        if args.scene_kind_weights:
+            try:
+                weights = {k.strip(): float(w) for k, w in
+                           (kw.split("=") for kw in args.scene_kind_weights.split(",") if kw.strip())}
+                scene_q = keep_kinds(scene_q, weights, args.seed)
+            except ValueError as e:
+                raise SystemExit(f"--scene-kind-weights {args.scene_kind_weights!r}: {e}; "
+                                 f"write it as kind=share,... e.g. presence=0.3") from None
         val_q, val_scenes = scene_split("val", args.val_scenes, 1)
         shift = args.scenes  # val scene i -> image id scene_key(args.scenes + i)
         val_q = [(q, a, i - shift) for q, a, i in val_q]
