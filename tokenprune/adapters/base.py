@@ -47,6 +47,12 @@ class View:
         deepstack: ``[levels, N, D]`` per-token features the decoder adds to these tokens' hidden
             states after its first layers (Qwen3-VL's DeepStack); pruning cuts and merges them with
             the tokens (see :attr:`~tokenprune.adapters.decoder.LLMInputs.deepstack`).
+        image: index of the image this view belongs to among its sample's images (prompt order),
+            ``None`` for a video frame.
+        clip: index of the video this view belongs to among its sample's videos, ``None`` for an image.
+        frame: for a video view, the index (in the sampled frames) of the first frame it covers (Qwen
+            packs 2 frames into one temporal patch: frames ``frame`` and ``frame + 1``).
+        time: for a video view, that frame's time in seconds from the start of the source video.
     """
 
     sample: int
@@ -63,6 +69,10 @@ class View:
     encoder_seqs: tuple[int, ...] = ()
     encoder_windows: tuple[int, ...] = ()
     deepstack: torch.Tensor | None = None
+    image: int | None = 0
+    clip: int | None = None
+    frame: int | None = None
+    time: float | None = None
 
 
 @dataclass
@@ -196,25 +206,65 @@ class PrunableLVLM(ABC):
 
         return getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
 
-    def prompt_texts(self, prompts: Sequence[str], chat_template: bool = True) -> list[str]:
+    @property
+    def video_placeholder(self) -> str:
+        """The text that marks a video in a prompt given with ``chat_template=False`` (the processor's
+        video token, e.g. ``<video>``; Qwen's wrap it in vision start/end markers)."""
+        from .visuals import VIDEO_PLACEHOLDER
+
+        return getattr(self.processor, "video_token", None) or VIDEO_PLACEHOLDER
+
+    def prompt_texts(self, prompts: Sequence[str], chat_template: bool = True,
+                     visuals: Sequence[Any] | None = None) -> list[str]:
         """The processor's text input for each prompt: through the chat template (the processor's,
         else the family's documented default, else a one-line error), or, with
-        ``chat_template=False``, as given (it must hold :attr:`image_placeholder`)."""
+        ``chat_template=False``, as given (it must hold :attr:`image_placeholder` once per image, or
+        :attr:`video_placeholder` for a video). ``visuals``: each sample's image, list of images or
+        video (default: one image each), placed first or at the prompt's ``<image>`` / ``<video>``."""
         from .common import chat_prompts, chat_template_for, raw_prompts
+        from .visuals import split_visuals
 
+        samples = split_visuals(visuals) if visuals is not None else None
         placeholder = self.image_placeholder
         if not chat_template:
-            return raw_prompts(prompts, placeholder, self.family)
+            return raw_prompts(prompts, placeholder, self.family, samples, self.video_placeholder)
         template = chat_template_for(self.processor, self.model.config.model_type, self.family, placeholder)
-        return chat_prompts(self.processor, prompts, template, placeholder)
+        return chat_prompts(self.processor, prompts, template, placeholder, samples,
+                            self.video_placeholder if samples is not None and any(s.videos for s in samples) else None)
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str],
+    def prepare(self, images: Sequence[Any], prompts: Sequence[str],
                 chat_template: bool = True) -> dict[str, torch.Tensor]:
-        """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs) with the
-        model's chat template and image placeholder applied to each prompt (``chat_template=False``:
-        prompts as given, see :meth:`prompt_texts`)."""
-        texts = self.prompt_texts(prompts, chat_template)
-        return dict(self.processor(images=list(images), text=texts, padding=True, return_tensors="pt"))
+        """Processor batch (left-padded ``input_ids``, ``attention_mask``, pixel inputs, video inputs)
+        for one visual per sample -- a PIL image, a list of PIL images, or a
+        :class:`tokenprune.media.Video` -- with the model's chat template and placeholders applied
+        to each prompt (``chat_template=False``: prompts as given, see :meth:`prompt_texts`)."""
+        from .visuals import split_visuals
+
+        samples = split_visuals(images)
+        texts = self.prompt_texts(prompts, chat_template, images)
+        flat = [im for s in samples for im in s.images]
+        videos = [v for s in samples for v in s.videos]
+        extra = self.video_inputs(videos) if videos else {}
+        return dict(self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt", **extra))
+
+    def video_inputs(self, videos: Sequence[Any]) -> dict[str, Any]:
+        """The processor keyword arguments that hand it ``videos`` (:class:`tokenprune.media.Video`,
+        prompt order): by default ``videos=[frames [T, H, W, 3] uint8, ...]``, after making sure the
+        processor has a video processor (a torchvision-free one from :meth:`video_processor`
+        when it was built without). Families whose processors need more (fps, metadata) override it."""
+        if getattr(self.processor, "video_processor", None) is None:
+            self.processor.video_processor = self.video_processor()
+        return {"videos": [v.frames for v in videos]}
+
+    def video_processor(self) -> Any:
+        """A torchvision-free video processor for this family's processor (transformers' own need
+        torchvision); families that take video override it.
+
+        Raises:
+            OptionError: this family takes no video.
+        """
+        raise OptionError(f"the {self.family} adapter takes images only, not video; video-capable families: "
+                          "qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, llava_next_video, internvl")
 
     @abstractmethod
     def encode_images(self, batch: dict[str, torch.Tensor], needs: PrunerNeeds) -> list[View]:
@@ -278,12 +328,13 @@ class PrunableLVLM(ABC):
         return pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
 
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image], prompts: Sequence[str], needs: PrunerNeeds | None = None,
+    def encode(self, images: Sequence[Any], prompts: Sequence[str], needs: PrunerNeeds | None = None,
                chat_template: bool = True) -> EncodedImages:
         """Processor + vision tower + projector for a batch, to pass to :meth:`generate` as ``encoded``
         (once for several pruners with the same ``needs``); ``chat_template`` as in :meth:`generate`."""
         if len(images) != len(prompts):
-            raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+            raise OptionError(f"got {len(images)} visuals and {len(prompts)} prompts; give one image, list of "
+                              "images or video per prompt")
         needs = needs or PrunerNeeds()
         sync = self._synchronizer()
         t0 = time.perf_counter()
@@ -298,7 +349,7 @@ class PrunableLVLM(ABC):
     @torch.no_grad()
     def generate(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Any],
         prompts: Sequence[str],
         pruner: TokenPruner | None = None,
         max_new_tokens: int = 16,
@@ -313,7 +364,9 @@ class PrunableLVLM(ABC):
         """Answer ``prompts[i]`` about ``images[i]`` with ``pruner`` applied (greedy decoding).
 
         Args:
-            images: one PIL image per sample.
+            images: one visual per sample: a PIL image, a list of PIL images (a multi-image prompt) or
+                a :class:`tokenprune.media.Video` (frames sampled as its sampler chose); a batch may
+                mix them.
             prompts: one question per sample; the chat template and image placeholder are added
                 (the image first, or where the prompt writes ``<image>``).
             pruner: any registered pruner, or ``None`` for the unpruned model.
@@ -336,7 +389,8 @@ class PrunableLVLM(ABC):
         """
         _check_greedy(gen_kwargs)
         if len(images) != len(prompts):
-            raise OptionError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+            raise OptionError(f"got {len(images)} visuals and {len(prompts)} prompts; give one image, list of "
+                              "images or video per prompt")
         if max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if position_policy is None:
@@ -386,7 +440,7 @@ class PrunableLVLM(ABC):
     @torch.no_grad()
     def loglikelihood(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Any],
         prompts: Sequence[str],
         continuations: Sequence[str],
         pruner: TokenPruner | None = None,
@@ -405,7 +459,7 @@ class PrunableLVLM(ABC):
         prefill.
 
         Args:
-            images: one PIL image per pair.
+            images: one visual per pair (a PIL image, a list of them, or a video), as in :meth:`generate`.
             prompts: one question per pair (no chat template: it is added; with
                 ``chat_template=False``, the whole prompt as given, as in :meth:`generate`).
             continuations: one answer text per pair, non-empty (e.g. ``"red"``; include a leading

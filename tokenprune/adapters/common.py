@@ -9,20 +9,7 @@ from torch import nn
 from ..errors import OptionError
 
 
-IMAGE_PLACEHOLDER = "<image>"  # where a prompt may place its image (lmms-eval's and LLaVA's convention)
-
-
-def user_content(prompt: str) -> list[dict[str, str]]:
-    """The user turn's content for one image and ``prompt``: the image first, or where the prompt
-    writes :data:`IMAGE_PLACEHOLDER` (once; whitespace around it is dropped)."""
-    if prompt.count(IMAGE_PLACEHOLDER) > 1:
-        raise OptionError(f"a prompt holds one image, but this one has {prompt.count(IMAGE_PLACEHOLDER)} "
-                          f"{IMAGE_PLACEHOLDER!r} placeholders: {prompt[:80]!r}")
-    before, sep, after = prompt.partition(IMAGE_PLACEHOLDER)
-    if not sep:
-        return [{"type": "image"}, {"type": "text", "text": prompt}]
-    parts = [{"type": "text", "text": before.strip()}, {"type": "image"}, {"type": "text", "text": after.strip()}]
-    return [p for p in parts if p["type"] == "image" or p["text"]]
+from .visuals import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleVisuals, raw_prompt, render, user_content  # noqa: F401
 
 
 # Documented default formats, for a processor saved without a chat template, by config.model_type
@@ -38,6 +25,7 @@ QWEN2_VL_TEMPLATE = (  # Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL (ChatML, defaul
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -46,10 +34,8 @@ DEFAULT_CHAT_TEMPLATES: dict[str, str] = {
 }
 
 
-def _render(processor: Any, prompt: str, template: str | None) -> str:
-    extra = {} if template is None else {"chat_template": template}
-    return processor.apply_chat_template([{"role": "user", "content": user_content(prompt)}],
-                                         add_generation_prompt=True, tokenize=False, **extra)
+def _render(processor: Any, prompt: str, template: str | None, visuals: SampleVisuals | None = None) -> str:
+    return render(processor, prompt, template, visuals)
 
 
 def chat_template_for(processor: Any, model_type: str, family: str, placeholder: str) -> str | None:
@@ -78,42 +64,36 @@ def chat_template_for(processor: Any, model_type: str, family: str, placeholder:
 
 
 def chat_prompts(processor: Any, prompts: Sequence[str], template: str | None = None,
-                 placeholder: str | None = None) -> list[str]:
-    """Each prompt as a one-turn conversation with one image, through the processor's chat template
-    (or ``template``; the image first, or at the prompt's :data:`IMAGE_PLACEHOLDER`).
+                 placeholder: str | None = None, visuals: Sequence[SampleVisuals] | None = None,
+                 video_placeholder: str | None = None) -> list[str]:
+    """Each prompt as a one-turn conversation through the processor's chat template (or ``template``),
+    showing its sample's ``visuals`` (default: one image each) first or at the prompt's placeholders
+    (see :func:`tokenprune.adapters.visuals.user_content`).
 
-    ``placeholder``: the text the processor expands into image tokens; a template that does not
-    write it raises a one-line :class:`OptionError` instead of the processor's token-count error.
+    ``placeholder`` / ``video_placeholder``: the text the processor expands into image / video tokens;
+    a template that does not write it raises a one-line :class:`OptionError` instead of the
+    processor's token-count error.
     """
-    texts = [_render(processor, p, template) for p in prompts]
-    for text in texts:
-        if placeholder is not None and placeholder not in text:
+    visuals = list(visuals) if visuals is not None else [None] * len(prompts)
+    texts = [_render(processor, p, template, v) for p, v in zip(prompts, visuals)]
+    for text, v in zip(texts, visuals):
+        video = v is not None and bool(v.videos)
+        mark, kind = (video_placeholder, "video") if video else (placeholder, "image")
+        if mark is not None and mark not in text:
             raise OptionError(
-                f"the chat template wrote no image placeholder {placeholder!r} (it gave {text[:80]!r}): set "
-                f"processor.chat_template to one that renders {{'type': 'image'}} content, or pass "
-                f"chat_template=False with {placeholder!r} in each prompt")
+                f"the chat template wrote no {kind} placeholder {mark!r} (it gave {text[:80]!r}): set "
+                f"processor.chat_template to one that renders {{'type': '{kind}'}} content, or pass "
+                f"chat_template=False with {mark!r} in each prompt")
     return texts
 
 
-def raw_prompts(prompts: Sequence[str], placeholder: str, family: str = "this model") -> list[str]:
-    """``chat_template=False``: each prompt as given, checked to hold exactly one image ``placeholder``.
-
-    A prompt that writes tokenprune's :data:`IMAGE_PLACEHOLDER` (``<image>``, as lmms-eval contexts
-    do) instead gets it replaced by the family's ``placeholder``, so one prompt text serves every
-    family; anything else is left untouched.
-    """
-    out = []
-    for p in prompts:
-        n = p.count(placeholder)
-        if n == 0 and placeholder != IMAGE_PLACEHOLDER and p.count(IMAGE_PLACEHOLDER) == 1:
-            p, n = p.replace(IMAGE_PLACEHOLDER, placeholder), 1
-        if n == 0:
-            raise OptionError(f"chat_template=False passes prompts as given, so each must place its image: write "
-                              f"{placeholder!r} (the {family} image placeholder) where the image goes; got {p[:80]!r}")
-        if n > 1:
-            raise OptionError(f"a prompt holds one image, but this one has {n} {placeholder!r} placeholders: {p[:80]!r}")
-        out.append(p)
-    return out
+def raw_prompts(prompts: Sequence[str], placeholder: str, family: str = "this model",
+                visuals: Sequence[SampleVisuals] | None = None, video_placeholder: str = VIDEO_PLACEHOLDER) -> list[str]:
+    """``chat_template=False``: each prompt as given, checked to place its sample's visuals (default:
+    one image each); see :func:`tokenprune.adapters.visuals.raw_prompt`."""
+    one = SampleVisuals(images=[None])  # type: ignore[list-item] -- only the count matters here
+    visuals = list(visuals) if visuals is not None else [one] * len(prompts)
+    return [raw_prompt(p, v, placeholder, video_placeholder, family) for p, v in zip(prompts, visuals)]
 
 
 def attention_modules(tower: nn.Module) -> list[nn.Module]:
