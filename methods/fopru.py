@@ -86,8 +86,12 @@ class _FoPruBase(TokenPruner):
 class FoPruRank(_FoPruBase):
     """FoPru, rank strategy: the globally top-k tokens by vision-encoder attention, in original order."""
 
+    def token_scores(self, inputs: PruningInputs) -> torch.Tensor:
+        """``[B, N]`` FoPru significance (scope ``"clip"`` ranks a whole clip's tokens by it)."""
+        return fopru_scores(inputs, self.score_axis)
+
     def select(self, inputs: PruningInputs) -> Reduction:
-        scores = fopru_scores(inputs, self.score_axis)
+        scores = self.token_scores(inputs)
         return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)), scores=scores)
 
 
@@ -101,6 +105,7 @@ class FoPruRow(_FoPruBase):
     """
 
     quantised = True
+    scopes = ("frame",)  # whole rows of one view's grid
 
     def __init__(
         self, ratio: float = 0.5, vision_layer: int = -2, score_axis: str = "auto", fill: str = "none"
@@ -152,7 +157,6 @@ class FasterVLM(FoPruRank):
     def __init__(self, ratio: float = 0.5, vision_layer: int = -2):
         super().__init__(ratio=ratio, vision_layer=vision_layer, score_axis="cls")
 
-    def select(self, inputs: PruningInputs) -> Reduction:
-        axis = "cls" if inputs.vision_prefix >= 1 else "column"
-        scores = fopru_scores(inputs, axis)
-        return Reduction(indices=topk_indices(scores, self.num_kept(inputs.num_tokens, inputs.grid)), scores=scores)
+    def token_scores(self, inputs: PruningInputs) -> torch.Tensor:
+        """``[B, N]`` CLS attention (column mean on CLS-less towers)."""
+        return fopru_scores(inputs, "cls" if inputs.vision_prefix >= 1 else "column")

@@ -41,6 +41,7 @@ class PoolPruner(TokenPruner):
     """
 
     quantised = True
+    scopes = ("frame",)  # spatial pooling of one view's grid
 
     def __init__(self, ratio: float = 0.5):
         self.ratio = validate_ratio(ratio)

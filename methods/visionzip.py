@@ -57,6 +57,7 @@ class VisionZipPruner(TokenPruner):
     """VisionZip: dominant tokens by CLS attention (CLS kept), the rest merged into contextual tokens by key similarity."""
 
     quantised = False
+    scopes = ("frame",)  # dominant + contextual tokens of one view's attention map
     position_policy = "compact"
     position_policy_mrope = "keep"
 

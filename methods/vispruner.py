@@ -54,6 +54,7 @@ def thin_by_similarity(features: torch.Tensor, residual: torch.Tensor, target: i
 class VisPrunerPruner(TokenPruner):
     """VisPruner: half the budget by CLS attention, the other half diverse tokens by feature similarity."""
 
+    scopes = ("frame",)  # important tokens by one view's CLS attention, then diverse ones among them
     position_policy = "compact"
     position_policy_mrope = "keep"
 

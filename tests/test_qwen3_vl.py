@@ -20,7 +20,6 @@ from torch import nn
 
 import tokenprune as tp
 from tokenprune.adapters import wrap
-from tokenprune.adapters.base import PrunableLVLM
 from tokenprune.adapters.decoder import _Sequence
 from tokenprune.zoo.tiny_qwen3_vl import tiny_qwen3_vl
 
@@ -167,15 +166,17 @@ def test_pre_llm_pruning_slices_every_level(i, name, monkeypatch):
     assert diff <= TOL
 
     # Mutations: the levels not sliced with the kept index (the first k tokens' features), or dropped.
-    reduce = PrunableLVLM._reduce_deepstack
+    from tokenprune.adapters import pre_llm
+
+    reduce = pre_llm.reduce_deepstack
     for label, mutate in [("unsliced", lambda deep, out: deep[:, :, : out.shape[2]]),
                           ("zeroed", lambda deep, out: torch.zeros_like(out))]:
-        monkeypatch.setattr(PrunableLVLM, "_reduce_deepstack",
-                            staticmethod(lambda red, deep, prefix=0, m=mutate: m(deep, reduce(red, deep, prefix))))
+        monkeypatch.setattr(pre_llm, "reduce_deepstack",
+                            lambda red, deep, prefix=0, m=mutate: m(deep, reduce(red, deep, prefix)))
         mutated = max_diff(ours(model, i, tp.create_pruner(name, ratio=0.5)), ref)
         print(f"{name} sample {i}: mutation {label}: |ours - HF| = {mutated:.2e}")
         assert mutated > MUTATION_MIN
-        monkeypatch.setattr(PrunableLVLM, "_reduce_deepstack", staticmethod(reduce))
+        monkeypatch.setattr(pre_llm, "reduce_deepstack", reduce)
 
 
 @pytest.mark.parametrize("i", [0, 1])

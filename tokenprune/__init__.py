@@ -19,6 +19,7 @@ from .pruner import (
     topk_indices,
 )
 from .registry import Registry, RegistryEntry
+from .media import Video
 from .benchmarks.tasks import Sample, Task, get_task, list_tasks, register_task
 
 __version__ = "0.1.0"

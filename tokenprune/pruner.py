@@ -32,6 +32,7 @@ class Stage(str, Enum):
 
 
 QueryRows = Literal["last", "all", "text", "chosen"]
+SCOPES = ("frame", "clip")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class PruningInputs:
             normalised hidden states (DART).
         prompts: pre-LLM with ``needs.text``, each batch entry's prompt as given to ``generate``.
         text_ids: ``[B, T]`` pre-LLM with ``needs.text``, the token ids of ``text_tokens``.
+        token_views: ``[B, N]`` pre-LLM at scope ``"clip"``, the index (among the sample's prunable
+            views, sequence order) of the view each token comes from -- for a video, the frame (Qwen:
+            the temporal patch); ``view_grids`` then holds those views' grids.
     """
 
     tokens: torch.Tensor
@@ -187,6 +191,7 @@ class PruningInputs:
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompts: Sequence[str] | None = None
     text_ids: torch.Tensor | None = None
+    token_views: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -346,9 +351,14 @@ class TokenPruner(ABC):
             sweeps may override it for ablations.
         position_policy_mrope: the convention on M-RoPE models (Qwen2-VL / 2.5-VL), where the
             official ports of most pre-LLM methods keep the original positions; ``None``: as above.
-        views: pre-LLM, how multi-view samples (LLaVA-NeXT crops, InternVL tiles) are pruned:
-            ``"per_view"`` (each view with its own budget) or ``"global"`` (all the views of a
-            sample as one set of tokens, ``grid=(1, N)``, one budget).
+        views: pre-LLM, the method's default :attr:`scope`: ``"per_view"`` (scope ``"frame"``) or
+            ``"global"`` (scope ``"clip"``).
+        scopes: the scopes the method is defined at (``("frame",)`` for methods whose rule needs a
+            view's own grid or attention map beyond a ranking: row selection, spatial pooling,
+            VisionZip's dominant/contextual split).
+
+    Every pre-LLM pruner also takes ``scope`` (through :func:`create_pruner` or a spec,
+    ``fopru_rank:scope=clip``), whether or not its ``__init__`` names it; see :attr:`scope`.
     """
 
     name: ClassVar[str] = "unregistered"
@@ -357,6 +367,7 @@ class TokenPruner(ABC):
     position_policy: ClassVar[str] = "keep"
     position_policy_mrope: ClassVar[str | None] = None
     views: ClassVar[str] = "per_view"
+    scopes: ClassVar[tuple[str, ...]] = SCOPES
     ratio: float
 
     @property
@@ -365,10 +376,31 @@ class TokenPruner(ABC):
         return PrunerNeeds()
 
     @property
+    def scope(self) -> str:
+        """What one budget covers, pre-LLM: ``"frame"`` -- each view on its own (a video frame, an
+        image of a multi-image prompt, a LLaVA-NeXT crop, an InternVL tile), as per-frame methods do;
+        ``"clip"`` -- all the prunable views of a sample as one set of tokens (a whole video, all
+        images of the prompt), as LightCompress runs FastV and DivPrune on video. The default is
+        the method's own (:attr:`views`); in-LLM pruners always see the whole sequence (``"clip"``)."""
+        if self.stage is Stage.IN_LLM:
+            return "clip"
+        return self.__dict__.get("_scope") or ("clip" if self.views == "global" else "frame")
+
+    def token_scores(self, inputs: PruningInputs) -> torch.Tensor | None:
+        """``[B, N]`` per-token keep scores (higher first) if this pruner is a top-k ranking by a
+        per-view score; ``None`` otherwise. Scope ``"clip"`` uses it for pruners whose scores need
+        per-view inputs (vision attention): each view is scored on its own, and the clip keeps its
+        top ``keep_count(ratio, N_clip)`` tokens across views."""
+        return None
+
+    @property
     def options(self) -> dict[str, Any]:
-        """The resolved options, ``{parameter of __init__: current value}``."""
+        """The resolved options, ``{parameter of __init__: current value}`` (and ``scope`` when set)."""
         params = inspect.signature(type(self)).parameters
-        return {p: getattr(self, p) for p in params if hasattr(self, p)}
+        out = {p: getattr(self, p) for p in params if hasattr(self, p)}
+        if "_scope" in self.__dict__ and "scope" not in out:
+            out["scope"] = self.__dict__["_scope"]
+        return out
 
     def num_kept(self, n_tokens: int, grid: tuple[int, int]) -> int:
         """How many tokens this pruner keeps out of ``n_tokens`` laid out as ``grid`` (in-LLM: at the
@@ -441,6 +473,16 @@ def create_pruner(name: str, **options: Any) -> TokenPruner:
     cls = PRUNERS.get(name)
     params = inspect.signature(cls).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    scope = None
+    if "scope" in options and "scope" not in params:  # a framework option of every pruner
+        options = dict(options)
+        scope = validate_choice(options.pop("scope"), "scope", SCOPES)
+        if cls.stage is Stage.IN_LLM and scope != "clip":
+            raise OptionError(f"pruner {name!r} acts inside the LLM, where it sees the whole sequence: scope='clip' "
+                              "is all it does; use a pre-LLM pruner for a per-frame budget")
+        if cls.stage is Stage.PRE_LLM and scope not in cls.scopes:
+            raise OptionError(f"pruner {name!r} is defined per view (its rule needs each frame's / image's own grid or "
+                              f"attention map), not over a clip: use scope='frame'")
     unknown = sorted(set(options) - set(params))
     if unknown and not takes_kwargs:
         raise OptionError(
@@ -448,9 +490,12 @@ def create_pruner(name: str, **options: Any) -> TokenPruner:
             f"its options are: {', '.join(params) or '(none)'}"
         )
     try:
-        return cls(**options)
+        pruner = cls(**options)
     except TypeError as exc:  # e.g. a plugin with a required option the user left out
         raise OptionError(f"cannot create pruner {name!r}: {exc}") from None
+    if scope is not None:
+        pruner._scope = scope
+    return pruner
 
 
 def parse_pruner_spec(spec: str) -> tuple[str, dict[str, Any]]:
