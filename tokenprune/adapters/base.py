@@ -299,6 +299,27 @@ class PrunableLVLM(ABC):
         ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
         return [i for i in ids if i is not None]
 
+    def _position_policy(self, requested: str | None, pruner: TokenPruner | None, visuals: Sequence[Any]) -> str:
+        """The position policy of a call: ``requested``, else the pruner's own convention.
+
+        ``"compact"`` renumbers positions without gaps; on a video's 3-D M-RoPE positions that is
+        undefined (time, height and width advance differently, and transformers 5.x even starts the
+        text after a Qwen2/2.5-VL video below the video's temporal positions), so there a method whose
+        own convention is compact keeps the original positions, and asking for compact is refused.
+        """
+        from .visuals import split_visuals
+
+        video = self.mrope and any(s.videos for s in split_visuals(visuals))
+        if requested is None:
+            requested = pruner.default_position_policy(self.mrope) if pruner is not None else "keep"
+            if video:
+                requested = "keep"
+        validate_choice(requested, "position_policy", POSITION_POLICIES)
+        if video and requested == "compact":
+            raise OptionError("position_policy='compact' renumbers 1-D positions; this model's video positions are "
+                              "3-D (M-RoPE), where it is undefined: use position_policy='keep'")
+        return requested
+
     # -- the shared pipeline ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -394,9 +415,7 @@ class PrunableLVLM(ABC):
                               "images or video per prompt")
         if max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if position_policy is None:
-            position_policy = pruner.default_position_policy(self.mrope) if pruner is not None else "keep"
-        validate_choice(position_policy, "position_policy", POSITION_POLICIES)
+        position_policy = self._position_policy(position_policy, pruner, images)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         needs = self.vision_needs(pruner)
         sync = self._synchronizer()
@@ -473,9 +492,7 @@ class PrunableLVLM(ABC):
         if not len(images) == len(prompts) == len(continuations):
             raise OptionError(f"got {len(images)} images, {len(prompts)} prompts and {len(continuations)} continuations; "
                               "give one of each per pair")
-        if position_policy is None:
-            position_policy = pruner.default_position_policy(self.mrope) if pruner is not None else "keep"
-        validate_choice(position_policy, "position_policy", POSITION_POLICIES)
+        position_policy = self._position_policy(position_policy, pruner, images)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         token_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         for c, t in zip(continuations, token_ids):
