@@ -4,10 +4,18 @@ Each tile is a view, pruned on its own (a per-tile budget, proportional by const
 shuffle (0.5) folds 2x2 patches into one token; where each patch goes is read off the model's
 own ``pixel_shuffle`` applied to patch indices, so the attention map handed to a pruner is in
 merge order (patch ``p`` -> token ``p // 4``) without re-deriving the reshape arithmetic.
+
+Several images per sample: each image is ``<img>`` + its tiles' ``<IMG_CONTEXT>`` tokens (tiles, then
+the thumbnail) + ``</img>``; a run of consecutive context tokens is one image. Video: InternVL has no
+video tower, the processor puts each sampled frame into ``pixel_values`` as ONE tile and writes
+``Frame{i}: <img>`` + one tile's context tokens + ``</img>`` per frame, joined by newlines; so a frame
+is a single-tile view (the InternViT attends within it only, as within any tile) and the ``Frame{i}:``
+text and the ``<img>``/``</img>`` markers are text tokens, never pruned.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import torch
 
@@ -15,6 +23,11 @@ from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import PrunableLVLM, View
 from .common import eager_vision_attention, vision_recorder
+from .visuals import split_visuals
+
+# The batch entry (added by InternVLLVLM.prepare, dropped before any Hugging Face call) that says, per
+# sample, the times in seconds of its video's sampled frames, or None for an image sample.
+VIDEO_TIMES_KEY = "tp_video_times"
 
 
 class InternVLLVLM(PrunableLVLM):
@@ -22,6 +35,38 @@ class InternVLLVLM(PrunableLVLM):
 
     family = "internvl"
     model_types = ("internvl",)
+
+    def prepare(self, images: Sequence[Any], prompts: Sequence[str], chat_template: bool = True) -> dict[str, Any]:
+        """The processor batch (see :meth:`PrunableLVLM.prepare`); a batch holding a video also gets
+        ``tp_video_times``: per sample, its video's frame times in seconds (``Video.times``), or ``None``
+        for an image sample. Nothing in the token ids tells a video frame from a single-tile image,
+        so :meth:`encode_images` reads this; drop ``tp_*`` entries before calling the HF model."""
+        batch = super().prepare(images, prompts, chat_template=chat_template)
+        samples = split_visuals(images)
+        if any(s.videos for s in samples):
+            batch[VIDEO_TIMES_KEY] = [tuple(float(t) for t in s.videos[0].times) if s.videos else None
+                                      for s in samples]
+        return batch
+
+    def video_inputs(self, videos: Sequence[Any]) -> dict[str, Any]:
+        """``videos=[frames ...]`` and ``do_sample_frames=False`` (each Video is sampled already; this also
+        stops a hub video processor that samples by default from resampling it).
+
+        Raises:
+            OptionError: the videos have different frame counts (the HF processor cannot batch them).
+        """
+        counts = sorted({int(v.num_frames) for v in videos})
+        if len(counts) > 1:
+            raise OptionError(f"InternVL's processor batches videos of one frame count only, got {counts}: sample "
+                              "every video to the same number of frames, or put them in separate batches")
+        return {**super().video_inputs(videos), "do_sample_frames": False}
+
+    def video_processor(self) -> Any:
+        """A torchvision-free stand-in for ``InternVLVideoProcessor``: frames resized to the image processor's
+        tile size and normalised with its mean/std (see :mod:`tokenprune.media.processors.internvl`)."""
+        from ..media.processors.internvl import internvl_video_processor
+
+        return internvl_video_processor(self.processor.image_processor)
 
     def _merge_order(self, side: int) -> torch.Tensor:
         """``[side*side]`` patch indices in merge order (4 consecutive patches = one token)."""
@@ -31,6 +76,15 @@ class InternVLLVLM(PrunableLVLM):
         return shuffled.reshape(-1).long()
 
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
+        """Every tile and frame of the batch as a :class:`View`, in sequence order.
+
+        An image gives one view per tile (its tiles, then its thumbnail), ``image`` = its index among
+        the sample's images; a video gives one single-tile view per frame, ``clip=0``, ``frame`` = the
+        frame's index, ``time`` = its time in seconds (from ``tp_video_times``, see :meth:`prepare`; a
+        batch without that entry is read as images only). Each view: ``grid`` = the tile's token grid
+        ``(s, s)``, ``seq_index`` = its ``<IMG_CONTEXT>`` positions, vision attention / features / keys
+        of that tile alone (the InternViT runs on each tile, so each frame, separately).
+        """
         cfg = self.model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("InternVL with several vision_feature_layers is not supported; use one layer")
@@ -66,16 +120,38 @@ class InternVLLVLM(PrunableLVLM):
                 k = rec.keys[0].mean(1)[:, order]  # [tiles, T, d]
                 keys = torch.cat([k[:, :prefix], k[:, prefix:].unflatten(1, (-1, merge)).mean(2)], 1)
         image_pos = batch["input_ids"] == cfg.image_token_id
+        times = batch.get(VIDEO_TIMES_KEY) or [None] * image_pos.shape[0]
         views, tile = [], 0
+
+        def view(b: int, chunk: torch.Tensor, tile: int, **where: Any) -> View:
+            return View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
+                        vision_attention=None if maps is None else maps[tile],
+                        vision_features=None if raw is None else raw[tile],
+                        vision_keys=None if keys is None else keys[tile],
+                        vision_prefix=prefix, patch_merge=merge, encoder_seqs=(prefix + n * merge,), **where)
+
         for b in range(image_pos.shape[0]):
             seq = image_pos[b].nonzero().flatten()
-            for chunk in seq.split(n):
-                views.append(View(sample=b, tokens=feats[tile], grid=(side, side), seq_index=chunk,
-                                  vision_attention=None if maps is None else maps[tile],
-                                  vision_features=None if raw is None else raw[tile],
-                                  vision_keys=None if keys is None else keys[tile],
-                                  vision_prefix=prefix, patch_merge=merge, encoder_seqs=(prefix + n * merge,)))
-                tile += 1
+            # One run of consecutive context tokens per image (its tiles, then its thumbnail) or per frame:
+            # runs are separated by at least the </img> and <img> markers.
+            cuts = ((seq[1:] - seq[:-1]) != 1).nonzero().flatten() + 1
+            runs = list(torch.tensor_split(seq, cuts.tolist())) if seq.numel() else []
+            if times[b] is not None and len(runs) != len(times[b]):
+                raise RuntimeError(f"sample {b}: {len(times[b])} video frames but {len(runs)} frame spans "
+                                   "in the prompt")
+            for i, run in enumerate(runs):
+                if run.numel() % n:
+                    raise RuntimeError(f"sample {b}: a span of {run.numel()} image tokens is not a whole number "
+                                       f"of {n}-token tiles")
+                for chunk in run.split(n):
+                    if times[b] is None:
+                        views.append(view(b, chunk, tile, image=i))
+                    elif run.numel() != n:
+                        raise RuntimeError(f"sample {b}: video frame {i} spans {run.numel()} tokens, "
+                                           f"not one tile of {n}")
+                    else:
+                        views.append(view(b, chunk, tile, image=None, clip=0, frame=i, time=times[b][i]))
+                    tile += 1
         if tile != tiles:
             raise RuntimeError(f"{tiles} tiles encoded but {tile} placed in the prompt")
         return views
