@@ -12,6 +12,7 @@ from .base import (
     list_tasks,
     register_task,
 )
+from .video import VideoTask  # the video task base (its six lmms-eval tasks register on import)
 
 __all__ = [
     "DatasetUnavailableError", "OPTION_LETTER", "SHORT_ANSWER", "Sample", "Skipped", "TASKS", "Task", "TaskData",

@@ -1,9 +1,9 @@
 """The Task interface: load samples, build prompts, score answers with the official metric.
 
 A task loads its dataset with ``datasets.load_dataset`` from the Hub id lmms-eval uses
-(configurable id and revision), or from a local copy (``data_dir``). Images are decoded one by one
-as samples are read, so a broken or missing image skips that sample -- counted and reported in
-:attr:`TaskData.skipped` -- instead of failing the run.
+(configurable id and revision), or from a local copy (``data_dir``). Visuals (images, or videos for
+the tasks in :mod:`.video`) are decoded one by one as samples are read, so a broken or missing file
+skips that sample -- counted and reported in :attr:`TaskData.skipped` -- instead of failing the run.
 """
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Container, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Container, Iterator, Sequence, Union
 
 from PIL import Image
 
 from ...errors import OptionError, TokenpruneError
 from ...registry import Registry
+
+if TYPE_CHECKING:
+    from ...media import Video
+
+# What a sample hands the model: one image, several (a multi-image prompt or a video's frames as
+# images), or a video. ``None`` only for samples rebuilt from results files (no pixels needed).
+Visual = Union[Image.Image, "list[Image.Image]", "Video", None]
 
 # LLaVA-1.5 evaluation prompt suffixes (as lmms-eval's default prompts).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -37,7 +44,9 @@ class Sample:
 
     Attributes:
         id: stable id (the dataset's question id); seeds random pruners, keys results.
-        image: the decoded RGB image.
+        image: the visual, decoded: an RGB PIL image, a list of them (a multi-image prompt, or a
+            video's sampled frames as images), or a :class:`tokenprune.Video` (video tasks). The
+            name stays ``image`` because every entry point reads it as "the sample's visual".
         question: the raw question (the prompt is built by :meth:`Task.prompt`).
         answers: reference answer(s): one for most tasks, ten human answers for VQA tasks.
         category: subtask / split / category used by the aggregate metric.
@@ -45,7 +54,7 @@ class Sample:
     """
 
     id: str
-    image: Image.Image
+    image: Visual
     question: str
     answers: list[str]
     category: str = ""
@@ -61,7 +70,8 @@ class Skipped:
 
 
 class TaskData:
-    """The samples of a task, decoded lazily; rows with unusable images are skipped and recorded.
+    """The samples of a task, decoded lazily; rows with unusable images or videos are skipped and
+    recorded.
 
     Iterate it to get :class:`Sample` s; ``skipped`` fills up as rows are read.
     """
@@ -87,7 +97,7 @@ class TaskData:
         passed over undecoded.
 
         ``skipped`` is reset and refilled by each pass (rows passed over are not decoded, so a
-        broken image among them is not counted again).
+        broken image or video among them is not counted again).
         """
         self.skipped = []
         for i in self.indices:
@@ -96,11 +106,11 @@ class TaskData:
             if sid in exclude or (only is not None and sid not in only):
                 continue
             try:
-                image = decode_image(self.task.row_image(row))
+                visual = self.task.load_visual(row)
             except Exception as exc:  # noqa: BLE001 -- any decoding failure skips the row
                 self.skipped.append(Skipped(sid, f"{type(exc).__name__}: {exc}"))
                 continue
-            yield self.task.make_sample(row, sid, image)
+            yield self.task.make_sample(row, sid, visual)
 
     def report(self) -> str:
         """One line: how many rows were used and skipped."""
@@ -169,7 +179,7 @@ class Task(ABC):
         source = self.dataset_path
         kwargs: dict[str, Any] = {"split": split}
         if data_dir is not None:
-            root = Path(data_dir)
+            root = Path(data_dir).expanduser()  # "~/data/x" from a YAML config: no shell expanded it
             if not root.is_dir():
                 raise DatasetUnavailableError(f"--data-dir {root} is not a directory")
             # A local copy of the Hub repository keeps each config in a folder of its name.
@@ -231,15 +241,22 @@ class Task(ABC):
 
     # -- per row --------------------------------------------------------------------------------
     def row_image(self, row: dict) -> Any:
+        """The row's undecoded visual (an image cell, a path, ...), as :meth:`load_visual` reads it."""
         return row[self.image_column]
+
+    def load_visual(self, row: dict) -> Visual:
+        """The row's decoded visual, which becomes :attr:`Sample.image` (default: the RGB image of
+        :meth:`row_image`). Any exception skips the row, recorded in :attr:`TaskData.skipped`;
+        video tasks override this to decode the sampled frames of a video file."""
+        return decode_image(self.row_image(row))
 
     @abstractmethod
     def row_id(self, row: dict, index: int) -> str:
         """The row's stable id (``index``: its position in the split, for datasets without ids)."""
 
     @abstractmethod
-    def make_sample(self, row: dict, sample_id: str, image: Image.Image) -> Sample:
-        """A :class:`Sample` from a raw row and its decoded image."""
+    def make_sample(self, row: dict, sample_id: str, image: Visual) -> Sample:
+        """A :class:`Sample` from a raw row and its decoded visual (:meth:`load_visual`)."""
 
     # -- prompt and metric ----------------------------------------------------------------------
     @abstractmethod
@@ -266,7 +283,8 @@ def _undecoded(feature):
     return datasets.Sequence(datasets.Image(decode=False))
 
 
-TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=("tokenprune.benchmarks.tasks.builtin", "tokenprune.benchmarks.tasks.shapes_scene"))
+TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=(
+    "tokenprune.benchmarks.tasks.builtin", "tokenprune.benchmarks.tasks.shapes_scene", "tokenprune.benchmarks.tasks.video"))
 
 
 def register_task(name: str):
