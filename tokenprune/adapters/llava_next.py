@@ -10,6 +10,14 @@ Two views per image, each pruned with the same ratio (a budget proportional to i
 The newline embedding that ends every high-res row is structure: placed, never pruned, counted
 with the text. Which stitched token survives unpadding is read off the model's own ``unpad_image``
 applied to token indices.
+
+A multi-image sample gives these views for each of its images (``View.image`` = the image's index in
+the prompt). The processor takes the images as one flat list (sample after sample, prompt order),
+``image_sizes`` ``[images, 2]`` one row each and ``pixel_values`` ``[images, max_crops, 3, px, px]``
+padded to the largest crop count; each image is anyres-tiled on its own (its crop count,
+``image_size_to_num_patches`` of its size, and its unpadded grid follow from its size), and the model
+fills the batch's image tokens row by row with the images' packed features in that order
+(:func:`~tokenprune.adapters.llava.image_spans`).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import View
 from .common import eager_vision_attention, vision_recorder
-from .llava import LlavaLVLM
+from .llava import LlavaLVLM, image_spans
 
 
 def _stitch(x: torch.Tensor, nph: int, npw: int, side: int) -> torch.Tensor:
@@ -41,7 +49,17 @@ class LlavaNextLVLM(LlavaLVLM):
     model_types = ("llava_next",)
 
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
+        """Per image, in the processor's order (samples in order, each sample's images in prompt order):
+        the base view ``[s^2, D]`` (grid ``(s, s)``), the high-res view ``[h*w, D]`` (grid ``(h, w)``) and
+        its ``h`` row newlines (``prunable=False``), all with ``View.image`` = the image's index in its
+        sample; ``[]`` for a batch without images.
+
+        ``pixel_values``: ``[images, max_crops, 3, px, px]`` (padded crops beyond each image's own
+        count, ``image_size_to_num_patches`` of its ``image_sizes`` row, are not encoded, as in the model).
+        """
         cfg = self.model.config
+        if batch.get("pixel_values") is None:
+            return []
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("LLaVA-NeXT with several vision_feature_layers is not supported; use one layer")
         inner = self.model.model
@@ -65,27 +83,37 @@ class LlavaNextLVLM(LlavaLVLM):
         keys = None if keys is None else keys.to(home)
         if needs.vision_features:
             raw, hidden = raw.to(home), hidden.to(home)
-        image_pos = batch["input_ids"] == cfg.image_token_id
-        views, start = [], 0
         n = side * side
-        for b, crops in enumerate(n_crops):
-            seq = image_pos[b].nonzero().flatten()
+        # Each image's high-res layout first: its token count places it in the sequence (image_spans).
+        layouts: list[torch.Tensor | None] = []  # per image: stitched-token index of each unpadded cell [H', W']
+        counts = []
+        for size, crops in zip(sizes, n_crops):
+            if crops == 1:
+                layouts.append(None)
+                counts.append(n + 1)
+                continue
+            nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            index = torch.arange((crops - 1) * n, device=home, dtype=torch.float32)[:, None]
+            kept = unpad_image(_stitch(index.view(crops - 1, n, 1), nph, npw, side), size)[0].long()  # [H', W']
+            layouts.append(kept)
+            counts.append(n + kept.shape[0] * (kept.shape[1] + 1))
+        seq_len = out.hidden_states[0].shape[1]
+        views, start = [], 0
+        spans = image_spans(batch["input_ids"], cfg.image_token_id, counts)
+        for (b, j, seq), crops, kept in zip(spans, n_crops, layouts):
             f = feats[start:start + crops]
             r = raw[start:start + crops] if needs.vision_features else None
             k = keys[start:start + crops] if keys is not None else None
             m = maps[start:start + crops] if maps is not None else None
-            seq_len = out.hidden_states[0].shape[1]
             views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
                               vision_attention=None if m is None else m[0], vision_prefix=prefix,
                               vision_features=None if r is None else r[0],
                               vision_prefix_features=None if r is None else hidden[start, :prefix],
-                              vision_keys=None if k is None else k[0], encoder_seqs=(seq_len,)))
-            if crops == 1:
-                views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False))
+                              vision_keys=None if k is None else k[0], encoder_seqs=(seq_len,), image=j))
+            if kept is None:
+                views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:], prunable=False,
+                                  image=j))
             else:
-                nph, npw = get_anyres_image_grid_shape(sizes[b], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                index = torch.arange((crops - 1) * n, device=f.device, dtype=torch.float32)[:, None]
-                kept = unpad_image(_stitch(index.view(crops - 1, n, 1), nph, npw, side), sizes[b])[0].long()  # [H', W']
                 h, w = kept.shape
                 tokens = f[1:].reshape((crops - 1) * n, -1)[kept.flatten()]
                 hi_seq = seq[n:].view(h, w + 1)
@@ -97,9 +125,10 @@ class LlavaNextLVLM(LlavaLVLM):
                                   vision_features=None if r is None else r[1:].reshape((crops - 1) * n, -1)[kept.flatten()],
                                   # one prefix row for the crops' CLS tokens, as in the attention map
                                   vision_keys=None if k is None else torch.cat(
-                                      [k[1:, :prefix].mean(0), k[1:, prefix:].reshape((crops - 1) * n, -1)[kept.flatten()]])))
+                                      [k[1:, :prefix].mean(0), k[1:, prefix:].reshape((crops - 1) * n, -1)[kept.flatten()]]),
+                                  image=j))
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
-                                  seq_index=hi_seq[:, w], prunable=False))
+                                  seq_index=hi_seq[:, w], prunable=False, image=j))
             start += crops
         return views
 
