@@ -25,12 +25,14 @@ def _builtin() -> None:
     from .internvl import InternVLLVLM
     from .llava import LlavaLVLM
     from .llava_next import LlavaNextLVLM
+    from .llava_next_video import LlavaNextVideoLVLM
     from .llava_onevision import LlavaOnevisionLVLM
     from .qwen2_vl import QwenVLLVLM
     from .qwen3_vl import Qwen3VLLVLM
     from .timm_lvlm import TimmLVLM  # imports timm only when such a model is built
 
-    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, Qwen3VLLVLM, LlavaOnevisionLVLM, TimmLVLM):
+    for cls in (LlavaLVLM, LlavaNextLVLM, QwenVLLVLM, InternVLLVLM, Qwen3VLLVLM, LlavaOnevisionLVLM, LlavaNextVideoLVLM,
+                TimmLVLM):
         if cls.family not in MODELS:
             register_model(cls)
 

@@ -23,9 +23,24 @@ downsampled view are interpolated the same way; a pruner that merges *before* th
 (VisionZip) therefore projects interpolated features, where the model interpolates projected
 ones (they differ by the projector's non-linearity).
 
-Multi-image samples (``batch_num_images > 1``: one base crop + one newline per image, no anyres)
-are laid out by :meth:`encode_images`, but tokenprune's API gives one image per prompt; videos
-(frames pooled 2x2) are not supported.
+Multi-image samples (a list of images per sample; the processor's ``batch_num_images > 1``): each
+image is one base crop + one newline, no anyres (the model's ``get_image_features`` decides so);
+:meth:`LlavaOnevisionLVLM.prepare` hands the processor each sample's images as one nested list, so
+that it writes ``batch_num_images``. Every image's views carry ``View.image``, its index in the prompt.
+
+Videos (``pixel_values_videos [V, T, 3, px, px]``): ``get_video_features`` runs the tower on every
+frame, projects the ``s x s`` tokens, then ``apply_pooling`` interpolates each frame bilinearly to
+``p x p``, ``p = ceil(s / 2)`` (27 -> 14 at 384 px), and appends ONE ``image_newline`` after all
+frames: ``<video>`` x ``(T p^2 + 1)``. One view per frame (grid ``(p, p)``, ``View.frame`` /
+``time`` / ``clip``), then the newline as a ``prunable=False`` view. Pooling is linear,
+``t'_a = sum_q P[a, q] t_q`` with ``P`` ``[p^2, s^2]`` read off ``F.interpolate`` applied to the
+identity (the op the model runs); a frame's vision attention is therefore mapped as the high-res
+view's is, ``A' = P A P^T`` (prefix row ``A[0] P^T``, column ``P A[:, 0]``), in token order, and its
+vision features and keys are ``P`` applied to the frame's (a pre-projector merge projects pooled
+features where the model pools projected ones, as for the high-res view). Frames never attend to
+each other in the tower. ``View.time`` comes from the ``tp_video_times`` ``[V, T]`` entry that
+:meth:`prepare` adds to the batch (each :class:`~tokenprune.media.Video`'s ``times``; drop ``tp_*``
+entries before calling the Hugging Face model), ``None`` without it.
 """
 from __future__ import annotations
 
@@ -44,7 +59,9 @@ from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import View
 from .common import eager_vision_attention, vision_recorder
+from .llava import image_spans
 from .llava_next import LlavaNextLVLM, _stitch
+from .llava_next_video import VIDEO_TIMES, pool_map, video_times
 
 
 def max_num_patches(vision_aspect_ratio: str) -> int:
@@ -168,33 +185,69 @@ def pack_high_res(x: torch.Tensor, layout: HighRes, size: tuple[int, int]) -> to
 
 
 class LlavaOnevisionLVLM(LlavaNextLVLM):
-    """Adapter for LLaVA-OneVision (single-image anyres path; see the module docstring)."""
+    """Adapter for LLaVA-OneVision: single-image anyres, multi-image prompts and videos (see the
+    module docstring)."""
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
 
     def vision_spec(self):
-        """The tower's FLOPs shape; every crop's ``s^2`` tokens are embedded and projected, including
-        those unpadding drops or downsampling blends (``tokens_per_seq``)."""
+        """The tower's FLOPs shape; every crop's (and frame's) ``s^2`` tokens are embedded and projected,
+        including those unpadding drops or downsampling / pooling blends (``tokens_per_seq``)."""
         from dataclasses import replace
 
-        cfg = self.model.config.vision_config
-        return replace(super().vision_spec(), tokens_per_seq=(cfg.image_size // cfg.patch_size) ** 2)
+        vc = self.model.config.vision_config
+        return replace(super().vision_spec(), tokens_per_seq=(vc.image_size // vc.patch_size) ** 2)
 
-    def _images(self, batch) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """Per image: the sample it belongs to, its crop count, its ``(height, width)`` (host ints).
+    def prepare(self, images, prompts, chat_template: bool = True) -> dict[str, torch.Tensor]:
+        """As :meth:`PrunableLVLM.prepare <tokenprune.adapters.base.PrunableLVLM.prepare>`, but each
+        sample's images go to the processor as one nested list (``[[a, b], [c]]``), which is how it
+        tells a multi-image sample (``batch_num_images``) from single images; plus ``tp_video_times``
+        ``[V, T]`` (seconds) when the batch holds videos (:func:`~tokenprune.adapters.llava_next_video.video_times`)."""
+        from .visuals import split_visuals
 
-        ``batch_num_images`` as the processor writes it: a sample with several images gets one
-        (base) crop per image, as ``get_image_features`` decides.
+        samples = split_visuals(images)
+        texts = self.prompt_texts(prompts, chat_template, images)
+        nested = [s.images for s in samples if s.images]
+        videos = [v for s in samples for v in s.videos]
+        extra = self.video_inputs(videos) if videos else {}
+        batch = dict(self.processor(images=nested or None, text=texts, padding=True, return_tensors="pt", **extra))
+        if videos:
+            batch[VIDEO_TIMES] = video_times(videos)
+        return batch
+
+    def video_processor(self):
+        """Frames resized to the image processor's ``size`` (the tower's ``image_size``) and normalised with its
+        mean / std (:class:`~tokenprune.media.processors.frames.FramesProcessor`): ``pixel_values_videos
+        [V, T, 3, px, px]``, as transformers' ``LlavaOnevisionVideoProcessor`` lays them out."""
+        from ..media.processors.frames import FramesProcessor
+
+        return FramesProcessor.from_image_processor(self.processor.image_processor)
+
+    def _images(self, batch) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """Per image, in the processor's order: its crop count, its ``(height, width)`` and its token count
+        (host ints).
+
+        ``batch_num_images`` (one entry per sample that shows images) as the processor writes it: an
+        image of a sample with several gets one base crop (+ one newline), as ``get_image_features``
+        decides; a lone image is anyres-tiled.
         """
         cfg = self.model.config
         sizes = [tuple(int(v) for v in s) for s in batch["image_sizes"].tolist()]
         per_sample = batch.get("batch_num_images")
         per_sample = [1] * len(sizes) if per_sample is None else [int(n) for n in torch.as_tensor(per_sample).tolist()]
-        samples = [b for b, n in enumerate(per_sample) for _ in range(n)]
-        crops = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                 if per_sample[b] == 1 else 1 for b, s in zip(samples, sizes)]
-        return samples, crops, sizes
+        multi = [n != 1 for n in per_sample for _ in range(n)]
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        crops, counts = [], []
+        for size, m in zip(sizes, multi):
+            if m:
+                crops.append(1)
+                counts.append(side * side + 1)
+            else:
+                crops.append(image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size))
+                h, w = self._layout(size).out
+                counts.append(side * side + h * (w + 1))
+        return crops, sizes, counts
 
     def _layout(self, size: tuple[int, int]) -> HighRes:
         cfg = self.model.config
@@ -203,17 +256,33 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
                                max_num_patches(cfg.vision_aspect_ratio))
 
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
-        """Views per image: base ``[s^2, D]``, high-res ``[h'w', D]`` (grid ``(h', w')``), ``h'`` newlines.
+        """Every view of the batch, per sample in sequence order (``[]`` without images or videos).
 
-        Shapes: ``pixel_values`` ``[images, max_crops, 3, px, px]``; maps ``[crops, T, T]`` per image
-        become ``[prefix + s^2]^2`` (base) and ``[prefix + h'w']^2`` (high-res, see :func:`compose_high_res`).
+        Per lone image: base ``[s^2, D]`` (grid ``(s, s)``), high-res ``[h'w', D]`` (grid ``(h', w')``),
+        ``h'`` newlines; per image of a multi-image sample: base ``[s^2, D]`` + one newline; per video:
+        one ``[p^2, D]`` view per frame (grid ``(p, p)``) + one newline (see the module docstring).
         """
         cfg = self.model.config
         if not isinstance(cfg.vision_feature_layer, int):
             raise OptionError("LLaVA-OneVision with several vision_feature_layers is not supported; use one layer")
+        views: list[View] = []
+        if batch.get("pixel_values") is not None:
+            views += self._image_views(batch, needs)
+        if batch.get("pixel_values_videos") is not None:
+            views += self._video_views(batch, needs)
+        if batch.get("pixel_values") is not None and batch.get("pixel_values_videos") is not None:
+            first = torch.stack([v.seq_index[0] for v in views]).tolist()  # one host sync
+            order = sorted(range(len(views)), key=lambda i: (views[i].sample, first[i]))
+            views = [views[i] for i in order]
+        return views
+
+    def _image_views(self, batch, needs: PrunerNeeds) -> list[View]:
+        """The images' views. Shapes: ``pixel_values`` ``[images, max_crops, 3, px, px]``; maps ``[crops, T, T]``
+        per image become ``[prefix + s^2]^2`` (base) and ``[prefix + h'w']^2`` (high-res, see :func:`compose_high_res`)."""
+        cfg = self.model.config
         inner = self.model.model
         tower = inner.vision_tower
-        samples, n_crops, sizes = self._images(batch)
+        n_crops, sizes, counts = self._images(batch)
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
         with vision_recorder(tower, needs, all_rows=True) as rec:  # composition needs every row
             out = tower(pixels, output_hidden_states=True, return_dict=True)
@@ -229,24 +298,22 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         keys = None if keys is None else keys.to(home)
         if needs.vision_features:
             raw, hidden = raw.to(home), hidden.to(home)
-        image_pos = batch["input_ids"] == cfg.image_token_id
-        seqs = {b: image_pos[b].nonzero().flatten() for b in sorted(set(samples))}
         seq_len = hidden.shape[1]
         n = feats.shape[1]
         side = math.isqrt(n)
         views: list[View] = []
-        start, used = 0, {b: 0 for b in seqs}
-        for b, crops, size in zip(samples, n_crops, sizes):
+        start = 0
+        spans = image_spans(batch["input_ids"], cfg.image_token_id, counts)
+        for (b, j, seq), crops, size in zip(spans, n_crops, sizes):
             f, sl = feats[start:start + crops], slice(start, start + crops)
-            seq = seqs[b][used[b]:]
             views.append(View(sample=b, tokens=f[0], grid=(side, side), seq_index=seq[:n],
                               vision_attention=None if maps is None else maps[start], vision_prefix=prefix,
                               vision_features=raw[start] if needs.vision_features else None,
                               vision_prefix_features=hidden[start, :prefix] if needs.vision_features else None,
-                              vision_keys=None if keys is None else keys[start], encoder_seqs=(seq_len,)))
-            if crops == 1:  # multi-image: the base crop and one newline
-                views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:n + 1], prunable=False))
-                used[b] += n + 1
+                              vision_keys=None if keys is None else keys[start], encoder_seqs=(seq_len,), image=j))
+            if crops == 1:  # an image of a multi-image sample: the base crop and one newline
+                views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[n:n + 1],
+                                  prunable=False, image=j))
             else:
                 layout = self._layout(size)
                 h, w = layout.out
@@ -257,17 +324,76 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
                 views.append(View(
                     sample=b, tokens=pack_high_res(f[1:], layout, size), grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
                     vision_attention=None if maps is None else compose_high_res(maps[sl][1:], layout, prefix),
-                    vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1), vision_keys=k,
+                    vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1), vision_keys=k, image=j,
                     vision_features=pack_high_res(raw[sl][1:], layout, size) if needs.vision_features else None))
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
-                                  seq_index=hi_seq[:, w], prunable=False))
-                used[b] += n + h * (w + 1)
+                                  seq_index=hi_seq[:, w], prunable=False, image=j))
             start += crops
+        return views
+
+    def pooling_matrix(self) -> torch.Tensor:
+        """``[p^2, s^2]`` float32 (CPU): ``apply_pooling``'s bilinear interpolation of one frame's ``s x s``
+        tokens to ``p x p`` as a matrix, read off ``F.interpolate`` applied to the identity (the op itself)."""
+        vc = self.model.config.vision_config
+        s = vc.image_size // vc.patch_size
+        p = math.ceil(s / 2)  # apply_pooling's target
+        eye = torch.eye(s * s).view(s * s, 1, s, s)  # channel-free basis images, one per token
+        return F.interpolate(eye, size=[p, p], mode="bilinear").view(s * s, p * p).T.contiguous()
+
+    def _video_views(self, batch, needs: PrunerNeeds) -> list[View]:
+        """The videos' views: per frame ``[p^2, D]`` (grid ``(p, p)``), maps ``[prefix + p^2]^2`` (``P A P^T``),
+        features ``[p^2, Dv]``, keys ``[prefix + p^2, d]``; then the video's newline (``prunable=False``).
+
+        ``pixel_values_videos``: ``[V, T, 3, px, px]``; the tower sees ``V * T`` frames, each on its own.
+        """
+        cfg = self.model.config
+        inner = self.model.model
+        tower = inner.vision_tower
+        pixels = batch["pixel_values_videos"]
+        n_videos, t = pixels.shape[:2]
+        with vision_recorder(tower, needs, all_rows=True) as rec:  # P A P^T needs every row
+            out = tower(pixels.flatten(0, 1).to(tower.dtype), output_hidden_states=True, return_dict=True)
+        prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        hidden = out.hidden_states[cfg.vision_feature_layer]  # [V*T, S, Dv]
+        raw = hidden[:, prefix:]
+        pooled = inner.apply_pooling(inner.multi_modal_projector(raw))  # [V*T, p^2, D]: the model's own ops
+        home = batch["input_ids"].device
+        pooled, newline = pooled.to(home), inner.image_newline.to(home)
+        per_frame = pooled.shape[1]
+        side = math.isqrt(per_frame)
+        weights = self.pooling_matrix().to(home, hidden.dtype) if rec is not None or needs.vision_features else None
+        maps = pool_map(rec.maps[0].to(home), weights, prefix) if rec is not None else None  # [V*T, T', T']
+        keys = None
+        if rec is not None and needs.vision_keys:
+            k = rec.keys[0].mean(1).to(home)  # [V*T, S, d]
+            keys = torch.cat([k[:, :prefix], weights.to(k.dtype) @ k[:, prefix:]], 1)
+        feats = prefix_feats = None
+        if needs.vision_features:
+            hidden = hidden.to(home)
+            feats, prefix_feats = weights @ hidden[:, prefix:], hidden[:, :prefix]
+        times = batch.get(VIDEO_TIMES)
+        times = None if times is None else times.tolist()
+        seq_len = hidden.shape[1]
+        views: list[View] = []
+        spans = image_spans(batch["input_ids"], cfg.video_token_id, [t * per_frame + 1] * n_videos)
+        for v, (b, j, seq) in enumerate(spans):
+            for f in range(t):
+                i = v * t + f
+                views.append(View(
+                    sample=b, tokens=pooled[i], grid=(side, side), seq_index=seq[f * per_frame:(f + 1) * per_frame],
+                    vision_attention=None if maps is None else maps[i], vision_prefix=prefix,
+                    vision_features=None if feats is None else feats[i],
+                    vision_prefix_features=None if prefix_feats is None else prefix_feats[i],
+                    vision_keys=None if keys is None else keys[i], encoder_seqs=(seq_len,),
+                    image=None, clip=j, frame=f, time=None if times is None else float(times[v][f])))
+            views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[-1:], prunable=False,
+                              image=None, clip=j))
         return views
 
     @torch.no_grad()
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:
-        """Eager ``output_attentions`` reference for every prunable view, in the adapter's layout.
+        """Eager ``output_attentions`` reference for every prunable view of the batch's images (processor
+        order), in the adapter's layout.
 
         Independent of :func:`compose_high_res`: the dense block-diagonal map over the whole stitched
         grid, cut to the unpadded rectangle (offsets found from shapes), then ``W A W^T`` with ``W``
@@ -276,7 +402,7 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         """
         cfg = self.model.config
         tower = self.model.model.vision_tower
-        samples, n_crops, sizes = self._images(batch)
+        n_crops, sizes, _ = self._images(batch)
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)])
         att = eager_vision_attention(tower, pixels, layer)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0

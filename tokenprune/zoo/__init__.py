@@ -18,6 +18,7 @@ ZOO: dict[str, str] = {
     "tiny-qwen3-vl": "tiny:tiny_qwen3_vl",
     "tiny-qwen3-vl-moe": "tiny:tiny_qwen3_vl_moe",
     "tiny-llava-onevision": "tiny:tiny_llava_onevision",
+    "tiny-llava-next-video": "tiny_llava_next_video:tiny_llava_next_video",
     "tiny-timm-lvlm": "tiny:tiny_timm_lvlm",  # needs timm (and a torchvision matching torch)
     "mid-llava": "tiny:mid_llava",
 }

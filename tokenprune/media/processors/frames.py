@@ -227,8 +227,8 @@ class FramesProcessor(_hub_mixin()):
         if videos is None:
             videos = kwargs.pop("video", None)
         if kwargs.get("do_sample_frames"):
-            raise OptionError("tokenprune's frames processor does not sample frames: sample them when reading the "
-                              "video (tokenprune.Video.from_file(path, sampler=..., frames=...)), with do_sample_frames=False")
+            raise OptionError("tokenprune's frames processor does not sample frames: sample them when reading the video "
+                              "(tokenprune.Video.from_file(path, sampler=..., frames=...)) and pass do_sample_frames=False")
         if torch.is_tensor(videos) and videos.dim() == 4:
             videos = [videos]
         elif not torch.is_tensor(videos):
