@@ -102,3 +102,43 @@ def test_on_object_on_a_shapes_scene_sweep(tmp_path):
     assert (out / "on_object.csv").exists()
     with pytest.raises(Exception, match="needs object masks"):
         on_object_table(out, task="pope")
+
+
+def test_show_clip_scope_ranking_on_a_multi_view_image():
+    """``fopru_rank:scope=clip`` ranks each view by its own attention and never calls ``select``: the kept
+    tokens are recorded from where the adapter placed them (LLaVA-NeXT: base + high-res views, one budget)."""
+    import tokenprune as tp
+    from tokenprune.visualize.record import record_kept, view_sizes
+    from tokenprune.visualize.show import show_image
+
+    lvlm = tp.load("tiny-llava-next")
+    image = Image.new("RGB", (120, 70), (90, 140, 200))
+    pruner = tp.pruner_from_spec("fopru_rank:scope=clip", ratio=0.25)
+    enc = lvlm.encode([image], ["what ?"], lvlm.vision_needs(pruner))
+    with record_kept(pruner) as rec:
+        out = lvlm.generate([image], ["what ?"], pruner=pruner, max_new_tokens=1, encoded=enc)
+    sizes = view_sizes(enc.views, 0)
+    kept = rec.kept("0", sizes)
+    assert len(sizes) == 2 and int(kept.stages[-1].sum()) == tp.keep_count(0.25, sum(sizes)) == out.stats[0].visual_per_layer[0]
+    top = np.sort(np.argsort(-kept.scores, kind="stable")[:int(kept.stages[-1].sum())])  # the clip's top-k
+    assert np.nonzero(kept.stages[-1])[0].tolist() == top.tolist()
+    fig = show_image(image, "what ?", methods=["fopru_rank:scope=clip"], lvlm=lvlm, max_new_tokens=1)
+    assert fig.width > 2 * 200
+
+
+def test_gallery_lists_a_sample_it_cannot_draw(monkeypatch, tmp_path):
+    """A multi-image sample has no single-image regions: the gallery lists it with the reason, the report goes on."""
+    from types import SimpleNamespace
+
+    from tokenprune.visualize import gallery, show
+
+    task = SimpleNamespace(headline="acc", prompt=lambda s: "which ?")
+    sample = SimpleNamespace(id="m1", image=[Image.new("RGB", (32, 32))] * 2, question="which ?", answers=["a"])
+    monkeypatch.setattr(show, "sample_image", lambda cfg, name, sid: (task, sample))
+    rows = [{"task": "t", "sample_id": "m1", "method": "none", "ratio": 1.0, "prediction": "a", "scores": {"acc": 1.0},
+             "kept": None},
+            {"task": "t", "sample_id": "m1", "method": "random", "ratio": 0.5, "prediction": "b", "scores": {"acc": 0.0},
+             "kept": {"views": [4, 4], "stages": ["f0"]}}]
+    cfg = SimpleNamespace(methods=["random"], model="tiny-llava")
+    lines, pngs = gallery.write_galleries(cfg, tmp_path, {"t": task}, rows, lambda t, r: "acc", lvlm=object())
+    assert pngs == [] and "not drawn: token regions take one PIL image or a tokenprune.Video" in "".join(lines)

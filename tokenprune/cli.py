@@ -175,7 +175,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Draw what each method keeps: live on an image, or from a finished sweep (--run, --sample)."""
-    from .visualize.show import DEFAULT_METHODS, save, show_image, show_run
+    from .media import Video
+    from .visualize.show import DEFAULT_METHODS, save, show_image, show_run, show_video
 
     methods = None
     if args.methods:
@@ -183,6 +184,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
         methods = split_methods(args.methods)
     if args.run is not None:
+        if args.sampler is not None or args.frames is not None:
+            raise OptionError("--sampler / --frames sample a video file given to show; a sweep's samples were "
+                              "sampled by its task: drop them with --run")
         if args.sample is None:
             raise OptionError("--run needs --sample ID (a sample_id of the sweep's samples.jsonl)")
         figure = show_run(args.run, args.sample, ratio=args.ratio, methods=methods, task=args.task)
@@ -195,27 +199,66 @@ def cmd_show(args: argparse.Namespace) -> int:
 
             check_model_source(args.model)
         image, prompt, reference = _show_input(args)
-        figure = show_image(image, prompt, methods=methods or DEFAULT_METHODS,
-                            ratio=0.25 if args.ratio is None else args.ratio, model=args.model or "tokenprune-demo",
-                            reference=reference)
+        ratio = 0.25 if args.ratio is None else args.ratio
+        if isinstance(image, Video):
+            if not args.model:
+                raise OptionError("a video needs a video model: give --model (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
+                                  "Qwen/Qwen2-VL-2B-Instruct, or a zoo model such as tiny-qwen2-vl); the default "
+                                  "tokenprune-demo takes images only")
+            figure = show_video(image, prompt, methods=methods or DEFAULT_METHODS, ratio=ratio, model=args.model,
+                                note=_sampler_note(args))
+        else:
+            figure = show_image(image, prompt, methods=methods or DEFAULT_METHODS, ratio=ratio,
+                                model=args.model or "tokenprune-demo", reference=reference)
         default = "show.png"
     path = save(figure, args.output or default)
     print(f"tokenprune show: {path} ({figure.width}x{figure.height})")
     return 0
 
 
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".3gp"}
+
+
+def _sampler_note(args: argparse.Namespace) -> str:
+    """How show sampled the video's frames, for the figure's header."""
+    sampler = args.sampler or "uniform"
+    return f"sampler {sampler}" + (f", {args.frames} asked" if args.frames is not None else "")
+
+
 def _show_input(args: argparse.Namespace):
-    """The image and prompt of a live ``show``: the given file, or a sample of the default task."""
+    """The visual and prompt of a live ``show``: the given image or video file, or a sample of the default
+    task. A video (by its suffix, or any file PIL cannot read that PyAV can) is sampled with ``--sampler``
+    (default uniform) and ``--frames`` (default: the sampler's; uniform: 8)."""
+    from pathlib import Path
+
     from PIL import Image, UnidentifiedImageError
 
+    from .media import Video
+
     if args.image is None:
+        if args.sampler is not None or args.frames is not None:
+            raise OptionError("--sampler / --frames sample a video file: give one (tokenprune show VIDEO.mp4 --model ...)")
         task = get_task("easy_vqa")
         sample = next(iter(task.load(limit=1, seed=0)))
         return sample.image, args.prompt or task.prompt(sample), sample.answers
+    path = Path(args.image)
+    video_frames = (args.sampler or "uniform", args.frames)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        video = Video.from_file(path, sampler=video_frames[0], frames=video_frames[1])
+        return video, args.prompt or "Describe the video briefly.", None
     try:
-        image = Image.open(args.image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        image = Image.open(path).convert("RGB")
+    except UnidentifiedImageError as exc:
+        try:  # a video with an unusual suffix
+            video = Video.from_file(path, sampler=video_frames[0], frames=video_frames[1])
+        except OptionError:
+            raise OptionError(f"cannot read image {args.image}: {exc}; give a PNG or JPEG file, or a video "
+                              f"({', '.join(sorted(VIDEO_SUFFIXES))})") from None
+        return video, args.prompt or "Describe the video briefly.", None
+    except OSError as exc:
         raise OptionError(f"cannot read image {args.image}: {exc}; give a PNG or JPEG file") from None
+    if args.sampler is not None or args.frames is not None:
+        raise OptionError(f"--sampler / --frames sample a video, but {args.image} is an image: drop them")
     return image, args.prompt or "Describe the image briefly.", None
 
 
@@ -285,12 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--shard", help="I/N: compute only shard I of N (job arrays); merge with `tokenprune report DIR`")
     p_bench.set_defaults(func=cmd_bench)
 
-    p_show = sub.add_parser("show", help="draw the tokens each method keeps (a panel per method)",
+    p_show = sub.add_parser("show", help="draw the tokens each method keeps (a panel per method; a frame strip for a video)",
                             description="Live: run each method on IMAGE (default: a sample of easy_vqa) and draw "
                                         "the kept tokens bright, dropped ones dim, merged ones half, the method's score "
-                                        "as a heatmap and the answer. --run DIR --sample ID: redraw a sample of a "
+                                        "as a heatmap and the answer. A video file gets a frame strip: a row of frames "
+                                        "per method (at most 8, evenly spaced), each frame's kept tokens and its "
+                                        "index and time. --run DIR --sample ID: redraw a sample of a "
                                         "finished sweep from the kept tokens it stored (nothing is generated).")
-    p_show.add_argument("image", nargs="?", help="an image file (default: the first sample of easy_vqa)")
+    p_show.add_argument("image", nargs="?", help="an image or video file (default: the first sample of easy_vqa)")
     p_show.add_argument("--prompt", help="the question (default: the sample's, or a description request)")
     p_show.add_argument("--model", help="model id, path or zoo name (default: tokenprune-demo)")
     p_show.add_argument("--methods", help="comma list of pruner specs (default: fopru_rank,fopru_row,random,pool,fastv)")
@@ -298,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("--run", help="a finished sweep's --output folder")
     p_show.add_argument("--sample", help="with --run: the sample_id to redraw")
     p_show.add_argument("--task", help="with --run: the task, if the id is in several")
+    p_show.add_argument("--sampler", help="for a video file: how frames are sampled (default uniform; "
+                                          "see tokenprune.media.SAMPLERS, e.g. llava_onevision, qwen2_5_vl)")
+    p_show.add_argument("--frames", type=_int, help="for a video file: frames to sample (default: the sampler's; uniform: 8)")
     p_show.add_argument("--output", help="PNG to write (default show.png, or DIR/show_<ID>.png)")
     p_show.set_defaults(func=cmd_show)
 

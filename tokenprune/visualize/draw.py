@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .regions import ViewRegions
 
-__all__ = ["draw_tokens", "compose", "panel_layout", "view_groups", "PanelLayout", "GroupPlacement"]
+__all__ = ["draw_tokens", "compose", "count_kept", "panel_layout", "shade", "view_groups", "PanelLayout", "GroupPlacement"]
 
 PAD = 8  # outer margin and gap between sub-panels, px
 TILE_OUTLINE = (0, 190, 255)
@@ -262,6 +262,48 @@ def _heat_colors(score: np.ndarray) -> np.ndarray:
     return colors
 
 
+def count_kept(kept: np.ndarray) -> tuple[int, int, int]:
+    """``(kept, merged, all)`` token counts of one view's ``[n]`` values in ``[0, 1]`` (1 kept, in between merged)."""
+    k = np.asarray(kept, dtype=np.float64)
+    return int((k >= 1 - 1e-6).sum()), int(((k > 1e-6) & (k < 1 - 1e-6)).sum()), len(k)
+
+
+def shade(rgb: Image.Image, regions: Sequence[ViewRegions], kept: Sequence[np.ndarray], views: Sequence[int],
+          scale: float, size: tuple[int, int], dim: float = 0.25
+          ) -> tuple[Image.Image, np.ndarray, tuple[int, int, int]]:
+    """The picture of one view group: ``rgb`` resized to ``size = (w, h)`` px (``scale`` px per original
+    pixel) with each token of ``views`` at ``dim + (1 - dim) * kept`` of its brightness, area no token
+    covers grey and hatched, several views outlined.
+
+    Returns:
+        ``(picture, covered [h, w] bool, (kept, merged, all) token counts over the views)``.
+    """
+    w, h = size
+    base = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
+    factor = np.full((h, w), float(dim))
+    covered = np.zeros((h, w), dtype=bool)
+    outlines = []
+    n_kept = n_part = n_all = 0
+    for v in views:
+        k = kept[v]
+        pix = _pixel_boxes(regions[v].boxes, scale, w, h)
+        for (x0, y0, x1, y1), value in zip(pix, k):
+            factor[y0:y1, x0:x1] = dim + (1 - dim) * value
+            covered[y0:y1, x0:x1] = True
+        a, b, c = count_kept(k)
+        n_kept, n_part, n_all = n_kept + a, n_part + b, n_all + c
+        if len(views) > 1:
+            outlines.append(_pixel_boxes(np.array([_extent(regions[v].boxes)]), scale, w, h)[0])
+    shown = base * factor[..., None]
+    grey = base.mean(2)
+    shown[~covered] = _hatch(grey * dim, ~covered)
+    picture = Image.fromarray(shown.round().clip(0, 255).astype(np.uint8))
+    pd = ImageDraw.Draw(picture)
+    for x0, y0, x1, y1 in outlines:
+        pd.rectangle([x0, y0, x1 - 1, y1 - 1], outline=TILE_OUTLINE, width=1)
+    return picture, covered, (n_kept, n_part, n_all)
+
+
 def draw_tokens(image: Image.Image, regions: list[ViewRegions], kept: list[np.ndarray],
                 scores: list[np.ndarray] | None = None, title: str = "", caption: str = "", dim: float = 0.25,
                 size: int = 336) -> Image.Image:
@@ -298,29 +340,7 @@ def draw_tokens(image: Image.Image, regions: list[ViewRegions], kept: list[np.nd
 
     for g in layout.groups:
         w, h = g.size
-        base = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
-        factor = np.full((h, w), float(dim))
-        covered = np.zeros((h, w), dtype=bool)
-        outlines = []
-        n_kept = n_part = n_all = 0
-        for v in g.views:
-            k = kept_v[v]
-            pix = _pixel_boxes(regions[v].boxes, g.scale, w, h)
-            for (x0, y0, x1, y1), value in zip(pix, k):
-                factor[y0:y1, x0:x1] = dim + (1 - dim) * value
-                covered[y0:y1, x0:x1] = True
-            n_all += len(k)
-            n_kept += int((k >= 1 - 1e-6).sum())
-            n_part += int(((k > 1e-6) & (k < 1 - 1e-6)).sum())
-            if len(g.views) > 1:
-                outlines.append(_pixel_boxes(np.array([_extent(regions[v].boxes)]), g.scale, w, h)[0])
-        shown = base * factor[..., None]
-        grey = base.mean(2)
-        shown[~covered] = _hatch(grey * dim, ~covered)
-        picture = Image.fromarray(shown.round().clip(0, 255).astype(np.uint8))
-        pd = ImageDraw.Draw(picture)
-        for x0, y0, x1, y1 in outlines:
-            pd.rectangle([x0, y0, x1 - 1, y1 - 1], outline=TILE_OUTLINE, width=1)
+        picture, covered, (n_kept, n_part, n_all) = shade(rgb, regions, kept_v, g.views, g.scale, (w, h), dim)
         panel.paste(picture, g.origin)
         text = f"{g.label}: {n_kept}/{n_all} kept" + (f", {n_part} merged" if n_part else "")
         draw.text(g.label_origin, text, fill="black", font=small)

@@ -1,5 +1,9 @@
 """Flipped-answer galleries: the samples a method gets wrong that the unpruned model gets right,
-drawn with what each method kept, for ``report.md`` and the sweep's W&B run."""
+drawn with what each method kept, for ``report.md`` and the sweep's W&B run.
+
+An image sample is drawn as one panel per method; a video sample (``sample.image`` a
+:class:`tokenprune.media.Video`) as a small frame strip, one row of up to 6 frames per method.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -34,9 +38,9 @@ def write_galleries(cfg, out: Path, tasks: dict, rows: list[dict], metric_of, lv
     geometry only) if ``lvlm`` is not given and there is anything to draw.
     """
     from ..adapters import load
+    from ..errors import OptionError
     from .regions import token_regions
-    from .show import _row_panel, sample_image
-    from .draw import compose
+    from .show import rows_figure, sample_image, stored_views
 
     lines: list[str] = []
     pngs: list[Path] = []
@@ -56,9 +60,13 @@ def write_galleries(cfg, out: Path, tasks: dict, rows: list[dict], metric_of, lv
                 methods = sorted(methods, key=lambda m: order.get(m, len(order)))
                 lvlm = lvlm or load(cfg.model)
                 task_obj, sample = sample_image(cfg, task_name, sid)
-                regions = token_regions(lvlm, sample.image, task_obj.prompt(sample))
                 chosen = [r for r in task_rows if r["sample_id"] == sid and (r["method"] == "none" or float(r["ratio"]) == ratio)]
-                figure = compose([_row_panel(sample.image, regions, r, task_obj) for r in chosen])
+                try:
+                    regions = token_regions(lvlm, sample.image, task_obj.prompt(sample), views=stored_views(chosen))
+                except OptionError as exc:  # e.g. a multi-image prompt: listed, not drawn, the report still written
+                    lines.append(f"- `{sid}` ({sample.question!r}) flipped by {', '.join(methods)} (not drawn: {exc})\n")
+                    continue
+                figure = rows_figure(sample.image, regions, chosen, task_obj, thumbnail=True)
                 path = out / "gallery" / f"{task_name}_r{ratio:g}_{sid}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 figure.save(path)

@@ -1,19 +1,31 @@
-"""What a pruner kept of each sample's visual tokens, recorded from the reductions it returns.
+"""What a pruner kept of each sample's visual tokens, recorded while it runs.
 
-:func:`record_kept` wraps a pruner's ``select`` for the length of one ``generate`` call and keeps
-the :class:`~tokenprune.pruner.Reduction` of every call (on the device, no host sync in the hot
-path); :meth:`KeptRecorder.kept` then maps them back to each sample's original visual tokens,
-view by view: pre-LLM per-view calls (sample ids ``"<id>/<view>"``), pre-LLM global calls, and
-in-LLM stages, where stage ``s`` indexes the tokens stage ``s - 1`` kept (in their original order)
-followed by the tokens it merged.
+:func:`record_kept` wraps a pruner for the length of one ``generate`` call and keeps, on the
+device (no host sync in the hot path), the :class:`~tokenprune.pruner.Reduction` of every
+``select`` call, the per-view scores of every ``token_scores`` call, and, for pre-LLM pruners,
+the sequence positions the adapter placed the kept tokens at (its ``prune_views`` output).
+:meth:`KeptRecorder.kept` then maps them back to each sample's original visual tokens, view by
+view (a view: an image, a crop, a tile, a video frame):
+
+* pre-LLM, selecting pruners: by **sequence position** -- a kept token's position says which view
+  (frame) it is in, whatever the scope. At scope ``"clip"`` the adapter hands all of a sample's kept
+  tokens to its first view (``pre_llm._give_to_first``), and pruners ranked per view
+  (``token_scores``, e.g. ``fopru_rank:scope=clip``) never call ``select`` at all;
+* pre-LLM, merging pruners (VisionZip, pool): from the reductions, per-view calls (sample ids
+  ``"<id>/<view>"``) and clip calls (``"<id>"``, indices into the sample's views concatenated);
+* in-LLM stages: stage ``s`` indexes the tokens stage ``s - 1`` kept (in their original order)
+  followed by the tokens it merged; the first stage's indices are the sample's visual tokens in
+  sequence order, mapped back to views by their sequence positions when :func:`view_sizes` gave
+  them.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from ..pruner import Reduction, Stage, TokenPruner
 
@@ -29,12 +41,19 @@ class Kept:
         stages: per prune point (one for pre-LLM methods), ``[N]`` bool: kept through that stage.
         merged: ``[N]`` bool, tokens not kept but merged into a kept or new token.
         scores: ``[N]`` float, the method's score at its first prune point, if it has one.
+        grids: each view's token grid ``(h, w)``, when known (video samples store it).
+        frames: for a video sample, each view's first sampled frame (``View.frame``; Qwen: one view
+            per temporal patch of 2 frames); ``None`` for image samples.
+        times: for a video sample, each view's frame time in seconds (``View.time``, ``None`` if unknown).
     """
 
     views: list[int]
     stages: list[np.ndarray]
     merged: np.ndarray
     scores: np.ndarray | None = None
+    grids: list[tuple[int, int]] | None = None
+    frames: list[int | None] | None = None
+    times: list[float | None] | None = None
 
     @property
     def value(self) -> np.ndarray:
@@ -46,18 +65,54 @@ class Kept:
         """``values`` ``[N]`` split into the views' ``[n_v]`` pieces."""
         return np.split(values, np.cumsum(self.views)[:-1])
 
+    def per_frame(self, values: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """A video sample's ``values`` (default :attr:`value`) per frame: ``{first frame of the view: [n_v]}``
+        (one entry per frame view; Qwen: per temporal patch). Empty for an image sample."""
+        if not self.frames:
+            return {}
+        pieces = self.per_view(self.value if values is None else values)
+        return {int(f): p for f, p in zip(self.frames, pieces) if f is not None}
+
     def to_json(self) -> dict[str, Any]:
-        """Compact form for ``samples.jsonl``: bitmasks as hex strings (576 tokens: 144 characters)."""
+        """Compact form for ``samples.jsonl``: bitmasks as hex strings (576 tokens: 144 characters).
+
+        A video sample also stores, per view, its ``frames`` (first sampled frame), ``times`` (seconds)
+        and ``grids``: the bitmasks are the frames' masks one after the other, so what was kept in each
+        frame can be redrawn without the model."""
         out: dict[str, Any] = {"views": self.views, "stages": [_hex(s) for s in self.stages]}
         if self.merged.any():
             out["merged"] = _hex(self.merged)
+        if self.frames is not None and any(f is not None for f in self.frames):
+            out["frames"] = list(self.frames)
+            out["times"] = [None if t is None else round(float(t), 4) for t in (self.times or [None] * len(self.views))]
+            if self.grids is not None:
+                out["grids"] = [list(g) for g in self.grids]
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Kept":
         n = sum(data["views"])
+        grids = data.get("grids")
         return cls(views=list(data["views"]), stages=[_unhex(s, n) for s in data["stages"]],
-                   merged=_unhex(data["merged"], n) if data.get("merged") else np.zeros(n, dtype=bool))
+                   merged=_unhex(data["merged"], n) if data.get("merged") else np.zeros(n, dtype=bool),
+                   grids=None if grids is None else [tuple(g) for g in grids],
+                   frames=data.get("frames"), times=data.get("times"))
+
+
+class ViewSizes(list):
+    """Token counts of one sample's prunable views (a ``list[int]``, as :meth:`KeptRecorder.kept` takes),
+    carrying where each view sits: ``seq`` (its tokens' sequence positions, ``[n_v]`` tensors), ``grids``,
+    and for video views ``frames``, ``times``, ``clips`` (``View.frame`` / ``time`` / ``clip``)."""
+
+    def __init__(self, sizes: Sequence[int], seq: Sequence[Any] | None = None,
+                 grids: Sequence[tuple[int, int]] | None = None, frames: Sequence[int | None] | None = None,
+                 times: Sequence[float | None] | None = None, clips: Sequence[int | None] | None = None):
+        super().__init__(int(n) for n in sizes)
+        self.seq = None if seq is None else list(seq)
+        self.grids = None if grids is None else [tuple(int(x) for x in g) for g in grids]
+        self.frames = None if frames is None else list(frames)
+        self.times = None if times is None else list(times)
+        self.clips = None if clips is None else list(clips)
 
 
 def _hex(mask: np.ndarray) -> str:
@@ -77,43 +132,105 @@ class _Call:
 
 
 @dataclass
+class _Scored:
+    """One ``token_scores`` call: per-view scores ``[B, n]`` of views ``"<id>/<view>"`` (scope-clip ranking)."""
+
+    sample_ids: list[str]
+    scores: torch.Tensor
+
+
+@dataclass
+class _Placed:
+    """One ``prune_views`` call of the adapter: the batch's views, sample ids, and what each view placed."""
+
+    views: list[Any]
+    ids: list[str]
+    out: list[tuple]
+
+    def positions(self, sample_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(sequence positions of the sample's prunable tokens [N], in view order; positions of its kept
+        tokens [k])``, or ``None`` if the sample is not in this call."""
+        if sample_id not in self.ids:
+            return None
+        b = self.ids.index(sample_id)
+        mine = [i for i, v in enumerate(self.views) if v.sample == b and v.prunable]
+        if not mine:
+            return None
+        every = torch.cat([self.views[i].seq_index.reshape(-1) for i in mine]).cpu().numpy()
+        kept = torch.cat([self.out[i][0].reshape(-1) for i in mine]).cpu().numpy()
+        return every, kept
+
+
+@dataclass
 class KeptRecorder:
-    """The reductions a pruner returned during one generate call (see :func:`record_kept`)."""
+    """What a pruner did during one generate call (see :func:`record_kept`)."""
 
     in_llm: bool
     calls: list[_Call] = field(default_factory=list)
+    scored: list[_Scored] = field(default_factory=list)
+    placed: list[_Placed] = field(default_factory=list)
 
-    def kept(self, sample_id: str, views: list[int]) -> Kept:
-        """What sample ``sample_id``, whose prunable views have ``views`` tokens each, kept."""
-        n = sum(views)
+    def kept(self, sample_id: str, views: Sequence[int]) -> Kept:
+        """What sample ``sample_id``, whose prunable views have ``views`` tokens each, kept.
+
+        ``views``: :func:`view_sizes` (whose sequence positions map in-LLM indices back to views, and
+        whose frames and grids the result carries), or plain token counts (views taken to be in
+        sequence order, as adapters return them).
+
+        Raises:
+            KeyError: the pruner never ran on this sample.
+        """
+        sizes = [int(n) for n in views]
         if self.in_llm:
-            return self._in_llm(sample_id, views)
+            out = self._in_llm(sample_id, sizes, _sequence_order(views))
+        else:
+            out = self._pre_llm(sample_id, sizes)
+        if isinstance(views, ViewSizes):
+            out.grids, out.frames, out.times = views.grids, views.frames, views.times
+        return out
+
+    def _pre_llm(self, sample_id: str, views: list[int]) -> Kept:
+        n = sum(views)
         kept, merged = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         scores = np.full(n, np.nan)
-        offsets = np.concatenate([[0], np.cumsum(views)])
-        found = False
+        offsets = np.concatenate([[0], np.cumsum(views)]).astype(int)
+        found = merging = False
         for call in self.calls:
             for row, sid in enumerate(call.sample_ids):
-                if sid == sample_id:  # a global call: all views as one set
-                    lo, size = 0, n
-                elif sid.rpartition("/")[0] == sample_id:
-                    v = int(sid.rpartition("/")[2])
-                    lo, size = int(offsets[v]), views[v]
-                else:
+                span = _span(sid, sample_id, offsets, views)
+                if span is None:
                     continue
+                lo, size = span
                 found = True
-                k, m, s = _selection(call.reduction, row, size)
+                red = call.reduction
+                merging |= red.feature_weights is not None or red.tokens is not None
+                k, m, s = _selection(red, row, size)
                 kept[lo:lo + size], merged[lo:lo + size] = k, m
                 if s is not None:
                     scores[lo:lo + size] = s
+        for call in self.scored:  # scope-clip rankings: per-view scores, no select call
+            for row, sid in enumerate(call.sample_ids):
+                span = _span(sid, sample_id, offsets, views)
+                if span is not None:
+                    lo, size = span
+                    scores[lo:lo + size] = call.scores[row].float().cpu().numpy()[:size]
+        placed = next((p for p in (c.positions(sample_id) for c in self.placed) if p is not None), None)
+        if placed is not None and not merging:  # selecting pruners: what the sequence holds, view by view
+            every, at = placed
+            if len(every) != n:
+                raise ValueError(f"sample {sample_id!r}: {len(every)} visual tokens were placed, the views say {n}")
+            kept = np.isin(every, at)
+            found = True
         if not found:
             raise KeyError(f"the pruner was not called for sample {sample_id!r}")
         return Kept(views=list(views), stages=[kept], merged=merged & ~kept,
                     scores=None if np.isnan(scores).all() else scores)
 
-    def _in_llm(self, sample_id: str, views: list[int]) -> Kept:
+    def _in_llm(self, sample_id: str, views: list[int], order: np.ndarray | None = None) -> Kept:
+        """``order[j]``: the view-order index of the sample's ``j``-th visual token in sequence order
+        (``None``: the same)."""
         n = sum(views)
-        current = np.arange(n)  # original index of each visual token entering the next stage
+        current = np.arange(n)  # sequence-order index of each visual token entering the next stage
         stages, merged, scores = [], np.zeros(n, dtype=bool), None
         for call in sorted(self.calls, key=lambda c: c.stage):
             if sample_id not in call.sample_ids:
@@ -132,7 +249,40 @@ class KeptRecorder:
             current = np.nonzero(kept)[0]
         if not stages:
             raise KeyError(f"the pruner was not called for sample {sample_id!r}")
+        if order is not None:  # sequence order -> view order
+            stages = [_unsort(s, order) for s in stages]
+            merged = _unsort(merged, order)
+            scores = None if scores is None else _unsort(scores, order)
         return Kept(views=list(views), stages=stages, merged=merged & ~stages[-1], scores=scores)
+
+
+def _span(sid: str, sample_id: str, offsets: np.ndarray, views: list[int]) -> tuple[int, int] | None:
+    """``(first token, token count)`` a call row with id ``sid`` covers of sample ``sample_id``: all of it
+    for a clip call (``"<id>"``), view ``v`` for a per-view call (``"<id>/<v>"``), else ``None``."""
+    if sid == sample_id:
+        return 0, int(offsets[-1])
+    head, _, tail = sid.rpartition("/")
+    if head == sample_id and tail.isdigit() and int(tail) < len(views):
+        return int(offsets[int(tail)]), views[int(tail)]
+    return None
+
+
+def _sequence_order(views: Sequence[int]) -> np.ndarray | None:
+    """For :class:`ViewSizes` with sequence positions: ``order[j]`` = the view-order index of the ``j``-th
+    visual token in sequence order; ``None`` when unknown or already in sequence order."""
+    seq = getattr(views, "seq", None)
+    if not seq:
+        return None
+    every = np.concatenate([np.asarray(s.cpu() if hasattr(s, "cpu") else s).reshape(-1) for s in seq])
+    order = np.argsort(every, kind="stable")
+    return None if (order == np.arange(len(order))).all() else order
+
+
+def _unsort(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``values`` indexed in sequence order -> view order (``out[order[j]] = values[j]``)."""
+    out = np.empty_like(values)
+    out[order] = values
+    return out
 
 
 def _selection(red: Reduction, row: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -156,28 +306,59 @@ def _selection(red: Reduction, row: int, size: int) -> tuple[np.ndarray, np.ndar
 
 @contextlib.contextmanager
 def record_kept(pruner: TokenPruner | None) -> Iterator[KeptRecorder | None]:
-    """Record every reduction ``pruner`` returns inside the ``with`` block (``None`` for no pruner)."""
+    """Record what ``pruner`` does inside the ``with`` block (``None`` for no pruner): every reduction its
+    ``select`` returns, every ``token_scores`` call, and (pre-LLM) where the adapter placed the kept tokens.
+
+    The pruner and the adapters are left exactly as they were afterwards.
+    """
     if pruner is None:
         yield None
         return
+    from ..adapters import base
+
     recorder = KeptRecorder(in_llm=pruner.stage is Stage.IN_LLM)
-    select = pruner.select
+    select, token_scores, prune_views = pruner.select, pruner.token_scores, base.prune_views
 
     def recording(inputs):
         red = select(inputs)
         recorder.calls.append(_Call(list(inputs.sample_ids), inputs.stage, inputs.num_tokens, red))
         return red
 
-    pruner.select = recording  # an instance attribute: shadows the class's method, nothing else changes
+    def recording_scores(inputs):
+        out = token_scores(inputs)
+        if out is not None:
+            recorder.scored.append(_Scored(list(inputs.sample_ids), out))
+        return out
+
+    def recording_views(views, used, ids, *args, **kwargs):
+        out = prune_views(views, used, ids, *args, **kwargs)
+        if used is pruner:  # the views and kept positions stay on the device until kept() asks
+            recorder.placed.append(_Placed(list(views), [str(i) for i in ids], list(out)))
+        return out
+
+    pruner.select = recording  # instance attributes: shadow the class's methods, nothing else changes
+    pruner.token_scores = recording_scores
+    if not recorder.in_llm:
+        base.prune_views = recording_views  # what _assemble calls: the kept tokens' sequence positions
     try:
         yield recorder
     finally:
         del pruner.select
+        del pruner.token_scores
+        if not recorder.in_llm:
+            base.prune_views = prune_views
 
 
-def view_sizes(views, sample: int) -> list[int]:
-    """Token counts of sample ``sample``'s prunable views (``EncodedImages.views``)."""
-    return [int(v.tokens.shape[0]) for v in views if v.sample == sample and v.prunable]
+def view_sizes(views, sample: int) -> ViewSizes:
+    """Token counts of sample ``sample``'s prunable views (``EncodedImages.views``), with their sequence
+    positions, grids, and (video) frames and times: :class:`ViewSizes`."""
+    mine = [v for v in views if v.sample == sample and v.prunable]
+    video = any(getattr(v, "frame", None) is not None for v in mine)
+    return ViewSizes([int(v.tokens.shape[0]) for v in mine], seq=[v.seq_index for v in mine],
+                     grids=[tuple(v.grid) for v in mine],
+                     frames=[getattr(v, "frame", None) for v in mine] if video else None,
+                     times=[getattr(v, "time", None) for v in mine] if video else None,
+                     clips=[getattr(v, "clip", None) for v in mine] if video else None)
 
 
-__all__ = ["Kept", "KeptRecorder", "MERGED", "record_kept", "view_sizes"]
+__all__ = ["Kept", "KeptRecorder", "MERGED", "ViewSizes", "record_kept", "view_sizes"]

@@ -28,6 +28,11 @@ What each family's mapping does:
   squashed to one tile) when there is more than one tile. Inside a tile a token is the block of
   patches the model's own ``pixel_shuffle`` folds into it.
 
+* **Video** (every video family): one view per sampled frame (Qwen: per temporal patch of 2 frames,
+  drawn on its first frame); a view's token grid covers its processed frame and maps back to the
+  original frame proportionally, through LLaVA-NeXT-Video's shortest-edge resize and centre crop
+  (:func:`video_regions`).
+
 Boxes are ``(x0, y0, x1, y1)`` floats in original-image pixels (``0 <= x <= width``), edges
 continuous (a resize maps pixel edges to pixel edges, as PIL and torchvision do).
 """
@@ -42,7 +47,7 @@ from PIL import Image
 
 from ..errors import OptionError
 
-__all__ = ["ViewRegions", "token_regions"]
+__all__ = ["ViewRegions", "token_regions", "video_regions"]
 
 
 @dataclass
@@ -53,12 +58,21 @@ class ViewRegions:
         label: ``"image"``, ``"base"``, ``"high-res"``, ``"tile 3"``, ``"thumbnail"``.
         grid: the view's token grid ``(h, w)``, as the adapter's ``View.grid``.
         boxes: ``[h * w, 4]`` float ``(x0, y0, x1, y1)`` in original-image pixels, one per token
-            in the adapter's order (raster over ``grid``).
+            in the adapter's order (raster over ``grid``); for a video view, in pixels of its frame.
+        clip: a video view's video (``View.clip``), ``None`` for an image view.
+        frame: a video view's first sampled frame (``View.frame``), ``None`` for an image view.
+        frames: the sampled frames the view's tokens cover (Qwen: a temporal patch of 2 frames,
+            ``(frame, frame + 1)``; other families ``(frame,)``); ``()`` for an image view.
+        time: ``frame``'s time in seconds (``View.time``), if known.
     """
 
     label: str
     grid: tuple[int, int]
     boxes: np.ndarray
+    clip: int | None = None
+    frame: int | None = None
+    frames: tuple[int, ...] = ()
+    time: float | None = None
 
     def __post_init__(self):
         self.grid = (int(self.grid[0]), int(self.grid[1]))
@@ -322,21 +336,111 @@ _FAMILIES = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen, "qwe
              "llava_onevision": _llava_onevision}
 
 
-def token_regions(lvlm, image: Image.Image, prompt: str = "Describe the image.", *,
+# -- video frames ----------------------------------------------------------------------------------
+def _center_crop_offset(length: int, crop: int) -> int:
+    """Where a centre crop of ``crop`` px starts in an axis of ``length`` px, as the frame processors
+    (:func:`tokenprune.media.processors.frames.center_crop_frames`) and transformers' video processors
+    cut it: ``(length - crop) // 2``; a frame smaller than the crop is padded ``(crop - length) // 2`` before."""
+    return (length - crop) // 2 if crop <= length else -((crop - length) // 2)
+
+
+def _video_frame_map(lvlm, video: Any, batch: dict) -> tuple[_Map, tuple[int, int]]:
+    """``(map, (h, w))``: original frame pixels -> the pixels of the processed frame that a video view's
+    token grid covers, and that frame's size.
+
+    Frames resized to a size and centre-cropped (LLaVA-NeXT-Video: shortest edge, then the crop) map
+    through the resize and the crop; every other family resizes the whole frame to the processed size
+    (Qwen's ``smart_resize``, OneVision's and InternVL's squash to the tower's square), so the grid
+    covers the whole frame and the identity map (``(h, w)`` = the frame's own size) is exact.
+    """
+    height, width = video.size
+    vp = getattr(lvlm.processor, "video_processor", None)
+    crop = getattr(vp, "crop_size", None)
+    if vp is None or not getattr(vp, "do_center_crop", False) or crop is None:
+        return _Map(), (height, width)
+    m, hw = _Map(), (height, width)
+    if getattr(vp, "do_resize", True) and getattr(vp, "size", None) is not None:
+        new = _resized_hw(vp.size, height, width)
+        m, hw = m.resize(hw, new), new
+    ch, cw = int(_get(crop, "height")), int(_get(crop, "width"))
+    m = m.shift(-_center_crop_offset(hw[1], cw), -_center_crop_offset(hw[0], ch))
+    pixels = batch.get("pixel_values_videos")
+    if pixels is not None and pixels.dim() >= 4 and tuple(pixels.shape[-2:]) != (ch, cw):
+        raise OptionError(f"token geometry: expected {ch}x{cw} processed video frames, the processor made "
+                          f"{tuple(pixels.shape[-2:])}")
+    return m, (ch, cw)
+
+
+def video_regions(lvlm, video: Any, prompt: str = "Describe the video.", *,
                   views: Sequence[Any] | None = None) -> list[ViewRegions]:
-    """Per prunable view of this one image, the region of the original image each visual token covers.
+    """Per prunable view of one video sample (one per frame; Qwen: per temporal patch of 2 frames), each
+    token's box in pixels of the view's (first) frame.
+
+    A frame view's grid covers its processed frame, cell by cell (Qwen: ``merge x merge`` patches of the
+    smart-resized frame; OneVision: the bilinearly pooled grid of the squashed frame; LLaVA-NeXT-Video: the
+    2x2-average-pooled patches of the centre crop; InternVL: pixel-shuffled patch blocks of the frame
+    squashed to one tile); cells map back to the original frame through the resize (and crop)
+    proportionally, see :func:`_video_frame_map`.
+
+    Args:
+        lvlm: a video-capable :class:`~tokenprune.adapters.base.PrunableLVLM`.
+        video: a :class:`tokenprune.media.Video`.
+        prompt: the question.
+        views: this sample's views (objects with ``grid``, ``prunable``, ``clip``, ``frame``, ``time``;
+            ``lvlm.encode([video], [prompt]).views`` or what a sweep stored); ``None``: encoded here
+            (one vision pass, for the grids).
+
+    Raises:
+        OptionError: a view is not a video frame, or the processed frames are not the expected size.
+    """
+    batch = lvlm.prepare([video], [prompt])  # also attaches the family's video processor, read below
+    if views is None:
+        views = lvlm.encode([video], [prompt]).views
+    prunable = [v for v in views if getattr(v, "prunable", True) and getattr(v, "sample", 0) == 0]
+    if any(getattr(v, "frame", None) is None for v in prunable):
+        raise OptionError("token regions of a sample that mixes video frames and images are not supported: "
+                          "draw the video and the images separately")
+    height, width = video.size
+    m, (ph, pw) = _video_frame_map(lvlm, video, batch)
+    starts = sorted({int(v.frame) for v in prunable})
+    out = []
+    for v in prunable:
+        gh, gw = (int(g) for g in v.grid)
+        f = int(v.frame)
+        later = [s for s in starts if s > f]
+        covered = tuple(range(f, min(later[0] if later else video.num_frames, video.num_frames))) or (f,)
+        boxes = m.back(_grid_boxes(gh, gw, ph / gh, pw / gw))
+        label = f"frame {f}" if len(covered) == 1 else f"frames {covered[0]}-{covered[-1]}"
+        time = getattr(v, "time", None)
+        out.append(ViewRegions(label, (gh, gw), _clip(boxes, width, height), clip=getattr(v, "clip", 0), frame=f,
+                               frames=covered, time=None if time is None else float(time)))
+    return out
+
+
+def token_regions(lvlm, image: Any, prompt: str = "Describe the image.", *,
+                  views: Sequence[Any] | None = None) -> list[ViewRegions]:
+    """Per prunable view of this one image (or video), the region of the original image each visual token covers.
 
     Runs the model's processor on ``(image, prompt)`` (no vision tower) and replays its geometry;
     see the module docstring for each family. The result lines up with the prunable views of
     ``lvlm.encode([image], [prompt]).views``: same order, same grids, tokens in raster order.
+    A :class:`tokenprune.media.Video` goes to :func:`video_regions` (one view per frame, boxes in
+    frame pixels).
 
     Args:
         lvlm: a :class:`~tokenprune.adapters.base.PrunableLVLM` (``tokenprune.load`` / ``wrap``).
-        image: the original image (any size; its pixel coordinates are the boxes' frame).
+        image: the original image (any size; its pixel coordinates are the boxes' frame), or a video.
         prompt: the question (only the processor batch is built from it).
         views: optionally, this sample's views from ``lvlm.encode`` (prunable or all): the grids
             are checked against them, and a mismatch raises instead of drawing wrong regions.
     """
+    from ..media import Video
+
+    if isinstance(image, Video):
+        return video_regions(lvlm, image, prompt, views=views)
+    if not isinstance(image, Image.Image):
+        raise OptionError(f"token regions take one PIL image or a tokenprune.Video, got {type(image).__name__} "
+                          "(multi-image prompts: draw one image at a time)")
     family = getattr(lvlm, "family", None)
     if family not in _FAMILIES:
         raise OptionError(f"token regions are not implemented for model family {family!r} "

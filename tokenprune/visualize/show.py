@@ -1,12 +1,15 @@
-"""``tokenprune show``: the image with the tokens each method keeps, one panel per method.
+"""``tokenprune show``: the image with the tokens each method keeps, one panel per method; for a
+video, a frame strip: one row of frames per method (:mod:`tokenprune.visualize.strip`).
 
-Two sources: a live run (:func:`show_image`: the model runs once per method on one image) and a
-finished sweep (:func:`show_run`: the kept tokens stored in ``samples.jsonl`` are redrawn; the
-model's weights are loaded only for the processor geometry, nothing is generated).
+Two sources: a live run (:func:`show_image` / :func:`show_video`: the model runs once per method on
+one image or video) and a finished sweep (:func:`show_run`: the kept tokens stored in
+``samples.jsonl`` are redrawn; the model's weights are loaded only for the processor geometry,
+nothing is generated).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +20,10 @@ from ..pruner import pruner_from_spec, validate_ratio
 from .draw import compose, draw_tokens
 from .record import Kept, record_kept, view_sizes
 from .regions import ViewRegions, token_regions
+from .strip import StripRow, draw_strip
+
+STRIP_FRAMES = 8  # frame cells per strip row, at most (evenly spaced)
+THUMB_FRAMES, THUMB_CELL = 6, 96  # a gallery's video thumbnail: a small strip
 
 DEFAULT_METHODS = ("fopru_rank", "fopru_row", "random", "pool", "fastv")
 
@@ -48,6 +55,81 @@ def _kept_title(spec: str, ratio: float, kept: Kept) -> str:
     return f"{spec} @ {ratio:g}: {k}/{n} kept{stages}{merged}"
 
 
+def _is_video(obj: Any) -> bool:
+    from ..media import Video
+
+    return isinstance(obj, Video)
+
+
+def _kept_runs(lvlm, visual: Any, prompt: str, methods: Sequence[str], ratio: float, max_new_tokens: int):
+    """``(views of the unpruned encoding, unpruned answer, [(spec, Kept, answer)])``: the model run once
+    unpruned and once per method on one visual, recording what each method kept."""
+    enc = lvlm.encode([visual], [prompt])
+    out = lvlm.generate([visual], [prompt], max_new_tokens=max_new_tokens, encoded=enc)
+    runs = []
+    for spec in methods:
+        pruner = pruner_from_spec(spec, ratio=ratio)
+        penc = lvlm.encode([visual], [prompt], lvlm.vision_needs(pruner))
+        with record_kept(pruner) as rec:
+            pout = lvlm.generate([visual], [prompt], pruner=pruner, max_new_tokens=max_new_tokens, sample_ids=["0"],
+                                 encoded=penc)
+        runs.append((spec, rec.kept("0", view_sizes(penc.views, 0)), pout.texts[0]))
+    return enc.views, out.texts[0], runs
+
+
+def video_header(model: str, video: Any, note: str = "") -> str:
+    """The strip's first line: the model, the file, how many frames were sampled from how many."""
+    name = Path(video.path).name if getattr(video, "path", None) else "in-memory frames"
+    shown = list(video.indices)
+    picks = ", ".join(map(str, shown)) if len(shown) <= 12 else f"{', '.join(map(str, shown[:6]))}, ..., {shown[-1]}"
+    extra = f" ({note})" if note else ""
+    return (f"{model} on {name}: {video.num_frames} frames sampled{extra} of {video.total_frames} at {video.fps:g} fps "
+            f"(source frames {picks})")
+
+
+def show_video(video: Any, prompt: str, methods: Sequence[str] = DEFAULT_METHODS, ratio: float = 0.25,
+               model: str | None = None, lvlm: Any = None, max_new_tokens: int = 8,
+               reference: Sequence[str] | None = None, max_frames: int = STRIP_FRAMES, cell: int = 160,
+               note: str = "") -> Image.Image:
+    """A frame strip for one video: the unpruned model's row, then one row per method spec at ``ratio``.
+
+    Each row: at most ``max_frames`` of the video's frame views (evenly spaced; the header says which),
+    each frame with the tokens the method kept at full brightness, dropped ones dimmed, merged ones in
+    between, the frame's index and time and its kept count under it; the row's title gives the method's
+    total, its caption the model's answer. Qwen's views are temporal patches of 2 frames, drawn on the
+    patch's first frame.
+
+    Args:
+        video: a :class:`tokenprune.media.Video` (sampled as the caller chose).
+        model / lvlm: a video model's id or zoo name, or the loaded model (one of them is required).
+        note: how the frames were sampled (e.g. ``"uniform"``), for the header.
+        max_frames / cell: frame cells per row and their long side in px.
+        (the others as :func:`show_image`)
+    """
+    from ..adapters import load
+
+    ratio = validate_ratio(ratio)
+    if lvlm is None and not model:
+        raise OptionError("show_video needs a video model: pass model= (an id or zoo name) or lvlm=")
+    lvlm = lvlm or load(model)
+    model = model or getattr(lvlm, "family", "the model")
+    views, answer, runs = _kept_runs(lvlm, video, prompt, methods, ratio, max_new_tokens)
+    regions = token_regions(lvlm, video, prompt, views=[v for v in views if v.sample == 0])
+    sizes = view_sizes(views, 0)
+    _check_regions(regions, sizes, model)
+    rows = [StripRow(f"none: all {sum(sizes)} tokens", [np.ones(n) for n in sizes],
+                     _answer(answer, _correct(answer, reference)))]
+    for spec, kept, text in runs:
+        _check_regions(regions, kept.views, model)
+        rows.append(StripRow(_kept_title(spec, ratio, kept), kept.per_view(kept.value), _answer(text, _correct(text, reference))))
+    header = video_header(model, video, note) + f"; prompt: {prompt!r}"
+    return draw_strip(video, regions, rows, header=header, cell=cell, max_frames=max_frames)
+
+
+def _correct(text: str, reference: Sequence[str] | None) -> bool | None:
+    return None if not reference else text.strip().lower().rstrip(".") in {r.lower() for r in reference}
+
+
 def show_image(image: Image.Image, prompt: str, methods: Sequence[str] = DEFAULT_METHODS, ratio: float = 0.25,
                model: str = "tokenprune-demo", lvlm: Any = None, max_new_tokens: int = 8,
                reference: Sequence[str] | None = None) -> Image.Image:
@@ -55,36 +137,28 @@ def show_image(image: Image.Image, prompt: str, methods: Sequence[str] = DEFAULT
 
     Each panel: kept tokens at full brightness, dropped ones dimmed, merged ones in between, the
     method's score as a heatmap where it has one, and the model's answer (✓/✗ against
-    ``reference`` answers if given).
+    ``reference`` answers if given). A :class:`tokenprune.media.Video` gets a frame strip
+    (:func:`show_video`).
     """
     from ..adapters import load
 
+    if _is_video(image):
+        return show_video(image, prompt, methods, ratio, model if lvlm is None else None, lvlm, max_new_tokens, reference)
     ratio = validate_ratio(ratio)
     lvlm = lvlm or load(model)
     regions = token_regions(lvlm, image, prompt)
-
-    def correct(text: str) -> bool | None:
-        return None if not reference else text.strip().lower().rstrip(".") in {r.lower() for r in reference}
-
-    enc = lvlm.encode([image], [prompt])
-    sizes = view_sizes(enc.views, 0)
+    views, answer, runs = _kept_runs(lvlm, image, prompt, methods, ratio, max_new_tokens)
+    sizes = view_sizes(views, 0)
     _check_regions(regions, sizes, model)
-    out = lvlm.generate([image], [prompt], max_new_tokens=max_new_tokens, encoded=enc)
-    panels = [panel_for(image, regions, None, f"none: all {sum(sizes)} tokens", _answer(out.texts[0], correct(out.texts[0])))]
-    for spec in methods:
-        pruner = pruner_from_spec(spec, ratio=ratio)
-        enc = lvlm.encode([image], [prompt], lvlm.vision_needs(pruner))
-        with record_kept(pruner) as rec:
-            out = lvlm.generate([image], [prompt], pruner=pruner, max_new_tokens=max_new_tokens, sample_ids=["0"],
-                                encoded=enc)
-        kept = rec.kept("0", sizes)
-        panels.append(panel_for(image, regions, kept, _kept_title(spec, ratio, kept),
-                                _answer(out.texts[0], correct(out.texts[0]))))
+    panels = [panel_for(image, regions, None, f"none: all {sum(sizes)} tokens", _answer(answer, _correct(answer, reference)))]
+    for spec, kept, text in runs:
+        panels.append(panel_for(image, regions, kept, _kept_title(spec, ratio, kept), _answer(text, _correct(text, reference))))
     return compose(panels)
 
 
 def sample_image(cfg, task_name: str, sample_id: str):
-    """``(task, sample)`` of sample ``sample_id`` of a sweep's task, decoded from the sweep's data."""
+    """``(task, sample)`` of sample ``sample_id`` of a sweep's task, decoded from the sweep's data
+    (``sample.image``: a PIL image, or a :class:`tokenprune.media.Video` for a video task)."""
     from ..benchmarks.sweep import _data_dir
     from ..benchmarks.tasks import get_task
 
@@ -125,20 +199,59 @@ def show_run(run_dir: str | Path, sample_id: str, ratio: float | None = None, me
     task_obj, sample = sample_image(cfg, task_name, sample_id)
     lvlm = lvlm or load(cfg.model)
     prompt = task_obj.prompt(sample)
-    regions = token_regions(lvlm, sample.image, prompt)
-    return compose([_row_panel(sample.image, regions, r, task_obj) for r in chosen])
+    regions = token_regions(lvlm, sample.image, prompt, views=stored_views(chosen))
+    header = f"{cfg.model}, {task_name} sample {sample_id}: {sample.question!r}" if _is_video(sample.image) else ""
+    return rows_figure(sample.image, regions, chosen, task_obj, header=header)
+
+
+def stored_views(rows: Sequence[dict]) -> list[SimpleNamespace] | None:
+    """A video sample's frame views as a sweep stored them with its kept tokens (grid, frame, time per view),
+    for :func:`~tokenprune.visualize.token_regions` without a vision pass; ``None`` if no row stored them
+    (image samples, or only unpruned rows: the regions then come from encoding the video once)."""
+    for r in rows:
+        k = r.get("kept") or {}
+        if k.get("grids") and k.get("frames"):
+            times = k.get("times") or [None] * len(k["frames"])
+            return [SimpleNamespace(sample=0, prunable=True, grid=tuple(g), frame=f, time=t, clip=0)
+                    for g, f, t in zip(k["grids"], k["frames"], times)]
+    return None
+
+
+def rows_figure(visual: Any, regions: list[ViewRegions], rows: Sequence[dict], task, header: str = "",
+                thumbnail: bool = False) -> Image.Image:
+    """The figure of a sample's ``samples.jsonl`` rows: panels side by side for an image, a frame strip
+    (one row per method; ``thumbnail``: a small one, as galleries draw it) for a video."""
+    if not _is_video(visual):
+        return compose([_row_panel(visual, regions, r, task) for r in rows])
+    strip_rows = [_strip_row(regions, r, task) for r in rows]
+    if thumbnail:
+        return draw_strip(visual, regions, strip_rows, header=header, cell=THUMB_CELL, max_frames=THUMB_FRAMES)
+    return draw_strip(visual, regions, strip_rows, header=header, max_frames=STRIP_FRAMES)
+
+
+def _row_caption(row: dict, task) -> str:
+    metric = task.headline if task.headline in row["scores"] else next(iter(row["scores"]), None)
+    score = row["scores"].get(metric) if metric else None
+    return _answer(row["prediction"], None if score is None else bool(score >= 1))
 
 
 def _row_panel(image, regions, row: dict, task) -> Image.Image:
-    metric = task.headline if task.headline in row["scores"] else next(iter(row["scores"]), None)
-    score = row["scores"].get(metric) if metric else None
-    correct = None if score is None else bool(score >= 1)
-    caption = _answer(row["prediction"], correct)
+    caption = _row_caption(row, task)
     if row["method"] == "none" or not row.get("kept"):
         return panel_for(image, regions, None, f"none: all {sum(len(r.boxes) for r in regions)} tokens", caption)
     kept = Kept.from_json(row["kept"])
     _check_regions(regions, kept.views, row.get("model", "the model"))
     return panel_for(image, regions, kept, _kept_title(row["method"], float(row["ratio"]), kept), caption)
+
+
+def _strip_row(regions, row: dict, task) -> StripRow:
+    """One ``samples.jsonl`` row of a video sample as a strip row (``none``: every token kept)."""
+    caption = _row_caption(row, task)
+    if row["method"] == "none" or not row.get("kept"):
+        return StripRow(f"none: all {sum(len(r) for r in regions)} tokens", [np.ones(len(r)) for r in regions], caption)
+    kept = Kept.from_json(row["kept"])
+    _check_regions(regions, kept.views, row.get("model", "the model"))
+    return StripRow(_kept_title(row["method"], float(row["ratio"]), kept), kept.per_view(kept.value), caption)
 
 
 def save(figure: Image.Image, path: str | Path) -> Path:
@@ -149,4 +262,5 @@ def save(figure: Image.Image, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["DEFAULT_METHODS", "panel_for", "run_rows", "sample_image", "save", "show_image", "show_run"]
+__all__ = ["DEFAULT_METHODS", "panel_for", "rows_figure", "run_rows", "sample_image", "save", "show_image", "show_run",
+           "show_video", "stored_views", "video_header"]
