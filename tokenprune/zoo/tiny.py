@@ -178,17 +178,29 @@ def mid_llava(seed: int = 0):
     )
 
 
-def _qwen_processor(tok, patch_size: int):
+def _qwen_processor(tok, patch_size: int, processor_cls=None):
+    """``processor_cls`` (default ``Qwen2VLProcessor``) with a PIL image processor of 4 to 64 merged
+    tokens per image and no video processor (the adapter attaches tokenprune's torchvision-free one).
+
+    Videos get the same per-frame budget as images (4 to 64 tokens per frame), handed to the video
+    processor on every call through the processor's ``videos_kwargs`` (transformers' per-processor
+    defaults): transformers' video defaults (128 to 768 tokens per frame) would make tiny test clips
+    slow, and a clip of two equal frames could not match the image path.
+    """
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    unit = (patch_size * 2) ** 2  # pixels of one merged (2x2 patch) token
+    size = {"shortest_edge": unit * 4, "longest_edge": unit * 64}
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-        min_pixels=(patch_size * 2) ** 2 * 4, max_pixels=(patch_size * 2) ** 2 * 64,
-        size={"shortest_edge": (patch_size * 2) ** 2 * 4, "longest_edge": (patch_size * 2) ** 2 * 64},
+        min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"], size=dict(size),
     )
-    return without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tok, video_processor=None,
-                            chat_template=QWEN_TEMPLATE)
+    cls = processor_cls or Qwen2VLProcessor
+    processor = without_video(cls)(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                                   chat_template=QWEN_TEMPLATE)
+    processor.videos_kwargs = {**getattr(cls, "videos_kwargs", {}), "size": dict(size)}
+    return processor
 
 
 def _qwen_ids(tok) -> dict:
@@ -201,7 +213,11 @@ def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8):
     """A tiny ``Qwen2VLForConditionalGeneration``: native resolution (up to 64 merged tokens), M-RoPE."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    # Vision markers as special tokens, as in Qwen's tokenizers: they split from adjacent text (a Qwen3-VL
+    # timestamp "<0.5 seconds>" or the prompt) instead of merging into one unknown word.
+    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                               "vision_start_token": "<|vision_start|>",
+                                               "vision_end_token": "<|vision_end|>"})
     torch.manual_seed(seed)
     text = _text_config(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     config = Qwen2VLConfig(
@@ -216,7 +232,11 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8):
     """A tiny ``Qwen2_5_VLForConditionalGeneration``: windowed vision attention except block 1."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    # Vision markers as special tokens, as in Qwen's tokenizers: they split from adjacent text (a Qwen3-VL
+    # timestamp "<0.5 seconds>" or the prompt) instead of merging into one unknown word.
+    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                               "vision_start_token": "<|vision_start|>",
+                                               "vision_end_token": "<|vision_end|>"})
     torch.manual_seed(seed)
     text = _text_config(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     config = Qwen2_5_VLConfig(
@@ -225,7 +245,10 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8):
                            window_size=patch_size * 4, fullatt_block_indexes=[1]),
         text_config=text, **_qwen_ids(tok), attn_implementation="sdpa",
     )
-    return _finish(Qwen2_5_VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size)
+    from transformers import Qwen2_5_VLProcessor  # writes second_per_grid_ts for videos
+
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size,
+                                                                                      Qwen2_5_VLProcessor)
 
 
 def tiny_internvl(seed: int = 0, tile_size: int = 32, patch_size: int = 4, max_tiles: int = 4):

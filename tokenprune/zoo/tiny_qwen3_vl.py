@@ -16,12 +16,24 @@ import torch
 from .tiny import QWEN_TEMPLATE, _finish, _qwen_ids, _text_config, tiny_tokenizer, without_video
 
 PATCH = 16
+# Vision markers as special tokens, as in Qwen's tokenizers: they split from adjacent text (the
+# "<0.5 seconds>" timestamps before each video temporal patch) instead of merging into one unknown word.
+QWEN_SPECIAL_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 DEEPSTACK = [0, 1, 2]  # vision blocks whose (merged) outputs are added after decoder layers 0, 1, 2
 
 
 def _processor(tok, patch_size: int = PATCH, min_tokens: int = 25, max_tokens: int = 64):
     """``Qwen3VLProcessor`` with a PIL image processor (no torchvision) emitting ``min_tokens`` to
-    ``max_tokens`` merged tokens per image."""
+    ``max_tokens`` merged tokens per image, and no video processor (the adapter attaches
+    tokenprune's torchvision-free one).
+
+    Videos: Qwen3-VL's budget is over ``t * h * w``; here 8 to 256 merged tokens' worth of pixels
+    (``t`` in frames, so 4 frames of up to 8x8 tokens stay as they are), passed to the video
+    processor on every call through the processor's ``videos_kwargs`` (transformers' defaults,
+    128 to 768 tokens, would make tiny test clips slow). A clip of two equal frames the size of an
+    image (25 to 64 tokens) is not resized, so it can match the image path exactly.
+    """
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -31,8 +43,11 @@ def _processor(tok, patch_size: int = PATCH, min_tokens: int = 25, max_tokens: i
         min_pixels=unit * min_tokens, max_pixels=unit * max_tokens,
         size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens},
     )
-    return without_video(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok, video_processor=None,
-                                           chat_template=QWEN_TEMPLATE)
+    processor = without_video(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                video_processor=None, chat_template=QWEN_TEMPLATE)
+    processor.videos_kwargs = {**Qwen3VLProcessor.videos_kwargs,
+                               "size": {"shortest_edge": unit * 8, "longest_edge": unit * 256}}
+    return processor
 
 
 def _configs(tok, text: dict | None, vision: dict | None, patch_size: int) -> tuple[dict, dict]:
@@ -57,7 +72,7 @@ def tiny_qwen3_vl(seed: int = 0, patch_size: int = PATCH, attn_implementation: s
     blocks 0-2 feed DeepStack levels 0-2. ``text`` / ``vision`` override config fields."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tok = tiny_tokenizer(extra_special_tokens=dict(QWEN_SPECIAL_TOKENS))
     torch.manual_seed(seed)
     text_cfg, vision_cfg = _configs(tok, text, vision, patch_size)
     config = Qwen3VLConfig(vision_config=vision_cfg, text_config=text_cfg, **_qwen_ids(tok),
@@ -71,7 +86,7 @@ def tiny_qwen3_vl_moe(seed: int = 0, patch_size: int = PATCH, attn_implementatio
     sparse block of 4 experts (width 64), 2 active per token."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-    tok = tiny_tokenizer(extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tok = tiny_tokenizer(extra_special_tokens=dict(QWEN_SPECIAL_TOKENS))
     torch.manual_seed(seed)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
                mlp_only_layers=[], tie_word_embeddings=False)
