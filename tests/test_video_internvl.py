@@ -166,8 +166,9 @@ def test_video_options_refused():
 
 def test_hf_inputs_drop_the_frame_times():
     batch = lvlm().prepare([video(), single()], PROMPTS)
-    assert batch["tp_video_times"] == [pytest.approx((0.5, 1.0, 1.5, 2.0)), None]
-    assert "tp_video_times" not in hf_inputs(batch)
+    assert batch["tp_video_times"].tolist() == [pytest.approx([0.5, 1.0, 1.5, 2.0])]
+    assert batch["tp_video_samples"].tolist() == [0]  # the video is batch row 0, the image row 1
+    assert not any(k.startswith("tp_") for k in hf_inputs(batch))
 
 
 # -- every built-in pruner ----------------------------------------------------------------------

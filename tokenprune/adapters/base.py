@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
-from PIL import Image
 from torch import nn
 
 from ..errors import OptionError
-from ..pruner import PrunerNeeds, PruningInputs, Stage, TokenPruner, validate_choice
+from ..pruner import PrunerNeeds, Stage, TokenPruner, validate_choice
 from .decoder import DecoderRunner, LLMInputs, compact_positions, gather_seq, left_pack
 from .devices import model_devices, synchronizer
 from .pre_llm import prune_views, text_after_images
@@ -157,6 +156,23 @@ class EncodedImages:
     seconds: float
 
 
+# Batch entries tokenprune adds to a processor batch with videos (dropped before any Hugging Face call,
+# which never sees them: ``tp_`` keys): each video's frame times in seconds ``[V, T]`` float64,
+# NaN-padded, and the batch row of each video ``[V]`` long (rows hold one video each, in order).
+VIDEO_TIMES = "tp_video_times"
+VIDEO_SAMPLES = "tp_video_samples"
+
+
+def video_times(samples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([V, T] float64 seconds, NaN-padded; [V] long batch rows)`` of the videos among ``samples``
+    (:class:`~tokenprune.adapters.visuals.SampleVisuals`), prompt order: where each view's ``time`` comes from."""
+    rows = [(b, v) for b, s in enumerate(samples) for v in s.videos]
+    times = torch.full((len(rows), max(v.num_frames for _, v in rows)), float("nan"), dtype=torch.float64)
+    for i, (_, v) in enumerate(rows):
+        times[i, : v.num_frames] = torch.as_tensor(v.times, dtype=torch.float64)
+    return times, torch.tensor([b for b, _ in rows], dtype=torch.long)
+
+
 GREEDY_EQUIVALENT = {"do_sample": (False,), "num_beams": (1,), "temperature": (0, 0.0, None), "top_p": (1, 1.0, None),
                      "top_k": (None,), "use_cache": (True,)}
 
@@ -243,10 +259,20 @@ class PrunableLVLM(ABC):
 
         samples = split_visuals(images)
         texts = self.prompt_texts(prompts, chat_template, images)
-        flat = [im for s in samples for im in s.images]
         videos = [v for s in samples for v in s.videos]
         extra = self.video_inputs(videos) if videos else {}
-        return dict(self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt", **extra))
+        batch = dict(self.processor(images=self.image_inputs(samples), text=texts, padding=True,
+                                    return_tensors="pt", **extra))
+        if videos:
+            batch[VIDEO_TIMES], batch[VIDEO_SAMPLES] = video_times(samples)
+        return batch
+
+    def image_inputs(self, samples: Sequence[Any]) -> list | None:
+        """The processor's ``images`` argument for the samples' images (:class:`~tokenprune.adapters.visuals.SampleVisuals`):
+        one flat list in prompt order, or ``None`` when there are none (a family whose processor tells
+        multi-image samples apart by nesting, like LLaVA-OneVision's, overrides it)."""
+        flat = [im for s in samples for im in s.images]
+        return flat or None
 
     def video_inputs(self, videos: Sequence[Any]) -> dict[str, Any]:
         """The processor keyword arguments that hand it ``videos`` (:class:`tokenprune.media.Video`,

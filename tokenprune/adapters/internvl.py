@@ -21,13 +21,8 @@ import torch
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
-from .base import PrunableLVLM, View
+from .base import VIDEO_SAMPLES, VIDEO_TIMES, PrunableLVLM, View
 from .common import eager_vision_attention, vision_recorder
-from .visuals import split_visuals
-
-# The batch entry (added by InternVLLVLM.prepare, dropped before any Hugging Face call) that says, per
-# sample, the times in seconds of its video's sampled frames, or None for an image sample.
-VIDEO_TIMES_KEY = "tp_video_times"
 
 
 class InternVLLVLM(PrunableLVLM):
@@ -35,18 +30,6 @@ class InternVLLVLM(PrunableLVLM):
 
     family = "internvl"
     model_types = ("internvl",)
-
-    def prepare(self, images: Sequence[Any], prompts: Sequence[str], chat_template: bool = True) -> dict[str, Any]:
-        """The processor batch (see :meth:`PrunableLVLM.prepare`); a batch holding a video also gets
-        ``tp_video_times``: per sample, its video's frame times in seconds (``Video.times``), or ``None``
-        for an image sample. Nothing in the token ids tells a video frame from a single-tile image,
-        so :meth:`encode_images` reads this; drop ``tp_*`` entries before calling the HF model."""
-        batch = super().prepare(images, prompts, chat_template=chat_template)
-        samples = split_visuals(images)
-        if any(s.videos for s in samples):
-            batch[VIDEO_TIMES_KEY] = [tuple(float(t) for t in s.videos[0].times) if s.videos else None
-                                      for s in samples]
-        return batch
 
     def video_inputs(self, videos: Sequence[Any]) -> dict[str, Any]:
         """``videos=[frames ...]`` and ``do_sample_frames=False`` (each Video is sampled already; this also
@@ -80,7 +63,7 @@ class InternVLLVLM(PrunableLVLM):
 
         An image gives one view per tile (its tiles, then its thumbnail), ``image`` = its index among
         the sample's images; a video gives one single-tile view per frame, ``clip=0``, ``frame`` = the
-        frame's index, ``time`` = its time in seconds (from ``tp_video_times``, see :meth:`prepare`; a
+        frame's index, ``time`` = its time in seconds (from ``tp_video_times``, see :meth:`PrunableLVLM.prepare`; a
         batch without that entry is read as images only). Each view: ``grid`` = the tile's token grid
         ``(s, s)``, ``seq_index`` = its ``<IMG_CONTEXT>`` positions, vision attention / features / keys
         of that tile alone (the InternViT runs on each tile, so each frame, separately).
@@ -120,7 +103,12 @@ class InternVLLVLM(PrunableLVLM):
                 k = rec.keys[0].mean(1)[:, order]  # [tiles, T, d]
                 keys = torch.cat([k[:, :prefix], k[:, prefix:].unflatten(1, (-1, merge)).mean(2)], 1)
         image_pos = batch["input_ids"] == cfg.image_token_id
-        times = batch.get(VIDEO_TIMES_KEY) or [None] * image_pos.shape[0]
+        # Nothing in the token ids tells a video frame from a one-tile image: the batch rows holding a video
+        # (and its frame times) come from the entries PrunableLVLM.prepare adds.
+        times: list[list[float] | None] = [None] * image_pos.shape[0]
+        if batch.get(VIDEO_TIMES) is not None:
+            for row, clip_times in zip(batch[VIDEO_SAMPLES].tolist(), batch[VIDEO_TIMES].tolist()):
+                times[row] = [t for t in clip_times if t == t]  # NaN pads shorter clips
         views, tile = [], 0
 
         def view(b: int, chunk: torch.Tensor, tile: int, **where: Any) -> View:

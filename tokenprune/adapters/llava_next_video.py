@@ -17,38 +17,22 @@ the frame's vision attention map is mapped as LLaVA-OneVision's downsampling is,
 ``P`` applied to the patch keys (CLS key kept first). Max or conv pooling is not linear: videos then
 run, but a pruner that needs vision attention or keys is refused in one line.
 
-``View.time``: seconds, from the batch's ``tp_video_times`` ``[V, T]`` that :meth:`LlavaNextVideoLVLM.prepare`
+``View.time``: seconds, from the batch's ``tp_video_times`` ``[V, T]`` that :meth:`PrunableLVLM.prepare`
 adds (each :class:`~tokenprune.media.Video`'s ``times``); drop ``tp_*`` entries before calling the Hugging
 Face model. ``None`` for a batch built without it.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
 
 import torch
 
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
-from .base import View
+from .base import VIDEO_TIMES, View
 from .common import vision_recorder
 from .llava import image_spans
 from .llava_next import LlavaNextLVLM
-
-VIDEO_TIMES = "tp_video_times"  # batch key: [V, T] float64 seconds of each video's sampled frames
-
-
-def video_times(videos: Sequence[Any]) -> torch.Tensor:
-    """``[V, T]`` float64: each :class:`~tokenprune.media.Video`'s frame times in seconds (``indices / fps``),
-    prompt order (one batch's videos have equal ``T``: they share one ``pixel_values_videos`` tensor)."""
-    import numpy as np
-
-    times = [np.asarray(v.times, dtype=np.float64) for v in videos]
-    if len({len(t) for t in times}) > 1:
-        raise OptionError(f"the videos of one batch have {sorted({len(t) for t in times})} frames: these models take "
-                          "one [V, T, 3, H, W] tensor, so sample as many frames from each, or run them in separate batches")
-    return torch.from_numpy(np.stack(times))
-
 
 def pool_map(maps: torch.Tensor, weights: torch.Tensor, prefix: int) -> torch.Tensor:
     """Per-frame attention maps ``[F, prefix + n, prefix + n]`` -> ``[F, prefix + m, prefix + m]`` over tokens
@@ -68,17 +52,6 @@ class LlavaNextVideoLVLM(LlavaNextLVLM):
 
     family = "llava_next_video"
     model_types = ("llava_next_video",)
-
-    def prepare(self, images, prompts, chat_template: bool = True) -> dict[str, torch.Tensor]:
-        """The processor batch (:meth:`PrunableLVLM.prepare <tokenprune.adapters.base.PrunableLVLM.prepare>`)
-        plus ``tp_video_times`` ``[V, T]`` when it holds videos (:func:`video_times`)."""
-        from .visuals import split_visuals
-
-        batch = super().prepare(images, prompts, chat_template=chat_template)
-        videos = [v for s in split_visuals(images) for v in s.videos]
-        if videos:
-            batch[VIDEO_TIMES] = video_times(videos)
-        return batch
 
     def video_processor(self):
         """Frames resized (shortest edge) and centre-cropped as the image processor's ``size`` / ``crop_size``

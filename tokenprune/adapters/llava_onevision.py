@@ -25,7 +25,7 @@ ones (they differ by the projector's non-linearity).
 
 Multi-image samples (a list of images per sample; the processor's ``batch_num_images > 1``): each
 image is one base crop + one newline, no anyres (the model's ``get_image_features`` decides so);
-:meth:`LlavaOnevisionLVLM.prepare` hands the processor each sample's images as one nested list, so
+:meth:`LlavaOnevisionLVLM.image_inputs` hands the processor each sample's images as one nested list, so
 that it writes ``batch_num_images``. Every image's views carry ``View.image``, its index in the prompt.
 
 Videos (``pixel_values_videos [V, T, 3, px, px]``): ``get_video_features`` runs the tower on every
@@ -39,7 +39,7 @@ view's is, ``A' = P A P^T`` (prefix row ``A[0] P^T``, column ``P A[:, 0]``), in 
 vision features and keys are ``P`` applied to the frame's (a pre-projector merge projects pooled
 features where the model pools projected ones, as for the high-res view). Frames never attend to
 each other in the tower. ``View.time`` comes from the ``tp_video_times`` ``[V, T]`` entry that
-:meth:`prepare` adds to the batch (each :class:`~tokenprune.media.Video`'s ``times``; drop ``tp_*``
+:meth:`PrunableLVLM.prepare` adds to the batch (each :class:`~tokenprune.media.Video`'s ``times``; drop ``tp_*``
 entries before calling the Hugging Face model), ``None`` without it.
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ from .base import View
 from .common import eager_vision_attention, vision_recorder
 from .llava import image_spans
 from .llava_next import LlavaNextLVLM, _stitch
-from .llava_next_video import VIDEO_TIMES, pool_map, video_times
+from .base import VIDEO_TIMES
+from .llava_next_video import pool_map
 
 
 def max_num_patches(vision_aspect_ratio: str) -> int:
@@ -199,22 +200,11 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         vc = self.model.config.vision_config
         return replace(super().vision_spec(), tokens_per_seq=(vc.image_size // vc.patch_size) ** 2)
 
-    def prepare(self, images, prompts, chat_template: bool = True) -> dict[str, torch.Tensor]:
-        """As :meth:`PrunableLVLM.prepare <tokenprune.adapters.base.PrunableLVLM.prepare>`, but each
-        sample's images go to the processor as one nested list (``[[a, b], [c]]``), which is how it
-        tells a multi-image sample (``batch_num_images``) from single images; plus ``tp_video_times``
-        ``[V, T]`` (seconds) when the batch holds videos (:func:`~tokenprune.adapters.llava_next_video.video_times`)."""
-        from .visuals import split_visuals
-
-        samples = split_visuals(images)
-        texts = self.prompt_texts(prompts, chat_template, images)
+    def image_inputs(self, samples) -> list | None:
+        """Each sample's images as one nested list (``[[a, b], [c]]``): how the processor tells a multi-image
+        sample (``batch_num_images``, base views only) from single images (anyres)."""
         nested = [s.images for s in samples if s.images]
-        videos = [v for s in samples for v in s.videos]
-        extra = self.video_inputs(videos) if videos else {}
-        batch = dict(self.processor(images=nested or None, text=texts, padding=True, return_tensors="pt", **extra))
-        if videos:
-            batch[VIDEO_TIMES] = video_times(videos)
-        return batch
+        return nested or None
 
     def video_processor(self):
         """Frames resized to the image processor's ``size`` (the tower's ``image_size``) and normalised with its

@@ -17,8 +17,8 @@ Images, multi-image prompts and videos (see :mod:`tokenprune.adapters.visuals`):
   only (``cu_seqlens`` per temporal patch, windows never cross one), so each temporal patch is one
   View: grid ``(h/2, w/2)``, its ``<|video_pad|>`` positions, ``frame = 2k``, ``time`` = that
   frame's time in seconds, ``clip`` = the video's index in the sample, its own vision attention map
-  and encoder sequence. Times come from the :class:`tokenprune.media.Video` objects: :meth:`prepare`
-  stores them in the batch as ``tp_video_times`` ``[videos, max T]`` (NaN-padded), an entry the
+  and encoder sequence. Times come from the :class:`tokenprune.media.Video` objects:
+  :meth:`PrunableLVLM.prepare` stores them in the batch as ``tp_video_times`` ``[videos, max T]`` (NaN-padded), an entry the
   Hugging Face model never sees (drop ``tp_*`` keys before calling it);
 * images and videos go through the tower in separate calls, as the Hugging Face model does, so
   features are bit-identical to its own;
@@ -38,7 +38,7 @@ import torch
 
 from ..pruner import PrunerNeeds
 from .attention import record_attention
-from .base import PrunableLVLM, View
+from .base import VIDEO_TIMES, PrunableLVLM, View
 from .common import layer_index
 
 # Settings of a checkpoint's saved video processor that QwenVideoProcessor takes.
@@ -100,20 +100,6 @@ class QwenVLLVLM(PrunableLVLM):
             self.processor.video_processor = self.video_processor()
         return {"videos": [v.frames for v in videos], "video_metadata": [v.metadata() for v in videos],
                 "do_sample_frames": False}
-
-    def prepare(self, images: Sequence[Any], prompts: Sequence[str], chat_template: bool = True) -> dict[str, Any]:
-        """:meth:`PrunableLVLM.prepare`, plus ``tp_video_times`` ``[videos, max T]`` float64 (seconds of
-        each sampled frame, NaN-padded) when the batch holds videos: the views' ``time``."""
-        batch = super().prepare(images, prompts, chat_template)
-        from .visuals import split_visuals
-
-        videos = [v for s in split_visuals(images) for v in s.videos]
-        if videos:
-            times = torch.full((len(videos), max(v.num_frames for v in videos)), math.nan, dtype=torch.float64)
-            for i, v in enumerate(videos):
-                times[i, : v.num_frames] = torch.as_tensor(v.times, dtype=torch.float64)
-            batch["tp_video_times"] = times
-        return batch
 
     # -- vision ---------------------------------------------------------------------------------------
     def _score_block(self, layer: int) -> int:
@@ -205,7 +191,7 @@ class QwenVLLVLM(PrunableLVLM):
         merge = visual.spatial_merge_size
         frames_per_patch = self.model.config.vision_config.temporal_patch_size
         config = self.model.config
-        times = batch.get("tp_video_times")
+        times = batch.get(VIDEO_TIMES)
         views: list[View] = []
         for kind, pix_key, grid_key, token_id in (
                 ("image", "pixel_values", "image_grid_thw", config.image_token_id),
