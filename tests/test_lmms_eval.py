@@ -9,7 +9,9 @@
 4. ``torchrun --nproc-per-node 2`` (gloo on CPU, lmms-eval's default chat path) gives the results
    of the one process.
 lmms-eval exits 0 even when a task or the model fails, so every check reads the written files.
-Plus the request handling in-process on a tiny model, and the model's arguments and errors.
+Plus the request handling in-process on a tiny model, and the model's arguments and errors; and
+video / multi-image requests in-process on tiny Qwen2-VL against ``generate`` (the full offline
+lmms-eval run on video tasks is ``benchmarks/lmms_eval_video/run.py``).
 
 lmms-eval is installed without its dependencies (see docs/lmms_eval.md); skipped when it is absent.
 """
@@ -311,7 +313,225 @@ def test_requests_on_a_tiny_model():
     a = chat.generate_until([request("generate_until", (None, to_messages, dict(opts[0]), i, "t", "test"), i) for i in range(3)])
     b = model.generate_until([request("generate_until", (docs[i]["q"], dict(opts[0]), visual, i, "t", "test"), i) for i in range(3)])
     assert [r.text for r in a] == [r.text for r in b]
-    with pytest.raises(OptionError, match="one image per question"):
-        model.generate_until([request("generate_until", ("q", {}, lambda d: [d["image"], d["image"]], 0, "t", "test"), 0)])
+    with pytest.raises(OptionError, match="text-only"):  # several images are a multi-image question (below); none is refused
+        model.generate_until([request("generate_until", ("q", {}, lambda d: [], 0, "t", "test"), 0)])
     with pytest.raises(OptionError, match="do_sample"):
         model.generate_until([request("generate_until", ("q", {"do_sample": True}, visual, 0, "t", "test"), 0)])
+
+
+# -- video and multi-image questions, in-process -----------------------------------------------------
+VIDEO_FPS = 4  # 8 frames at 4 fps: the qwen2_5_vl sampler (2 fps) picks 4 of them, [0, 2, 5, 7]
+
+
+def write_mp4(path: Path, frames) -> None:
+    """``frames [T, H, W, 3]`` uint8 as an H.264 mp4 (PyAV)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_docs(tmp_path_factory):
+    """Three 8-frame 56x56 mp4s (a square crossing in different directions and colours), a file
+    that is not a video, and two multi-image documents."""
+    pytest.importorskip("av")
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(3):
+        frames = np.full((8, 56, 56, 3), 110, dtype=np.uint8)
+        for t in range(8):
+            x = 6 * t if i % 2 == 0 else 42 - 6 * t
+            frames[t, 10 + 8 * i: 24 + 8 * i, x: x + 14] = rng.integers(0, 256, 3)
+        path = folder / f"v{i}.mp4"
+        write_mp4(path, frames)
+        docs.append({"video": str(path), "q": f"which way does square {i} move ?"})
+    broken = folder / "broken.mp4"
+    broken.write_bytes(rng.integers(0, 256, 1024, dtype=np.uint8).tobytes())
+    docs.append({"video": str(broken), "q": "which way ?"})
+    images = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(5)]
+    docs.append({"images": images[:2], "q": "Image 1: <image>\nImage 2: <image>\nwhich one is brighter ?"})
+    docs.append({"images": images[2:], "q": "which of these three images is red ?"})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def qwen_model():
+    from tokenprune.integrations.lmms_eval.model import TokenPrune
+
+    return TokenPrune(pretrained="tiny-qwen2-vl", method="divprune", ratio=0.5, batch_size=2, device="cpu")
+
+
+def _instance(kind, args, doc_id, **metadata):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type=kind, arguments=args, idx=0,
+                    metadata={"task": "t", "doc_id": doc_id, "repeats": 1, **metadata})
+
+
+def test_video_and_multi_image_requests_match_generate(qwen_model, video_docs):
+    """Video paths decode with the family's lmms-eval sampler (Qwen: qwen2_5_vl, 4 of 8 frames),
+    several images are one multi-image question (at the ``<image>`` marks, or first), a frame list
+    is one video when the task's metadata says so; answers, visual tokens and frames equal
+    ``generate`` on the same Video / images; an unreadable file answers empty in one logged line."""
+    from loguru import logger
+
+    from tokenprune import Video
+    from tokenprune.media import sample_indices
+
+    model, lvlm, pruner = qwen_model, qwen_model.lvlm, qwen_model.pruner
+    assert model.sampler == "qwen2_5_vl" and model.frames is None
+    model.task_dict = {"t": {"test": video_docs}}
+    seen = []  # what the plugin hands generate: checked against an independent decode below
+    real = lvlm.generate
+    lvlm.generate = lambda visuals, prompts, **kw: seen.extend(zip(visuals, prompts)) or real(visuals, prompts, **kw)
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR")
+    try:
+        gen = {"max_new_tokens": 3, "until": ["\n\n"]}
+        video_visual = lambda d: [d["video"]]  # noqa: E731  lmms-eval's video tasks: [path]
+        out = model.generate_until([_instance("generate_until", (video_docs[i]["q"], dict(gen), video_visual, i, "t", "test"), i)
+                                    for i in (2, 3, 0, 1)])
+        images_visual = lambda d: d["images"]  # noqa: E731
+        multi = model.generate_until([_instance("generate_until", (video_docs[i]["q"], dict(gen), images_visual, i, "t", "test"), i)
+                                      for i in (4, 5)])
+        frames_visual = lambda d: Video.from_file(d["video"], sampler="all").pil_frames()  # noqa: E731  8 PIL frames
+        framed = model.generate_until([_instance("generate_until", (video_docs[0]["q"], dict(gen), frames_visual, 0, "t", "test"),
+                                                 0, task_type="video", sample_frames=3)])
+    finally:
+        lvlm.generate = real
+        logger.remove(sink)
+
+    for r, i in zip(out, (2, 3, 0, 1)):
+        if i == 3:  # not a video: one logged line, an empty answer, the cause in the sample log
+            assert r.text == "" and "cannot open video" in r.token_counts.media_error
+            continue
+        ref_video = Video.from_file(video_docs[i]["video"], sampler="qwen2_5_vl")
+        assert ref_video.indices == tuple(sample_indices("qwen2_5_vl", 8, VIDEO_FPS)) == (0, 2, 5, 7)
+        video, prompt = next((v, p) for v, p in seen if isinstance(v, Video) and v.path == video_docs[i]["video"])
+        assert video.indices == ref_video.indices and (video.frames == ref_video.frames).all() and prompt == video_docs[i]["q"]
+        ref = real([ref_video], [video_docs[i]["q"]], pruner=pruner, max_new_tokens=3, sample_ids=[f"t/test/{i}"])
+        assert r.text == ref.texts[0].split("\n\n")[0].strip()
+        c, st = r.token_counts, ref.stats[0]
+        assert (c.visual_tokens_in, c.visual_tokens_kept, c.video_frames) == (st.visual_tokens_in, st.visual_tokens_kept, 4)
+        assert c.visual_tokens_kept == st.visual_tokens_in // 2 and c.output_tokens == st.new_tokens
+    assert sum("t, doc 3 answered empty" in line for line in lines) == 1 and len(lines) == 1
+
+    for r, i in zip(multi, (4, 5)):  # a list of images per sample: a multi-image prompt
+        ref = real([video_docs[i]["images"]], [video_docs[i]["q"]], pruner=pruner, max_new_tokens=3, sample_ids=[f"t/test/{i}"])
+        single = real([video_docs[i]["images"][0]], [video_docs[i]["q"].replace("<image>", "", 1).replace("<image>", "")],
+                      pruner=pruner, max_new_tokens=3)
+        assert r.text == ref.texts[0].split("\n\n")[0].strip() and r.token_counts.images == len(video_docs[i]["images"])
+        assert r.token_counts.visual_tokens_in == ref.stats[0].visual_tokens_in \
+            == len(video_docs[i]["images"]) * single.stats[0].visual_tokens_in  # every image's tokens, not one
+
+    video, _ = seen[-1]  # the frame list as one video: sample_frames by lmms-eval llava_onevision's rule
+    assert isinstance(video, Video) and video.indices == (0, 3, 7) and framed[0].token_counts.video_frames == 3
+    ref = real([Video.from_frames(frames_visual(video_docs[0])).sample("llava_onevision", frames=3)], [video_docs[0]["q"]],
+               pruner=pruner, max_new_tokens=3, sample_ids=["t/test/0"])
+    assert framed[0].text == ref.texts[0].split("\n\n")[0].strip()
+    assert framed[0].token_counts.visual_tokens_kept == ref.stats[0].visual_tokens_kept
+
+
+def test_video_multiple_choice_and_chat_messages(qwen_model, video_docs):
+    """Multiple choice on a video shares one decode and prefill (unreadable: inf for each choice);
+    the chat interface's video / image parts give the simple interface's answers."""
+    from tokenprune import Video
+    from tokenprune.integrations.lmms_eval.model import TokenPruneChat
+
+    model, lvlm = qwen_model, qwen_model.lvlm
+    model.task_dict = {"t": {"test": video_docs}}
+    video_visual = lambda d: [d["video"]]  # noqa: E731
+    choices = ["left", "right"]
+    out = model.loglikelihood([_instance("loglikelihood", (video_docs[i]["q"], c, video_visual, i, "t", "test"), i)
+                               for i in (0, 3) for c in choices])
+    ref = lvlm.loglikelihood([Video.from_file(video_docs[0]["video"], sampler="qwen2_5_vl")] * 2, [video_docs[0]["q"]] * 2,
+                             choices, pruner=model.pruner, sample_ids=["t/test/0"] * 2)
+    assert [r.text[0] for r in out[:2]] == pytest.approx([-lp for lp in ref.logprobs], abs=1e-5)
+    assert [r.text for r in out[2:]] == [(float("inf"), False)] * 2 and out[2].token_counts.media_error
+
+    chat = TokenPruneChat(pretrained="tiny-qwen2-vl", method="divprune", ratio=0.5, batch_size=2, device="cpu")
+    chat.task_dict = model.task_dict
+
+    def to_messages(d):
+        parts = [{"type": "video", "url": d["video"]}] if "video" in d else [{"type": "image", "url": im} for im in d["images"]]
+        return [{"role": "user", "content": parts + [{"type": "text", "text": d["q"]}]}]
+
+    gen = {"max_new_tokens": 3}
+    a = chat.generate_until([_instance("generate_until", (None, to_messages, dict(gen), i, "t", "test"), i) for i in (0, 4)])
+    visual = lambda d: [d["video"]] if "video" in d else d["images"]  # noqa: E731
+    b = model.generate_until([_instance("generate_until", (video_docs[i]["q"], dict(gen), visual, i, "t", "test"), i)
+                              for i in (0, 4)])
+    assert [r.text for r in a] == [r.text for r in b]
+    assert [r.token_counts.visual_tokens_in for r in a] == [r.token_counts.visual_tokens_in for r in b]
+
+
+def test_what_a_question_shows(qwen_model, video_docs, tmp_path):
+    """``doc_to_visual`` 's list -> one image, a list of images, or one Video (lmms-eval's reading)."""
+    from tokenprune import Video
+    from tokenprune.media import MediaError
+
+    model, images = qwen_model, video_docs[5]["images"]
+    assert isinstance(model.load_visual([images[0]], "t", 0), type(images[0].convert("RGB")))
+    assert model.load_visual([images], "t", 0, {"task_type": "video"}) == images  # no sample_frames: images (as lmms-eval)
+    video = model.load_visual(images, "t", 0, {"task_type": "video", "sample_frames": 2})
+    assert isinstance(video, Video) and video.indices == (0, 2) and (video.frames[1] == images[2]).all()
+    model.frame_list = "video"
+    try:
+        assert model.load_visual(images, "t", 0).indices == (0, 1, 2)
+    finally:
+        model.frame_list = "auto"
+    with pytest.raises(MediaError, match="cannot read image"):
+        model.load_visual([str(tmp_path / "missing.png")], "t", 0)
+    with pytest.raises(OptionError, match="one video per question"):
+        model.load_visual([video_docs[0]["video"], video_docs[1]["video"]], "t", 0)
+    with pytest.raises(OptionError, match="not int"):
+        model.load_visual([images[0], 3], "t", 0)
+
+
+def test_video_arguments_and_prompts():
+    from tokenprune.integrations.lmms_eval.model import (VIDEO_SAMPLERS, TokenPrune, _video_options, messages_to_prompt,
+                                                         prompt_for)
+    from tokenprune import Video
+
+    assert _video_options("qwen2_5_vl", "16", "1.5") == ("qwen2_5_vl", 16, 1.5)
+    assert _video_options("llava_onevision", None, "") == ("llava_onevision", None, None)
+    with pytest.raises(OptionError, match="not a frame sampler"):
+        TokenPrune(pretrained="tiny-llava", sampler="linspace")
+    with pytest.raises(OptionError, match="positive number of frames"):
+        _video_options("internvl", 0, None)
+    with pytest.raises(OptionError, match="takes a frame count"):
+        _video_options("llava_onevision", None, 2)
+    with pytest.raises(OptionError, match="frame_list"):
+        TokenPrune(pretrained="tiny-llava", frame_list="frames")
+    assert VIDEO_SAMPLERS["llava_next_video"] == "llava_onevision" and VIDEO_SAMPLERS["internvl"] == "internvl"
+
+    video = Video.from_frames([Image_new() for _ in range(2)])
+    assert prompt_for(video, "<image>\nwhat happens ?") == "<video>\nwhat happens ?"
+    assert prompt_for(video, "<image>\n<image>\nsubtitle\n<image>\nQ ?") == "<video>\nsubtitle\nQ ?"  # longvideobench_i style
+    assert prompt_for(video, "what happens ?") == "what happens ?" and prompt_for(Image_new(), "<image>\nq") == "<image>\nq"
+    visuals, prompt = messages_to_prompt([{"role": "user", "content": [{"type": "video", "url": "a.mp4"},
+                                                                       {"type": "text", "text": "q ?"}]}], "t", 0)
+    assert visuals == ["a.mp4"] and prompt == "<video>\nq ?"
+    ims = [{"type": "image", "url": f"{i}.png"} for i in range(2)]  # the text already places both images
+    visuals, prompt = messages_to_prompt([{"role": "user", "content": ims + [{"type": "text", "text": "<image>\nx\n<image>\ny"}]}],
+                                         "t", 0)
+    assert visuals == ["0.png", "1.png"] and prompt == "<image>\nx\n<image>\ny"
+    with pytest.raises(OptionError, match="clip"):
+        messages_to_prompt([{"role": "user", "content": [{"type": "video", "url": {"path": "a.mp4", "video_start": 1.0}}]}], "t", 0)
+
+
+def Image_new():
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8))
