@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from ..errors import OptionError, TokenpruneError
-from ..pruner import TokenPruner, pruner_from_spec, validate_ratio
+from ..pruner import TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
 from .distributed import Shard, Workers
 from .results import read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
 from ..visualize.record import record_kept, view_sizes
@@ -110,6 +110,14 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
     cfg.tasks = [str(t) for t in _as_list(cfg.tasks, "tasks")]
     if not cfg.tasks:
         raise OptionError("no tasks given; e.g. --tasks pope (see `tokenprune list tasks`)")
+    # A task may carry its options as a spec, like a method: videomme:sampler=llava_onevision:frames=32.
+    names = []
+    for t in cfg.tasks:
+        name, options = parse_pruner_spec(t)
+        if options:
+            cfg.task_options = {**cfg.task_options, name: {**cfg.task_options.get(name, {}), **options}}
+        names.append(name)
+    cfg.tasks = names
     for t in cfg.tasks:
         get_task(t, **cfg.task_options.get(t, {}))  # unknown names list the known ones
     methods, named = [], split_methods(cfg.methods) if isinstance(cfg.methods, str) else _as_list(cfg.methods, "methods")

@@ -438,3 +438,15 @@ def test_bench_runs_a_video_task(tmp_path):
     assert (out / "summary.csv").exists()
     skipped = json.loads((out / "skipped.json").read_text())["videomme"]
     assert [s["id"] for s in skipped] == ["003-1", "004-1"] and "broken.mp4" in skipped[0]["reason"]
+
+
+def test_task_specs_carry_their_options_like_method_specs():
+    from tokenprune.benchmarks.sweep import SweepConfig, normalise
+
+    cfg = normalise(SweepConfig(tasks=["videomme:sampler=llava_onevision:frames=2", "easy_vqa"], methods="fopru_rank",
+                                task_options={"videomme": {"frames": 4, "fps": None}}))
+    assert cfg.tasks == ["videomme", "easy_vqa"]
+    assert cfg.task_options["videomme"] == {"frames": 2, "fps": None, "sampler": "llava_onevision"}  # the spec wins
+    with pytest.raises(tp.OptionError, match="sampler") as err:
+        normalise(SweepConfig(tasks=["videomme:sampler=nope"], methods="fopru_rank"))
+    assert "\n" not in str(err.value)

@@ -209,8 +209,11 @@ def _qwen_ids(tok) -> dict:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8):
-    """A tiny ``Qwen2VLForConditionalGeneration``: native resolution (up to 64 merged tokens), M-RoPE."""
+def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8, vision: dict | None = None, text: dict | None = None):
+    """A tiny ``Qwen2VLForConditionalGeneration``: native resolution (up to 64 merged tokens), M-RoPE.
+
+    ``vision`` / ``text`` override config fields (``benchmarks/speed/video_speed.py`` builds a mid-size one).
+    """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     # Vision markers as special tokens, as in Qwen's tokenizers: they split from adjacent text (a Qwen3-VL
@@ -219,11 +222,12 @@ def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8):
                                                "vision_start_token": "<|vision_start|>",
                                                "vision_end_token": "<|vision_end|>"})
     torch.manual_seed(seed)
-    text = _text_config(len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text_config = _text_config(len(tok), **{"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                "mrope_section": [2, 3, 3]}, **(text or {})})
     config = Qwen2VLConfig(
-        vision_config=dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=patch_size,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=text, **_qwen_ids(tok), attn_implementation="sdpa",
+        vision_config={**dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=patch_size,
+                              spatial_merge_size=2, temporal_patch_size=2, in_channels=3), **(vision or {})},
+        text_config=text_config, **_qwen_ids(tok), attn_implementation="sdpa",
     )
     return _finish(Qwen2VLForConditionalGeneration(config), seed), _qwen_processor(tok, patch_size)
 
