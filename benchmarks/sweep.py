@@ -22,6 +22,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Iterator
 
 import yaml
+from PIL import Image
 
 from ..errors import OptionError, TokenpruneError
 from ..pruner import TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
@@ -434,6 +435,9 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
                     # every pending (method, ratio); samples every pending run has are skipped.
                     todo = data[task_name].samples(only=set(mine))
                     for chunk in batches_from(todo, cfg.batch_size):
+                        chunk = _fitting(lvlm, chunk, task, data[task_name].skipped)
+                        if not chunk:
+                            continue
                         images, prompts, ids = [s.image for s in chunk], [task.prompt(s) for s in chunk], [s.id for s in chunk]
                         if not warmed:  # warm-up (allocations, kernels): not timed, not recorded
                             lvlm.generate(images[:1], prompts[:1], pruner=pruners[pending[0]], max_new_tokens=2,
@@ -528,6 +532,25 @@ def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict])
     return (f"  {task_name:<14} {method:<20} r={ratio:<5} {task.headline}={value:.4f}  "
             f"TFLOPs={tflops:.4g}  visual tokens kept={kept:.1f}  n={len(rows)}")
 
+
+
+def _fitting(lvlm, chunk: list, task, skipped: list) -> list:
+    """The samples of ``chunk`` whose prompt fits the model's context; the others are recorded in
+    ``skipped`` (with the one-line reason) and left out, so one over-long video costs only itself.
+    Only batches with videos or several images per sample are checked (a processor pass each)."""
+    from ..errors import ContextOverflowError
+    from .tasks.base import Skipped
+
+    if all(isinstance(s.image, Image.Image) for s in chunk):
+        return chunk
+    try:
+        lvlm.check_context(lvlm.prepare([s.image for s in chunk], [task.prompt(s) for s in chunk]))
+    except ContextOverflowError as err:
+        limit = lvlm.context_length()
+        for i in err.rows:
+            skipped.append(Skipped(chunk[i].id, f"longer than the model's context of {limit} tokens: {err}"))
+        return [s for i, s in enumerate(chunk) if i not in set(err.rows)]
+    return chunk
 
 
 def load_sweep_config(run_dir: str | Path) -> SweepConfig:

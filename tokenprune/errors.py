@@ -20,3 +20,14 @@ class UnknownNameError(TokenpruneError, KeyError):
 
 class OptionError(TokenpruneError, ValueError):
     """An option that does not exist or has a value outside what is allowed."""
+
+
+class ContextOverflowError(OptionError):
+    """Samples whose prompt (visual tokens included) is longer than the model's context.
+
+    ``rows`` holds their batch indices, so a sweep can skip and record exactly those samples.
+    """
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows

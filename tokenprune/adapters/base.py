@@ -274,6 +274,31 @@ class PrunableLVLM(ABC):
         flat = [im for s in samples for im in s.images]
         return flat or None
 
+    def context_length(self) -> int | None:
+        """The longest sequence the LLM takes (its ``max_position_embeddings``), ``None`` if it names none."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def check_context(self, batch: dict[str, Any]) -> None:
+        """Refuse samples of a processor ``batch`` whose prompt does not fit the model's context.
+
+        Raises:
+            ContextOverflowError: one line naming the samples, their lengths and what to lower;
+                ``.rows`` lists their batch indices.
+        """
+        from ..errors import ContextOverflowError
+
+        limit = self.context_length()
+        if limit is None:
+            return
+        lengths = batch["attention_mask"].sum(1).tolist()
+        rows = [i for i, n in enumerate(lengths) if n > limit]
+        if rows:
+            worst = max(lengths[i] for i in rows)
+            raise ContextOverflowError(
+                f"sample{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))} of the batch take{'' if len(rows) > 1 else 's'} "
+                f"up to {worst} tokens, more than the model's context of {limit}: sample fewer frames "
+                "(Video.from_file(..., frames=N), a task's frames= option) or give smaller images", rows)
+
     def video_inputs(self, videos: Sequence[Any]) -> dict[str, Any]:
         """The processor keyword arguments that hand it ``videos`` (:class:`tokenprune.media.Video`,
         prompt order): by default ``videos=[frames [T, H, W, 3] uint8, ...]``, after making sure the
@@ -389,6 +414,7 @@ class PrunableLVLM(ABC):
         device = self.device
         # The keyword only when off: an adapter overriding prepare(images, prompts) keeps working.
         raw = self.prepare(images, prompts) if chat_template else self.prepare(images, prompts, chat_template=False)
+        self.check_context(raw)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in raw.items()}
         views = self._views_to(self.encode_images(batch, needs), device)
         sync()
