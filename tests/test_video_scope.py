@@ -140,3 +140,40 @@ def test_vision_flops_count_every_frame(family):
     four = vision(tp.Video.from_frames(np.stack([frame] * (4 * per_image)), fps=2.0))
     assert image > 0 and one == pytest.approx(image, rel=1e-9)
     assert four == pytest.approx(4 * image, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "internvl"])
+def test_a_temporal_pruner_gets_the_whole_clip(family):
+    """A clip_inputs pruner at scope clip: one call with the clip's tokens frame by frame, each frame's own
+    vision attention map, time and mean token -- compared with the views themselves."""
+    seen = {}
+
+    class Spy(type(tp.create_pruner("random"))):
+        clip_inputs = True
+
+        @property
+        def needs(self):
+            return tp.PrunerNeeds(vision_attention_layer=-1)
+
+        def select(self, inputs):
+            seen["inputs"] = inputs
+            return super().select(inputs)
+
+    spy = Spy(ratio=0.5)
+    spy._scope = "clip"
+    lvlm = lvlm_for(family)
+    clip = tp.Video.from_frames(np.random.default_rng(1).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8), fps=2.0,
+                                indices=(0, 2, 4, 6))
+    enc = lvlm.encode([clip], PROMPTS[:1], spy.needs)
+    frames = [v for v in enc.views if v.prunable]
+    from tokenprune.adapters.pre_llm import prune_views
+
+    prune_views(enc.views, spy, ["0"], lvlm.project_features)
+    got = seen["inputs"]
+    assert got.clip_tokens().shape[:2] == (1, len(frames))
+    assert torch.equal(got.clip_tokens()[0], torch.stack([v.tokens for v in frames]))
+    assert torch.equal(got.view_attention[0], torch.stack([v.vision_attention for v in frames]))
+    torch.testing.assert_close(got.view_features[0], torch.stack([v.tokens.mean(0) for v in frames]))
+    assert got.view_times[0].tolist() == [v.time for v in frames]
+    assert got.view_times[0].tolist() == sorted(got.view_times[0].tolist()) and got.view_times[0, 0] == 0.0
+    assert got.token_views[0].tolist() == [j for j, v in enumerate(frames) for _ in range(v.tokens.shape[0])]

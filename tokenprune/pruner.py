@@ -166,6 +166,13 @@ class PruningInputs:
         token_views: ``[B, N]`` pre-LLM at scope ``"clip"``, the index (among the sample's prunable
             views, sequence order) of the view each token comes from -- for a video, the frame (Qwen:
             the temporal patch); ``view_grids`` then holds those views' grids.
+        view_times: ``[B, V]`` pre-LLM at scope ``"clip"``, each view's time in seconds (a video
+            frame's; NaN for an image).
+        view_features: ``[B, V, D]`` pre-LLM at scope ``"clip"``, one global feature per view: the mean
+            of its tokens (the models tokenprune supports keep no pooling head in their checkpoints).
+        view_attention: ``[B, V, T, T]`` pre-LLM at scope ``"clip"`` for a pruner with
+            :attr:`TokenPruner.clip_inputs` that needs vision attention: each view's own map, as
+            ``vision_attention`` is for one view (towers never attend across frames).
     """
 
     tokens: torch.Tensor
@@ -192,6 +199,9 @@ class PruningInputs:
     prompts: Sequence[str] | None = None
     text_ids: torch.Tensor | None = None
     token_views: torch.Tensor | None = None
+    view_times: torch.Tensor | None = None
+    view_features: torch.Tensor | None = None
+    view_attention: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -209,6 +219,17 @@ class PruningInputs:
     @property
     def num_tokens(self) -> int:
         return self.tokens.shape[1]
+
+    def clip_tokens(self) -> torch.Tensor:
+        """``[B, V, h*w, D]``: at scope ``"clip"``, the tokens frame by frame (every view of one grid).
+
+        Raises:
+            ValueError: the views' grids differ (a multi-image prompt of several sizes).
+        """
+        grids = self.view_grids or (self.grid,)
+        if len(set(grids)) != 1:
+            raise ValueError(f"the views have different grids {sorted(set(grids))}: no [B, V, h*w, D] layout")
+        return self.tokens.unflatten(1, (len(grids), -1))
 
     def select(self, index: int) -> "PruningInputs":
         """The inputs of batch entry ``index`` alone (batch of 1)."""
@@ -356,6 +377,10 @@ class TokenPruner(ABC):
         scopes: the scopes the method is defined at (``("frame",)`` for methods whose rule needs a
             view's own grid or attention map beyond a ranking: row selection, spatial pooling,
             VisionZip's dominant/contextual split).
+        clip_inputs: at scope ``"clip"``, :meth:`select` takes the whole clip in one call even when it
+            needs vision attention (temporal methods): it gets each view's map in
+            ``PruningInputs.view_attention`` beside the concatenated tokens, instead of being ranked
+            view by view through :meth:`token_scores`.
 
     Every pre-LLM pruner also takes ``scope`` (through :func:`create_pruner` or a spec,
     ``fopru_rank:scope=clip``), whether or not its ``__init__`` names it; see :attr:`scope`.
@@ -368,6 +393,7 @@ class TokenPruner(ABC):
     position_policy_mrope: ClassVar[str | None] = None
     views: ClassVar[str] = "per_view"
     scopes: ClassVar[tuple[str, ...]] = SCOPES
+    clip_inputs: ClassVar[bool] = False
     ratio: float
 
     @property

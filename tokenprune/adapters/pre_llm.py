@@ -8,8 +8,10 @@ keeps. Two scopes (:attr:`tokenprune.pruner.TokenPruner.scope`):
   of a video, say) go through the pruner as one batch.
 * ``"clip"``: all the prunable views of a sample (a whole video, all images of a prompt, all crops
   of an image) are one set of tokens with one budget. Pruners that read only tokens or features see
-  the concatenation (``grid=(1, N)``, ``token_views`` / ``view_grids`` saying which view each token
-  is from). Pruners that need per-view inputs (vision attention) are ranked instead: each view is
+  the concatenation (``grid=(1, N)``, ``token_views`` / ``view_grids`` / ``view_times`` /
+  ``view_features`` saying which view each token is from and what each view is), and so do temporal
+  pruners that declare ``clip_inputs`` (with each view's vision attention in ``view_attention``).
+  Other pruners that need per-view inputs (vision attention) are ranked instead: each view is
   scored on its own by :meth:`~tokenprune.pruner.TokenPruner.token_scores` and the clip keeps its top
   ``keep_count(ratio, N)`` tokens across views (ties to the earlier token).
 """
@@ -129,7 +131,7 @@ def prune_views(views: list["View"], pruner: TokenPruner, ids: list[str],
         if not v.prunable:
             out[i] = (v.seq_index, v.tokens, v.seq_index, v.deepstack)
     if pruner.scope == "clip":
-        if pruner.needs.vision_attention_layer is not None:
+        if pruner.needs.vision_attention_layer is not None and not pruner.clip_inputs:
             return _rank_clips(views, pruner, ids, out, text)
         return _prune_clips(views, pruner, ids, out, text)
     numbers = _view_numbers(views)
@@ -170,9 +172,20 @@ def _give_to_first(out: list, views: list["View"], members: list[int], seq: torc
         out[i] = (seq[:0], tokens[:0], seq[:0], None if deep is None else deep[:, :0])
 
 
+def _clip_attention(views: list["View"], members: list[int]) -> torch.Tensor:
+    """``[V, T, T]``: the views' own vision attention maps, stacked (one clip's views share a shape)."""
+    maps = [views[i].vision_attention for i in members]
+    if any(m is None for m in maps) or len({tuple(m.shape) for m in maps}) != 1:
+        raise OptionError("this pruner takes a whole clip with each view's vision attention, which needs views of "
+                          "one shape (a video's frames); for images of several sizes use scope='frame'")
+    return torch.stack(maps)
+
+
 def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
-    """Scope ``"clip"`` for pruners that read tokens and features only: each sample's prunable views
-    concatenated and pruned as one set (``grid=(1, N)``); clips alike in layout share a batch."""
+    """Scope ``"clip"`` for pruners that take a whole clip at once: each sample's prunable views
+    concatenated (``grid=(1, N)``, with which view each token is from, each view's grid, time and mean
+    token, and each view's vision attention for :attr:`~tokenprune.pruner.TokenPruner.clip_inputs`
+    pruners); clips alike in layout share a batch."""
     per_sample = _clip_members(views)
     groups: dict[tuple, list[int]] = {}
     for sample, members in per_sample.items():
@@ -184,9 +197,18 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
         if all(views[i].vision_features is not None for s in samples for i in per_sample[s]):
             features = torch.stack([torch.cat([views[i].vision_features for i in per_sample[s]]) for s in samples])
         token_views = torch.cat([torch.full((h * w,), j, dtype=torch.long) for j, (h, w) in enumerate(grids)])
+        times = torch.tensor([[float("nan") if views[i].time is None else views[i].time for i in per_sample[s]]
+                              for s in samples], dtype=torch.float64)
+        means = torch.stack([torch.stack([views[i].tokens.mean(0) for i in per_sample[s]]) for s in samples])
+        first_view_layout: dict[str, Any] = {}
+        if pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
+            first = views[per_sample[samples[0]][0]]  # the maps' layout: CLS prefix, patches per token
+            first_view_layout = dict(view_attention=torch.stack([_clip_attention(views, per_sample[s]) for s in samples]),
+                                     vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
         red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples],
                                    vision_features=features, view_grids=grids,
                                    token_views=token_views.to(tokens.device).expand(len(samples), -1),
+                                   view_times=times, view_features=means, **first_view_layout,
                                    **text_inputs(text, samples)))
         new_tokens = red.apply(tokens)
         deep = None
