@@ -7,9 +7,9 @@ alone). It does what transformers' ``BaseVideoProcessor`` does for these familie
 1. resize each frame to the output size (``size``: ``{"height", "width"}``, ``{"shortest_edge"}``
    optionally with ``"longest_edge"``, or ``{"max_height", "max_width"}``, sizes computed by
    transformers' own helpers) with ``F.interpolate(mode="bicubic", antialias=True)`` on the frames as
-   floats, then clamped to ``[0, 255]`` and rounded, as torchvision's resize of uint8 frames (which
-   transformers' video processors call) and PIL's (which the image processors call) both return
-   uint8 pixels; a frame already at the output size is not resampled;
+   floats, width then height, clamped to ``[0, 255]`` and rounded after each pass, as torchvision's
+   resize of uint8 frames (which transformers' video processors call on CPU) does; a frame already at
+   the output size is not resampled;
 2. optionally centre-crop to ``crop_size`` (offsets ``(H - h) // 2``, ``(W - w) // 2``, as transformers);
 3. multiply by ``rescale_factor`` (``1 / 255``), normalise with ``image_mean`` / ``image_std``.
 
@@ -18,8 +18,8 @@ alone). It does what transformers' ``BaseVideoProcessor`` does for these familie
 ``FramesProcessor(videos)`` returns a ``BatchFeature`` holding ``pixel_values_videos`` ``[B, T, 3, H, W]``
 float32. It does not sample frames (:mod:`tokenprune.media` does, before): ``do_sample_frames=True``
 is refused. Where the per-pixel result is compared with an image processor's (same size, no
-resize), they agree to float rounding; bicubic resampling itself differs between PIL, torchvision
-and ``F.interpolate`` (kernels and antialiasing), so resized frames differ by up to a few grey levels.
+resize), they agree to float rounding; resized frames are within 1 grey level of torchvision's uint8
+resize (``benchmarks/video_processor_parity.py``, in a side environment with torchvision).
 """
 from __future__ import annotations
 
@@ -81,8 +81,17 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = frames.float()
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    x = F.interpolate(x, size=list(size), mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp_(0, 255).round_()
+    # Separable, width then height, back to whole grey levels between the passes: what torchvision's
+    # uint8 resize (inside transformers' video processors, on CPU) does. One 2-D pass is up to ~20 grey
+    # levels away from it on noisy frames; two passes are within 1.
+    h, w = size
+    if x.shape[-1] != w:
+        x = F.interpolate(x, size=[x.shape[-2], w], mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp_(0, 255).round_()
+    if x.shape[-2] != h:
+        x = F.interpolate(x, size=[h, w], mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp_(0, 255).round_()
+    return x
 
 
 def center_crop_frames(frames: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:

@@ -7,8 +7,9 @@ What transformers' ``Qwen2VLVideoProcessor`` / ``Qwen3VLVideoProcessor`` do (5.2
    budget ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}``: per frame for
    Qwen2-VL / 2.5-VL (``budget="frame"``), over ``t * h * w`` for Qwen3-VL (``budget="clip"``), with
    the optional ``cap_pixels_per_frame`` of each (qwen-vl-utils' per-frame share of a total budget);
-2. resize with ``F.interpolate(mode="bicubic", antialias=True)`` on the uint8 values, rounded back to
-   uint8 as torchvision's uint8 resize does (only when the size changes);
+2. resize as :func:`tokenprune.media.processors.frames.resize_frames` does (bicubic with antialias,
+   width then height, rounded back to uint8 between the passes as torchvision's uint8 resize does;
+   only when the size changes);
 3. rescale by ``1/255`` and normalise with the family's mean / std, with the arithmetic of the PIL
    image processor (float64 rescale, float32 normalise), so that a clip of two equal frames gives
    pixels bit-identical to the image path (HF's torchvision video path fuses the two steps and
@@ -31,9 +32,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...errors import OptionError
+from .frames import resize_frames
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -278,9 +279,8 @@ class QwenVideoProcessor:
             if do_resize:
                 rh, rw = self.resized_size(t, h, w, size, cap, max_tokens)
                 if (rh, rw) != (h, w):
-                    # Bicubic with antialias on the 0-255 values, rounded back to uint8 (torchvision's uint8 path).
-                    x = F.interpolate(x.float(), size=(rh, rw), mode="bicubic", antialias=True,
-                                      align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                    # Bicubic with antialias, width then height, rounded to uint8 between (torchvision's uint8 path).
+                    x = resize_frames(x, (rh, rw)).to(torch.uint8)
             out = self._normalise(x, do_rescale, rescale_factor, do_normalize, mean, std)
             p, grid = self.patchify(out)
             patches.append(p)
