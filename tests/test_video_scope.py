@@ -177,3 +177,19 @@ def test_a_temporal_pruner_gets_the_whole_clip(family):
     assert got.view_times[0].tolist() == [v.time for v in frames]
     assert got.view_times[0].tolist() == sorted(got.view_times[0].tolist()) and got.view_times[0, 0] == 0.0
     assert got.token_views[0].tolist() == [j for j, v in enumerate(frames) for _ in range(v.tokens.shape[0])]
+
+
+def test_next_video_flops_embed_every_patch_and_project_the_pooled_tokens():
+    """LLaVA-NeXT-Video pools 2x2 before the projector: the tower embeds and encodes all s^2 patches of each
+    frame (+ CLS), the projector sees s^2 / 4 tokens."""
+    from tokenprune.cost import vision_flops
+
+    lvlm = lvlm_for("llava_next_video")
+    vc = lvlm.model.config.vision_config
+    s = vc.image_size // vc.patch_size
+    out = lvlm.generate([video(4, side=vc.image_size)], PROMPTS[:1], max_new_tokens=1)
+    stats = out.stats[0]
+    assert stats.vision_seqs == [s * s + 1] * 4 and stats.vision_patches == 4 * s * s
+    assert stats.visual_tokens_in == 4 * (s // 2) ** 2
+    got = sample_cost(lvlm.model.config, lvlm.vision_spec(), stats).vision
+    assert got == vision_flops(lvlm.vision_spec(), [s * s + 1] * 4, 4 * s * s, 4 * (s // 2) ** 2)

@@ -47,6 +47,8 @@ class View:
         deepstack: ``[levels, N, D]`` per-token features the decoder adds to these tokens' hidden
             states after its first layers (Qwen3-VL's DeepStack); pruning cuts and merges them with
             the tokens (see :attr:`~tokenprune.adapters.decoder.LLMInputs.deepstack`).
+        patches: vision patches the tower embedded for this view, where that is not
+            ``N * patch_merge`` (a frame average-pooled before the projector: LLaVA-NeXT-Video).
         image: index of the image this view belongs to among its sample's images (prompt order),
             ``None`` for a video frame.
         clip: index of the video this view belongs to among its sample's videos, ``None`` for an image.
@@ -69,6 +71,7 @@ class View:
     encoder_seqs: tuple[int, ...] = ()
     encoder_windows: tuple[int, ...] = ()
     deepstack: torch.Tensor | None = None
+    patches: int | None = None
     image: int | None = 0
     clip: int | None = None
     frame: int | None = None
@@ -625,7 +628,7 @@ class PrunableLVLM(ABC):
                 if v.prunable:
                     n_in[v.sample] += v.tokens.shape[0]
                     n_kept[v.sample] += s.shape[0]
-                    patches[v.sample] += v.tokens.shape[0] * v.patch_merge
+                    patches[v.sample] += v.patches if v.patches is not None else v.tokens.shape[0] * v.patch_merge
         else:
             image_span, deepstack = torch.zeros_like(mask), None
         index = left_pack(keep)

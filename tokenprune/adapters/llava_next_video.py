@@ -143,5 +143,6 @@ class LlavaNextVideoLVLM(LlavaNextLVLM):
                     vision_features=pooled_raw[i] if needs.vision_features else None,
                     vision_prefix_features=hidden[i, :prefix] if needs.vision_features else None,
                     vision_keys=None if keys is None else keys[i], encoder_seqs=(seq_len,),
+                    patches=seq_len - prefix,  # every patch is embedded; pooling comes after the tower
                     image=None, clip=j, frame=f, time=None if times is None else float(times[v][f])))
         return views
