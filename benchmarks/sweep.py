@@ -503,7 +503,7 @@ def _kept_json(recorder, sample_id: str, views: list[int]) -> dict | None:
 
 def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> dict[str, Any]:
     """One line of ``samples.jsonl``: the sample's answer, scores, token counts, FLOPs and times."""
-    text, st, t = gen.texts[i], gen.stats[i], gen.timings
+    text, st, t = task.cut(gen.texts[i]), gen.stats[i], gen.timings
     c = cost.sample_cost(lvlm.model.config, spec, st)
     return {
         "model": cfg.model, "task": task_name, "method": run[0], "ratio": run[1],

@@ -10,9 +10,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 FIXTURES = Path(__file__).parent / "fixtures"
 PLUGIN_DIR = FIXTURES / "plugin_ok"
 BROKEN_PLUGIN_DIR = FIXTURES / "plugin_broken"
 
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests, restored after.
+
+    Tiny models are per-call overhead: one thread is as fast on an idle machine and many times faster on
+    a shared one (a second thread waiting for a busy core stalls every op). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -325,16 +325,9 @@ VIDEO_FPS = 4  # 8 frames at 4 fps: the qwen2_5_vl sampler (2 fps) picks 4 of th
 
 def write_mp4(path: Path, frames) -> None:
     """``frames [T, H, W, 3]`` uint8 as an H.264 mp4 (PyAV)."""
-    import av
+    from tokenprune.media import write_video
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=VIDEO_FPS)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, frames, fps=VIDEO_FPS, codec="libx264")
 
 
 @pytest.fixture(scope="module")

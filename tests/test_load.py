@@ -45,7 +45,7 @@ def test_load_refuses_unsupported_model_before_loading_weights(tmp_path):
 def test_generate_input_errors(saved_llava):
     _, model, processor = saved_llava
     lvlm = tp.wrap(model, processor)
-    with pytest.raises(tp.OptionError, match="one image per prompt"):
+    with pytest.raises(tp.OptionError, match="1 visuals and 2 prompts; give one image, list of images or video per prompt"):
         lvlm.generate([image()], ["a", "b"])
     with pytest.raises(tp.OptionError, match="max_new_tokens"):
         lvlm.generate([image()], ["a"], max_new_tokens=0)

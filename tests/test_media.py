@@ -22,20 +22,11 @@ LEVEL = 10  # frame i is a flat grey of level i * LEVEL; mpeg4 at qscale 1 keeps
 
 def write_video(path, n: int = 24, rate: int = 24, options: dict | None = None) -> str:
     """An mpeg4 video of ``n`` 32x32 frames at ``rate`` fps, frame ``i`` a flat grey ``i * LEVEL``."""
-    av = pytest.importorskip("av")
-    container = av.open(str(path), "w", options=options or {})
-    stream = container.add_stream("mpeg4", rate=rate)
-    stream.width = stream.height = 32
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"qscale": "1"}
-    for i in range(n):
-        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * LEVEL, np.uint8), format="rgb24")
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return str(path)
+    pytest.importorskip("av")
+    from tokenprune.media import write_video as write
+
+    frames = np.stack([np.full((32, 32, 3), i * LEVEL, np.uint8) for i in range(n)])
+    return write(path, frames, fps=rate, container_options=options)
 
 
 def frame_ids(video: Video) -> list[int]:

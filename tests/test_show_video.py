@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import tokenprune as tp
+from tokenprune.media import write_video
 from tokenprune.adapters import load as _load  # tests patch tokenprune.adapters.load to hand out the cached models
 from tokenprune.adapters.pre_llm import prune_views
 from tokenprune.cli import main
@@ -264,17 +265,10 @@ def test_strip_of_temporal_patches_says_so():
 
 def _write_mp4(path, frames: int = 12, size=(64, 48)):
     w, h = size
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=8)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    for t in range(frames):
-        f = np.full((h, w, 3), 200, np.uint8)
-        f[8:24, 4 + 3 * t:20 + 3 * t] = (220, 40, 40)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    clip = np.full((frames, h, w, 3), 200, np.uint8)
+    for t in range(frames):  # a red bar moving right
+        clip[t, 8:24, 4 + 3 * t:20 + 3 * t] = (220, 40, 40)
+    write_video(path, clip, fps=8, options={})  # mpeg4 at its default quality, as drawn in the figures
     return path
 
 

@@ -24,14 +24,7 @@ PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a si
 NEW = 4  # decoded tokens per pruner check: enough to compare, few enough for 20 checks in seconds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this file: the tiny model's matrices gain nothing from a second one, and on a
-    shared 2-core machine a second thread busy-waiting for a core turns 25 s into minutes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def lvlm():

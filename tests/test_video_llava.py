@@ -49,12 +49,7 @@ PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a si
 NEW_TOKENS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,14 +38,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all per-op overhead: one intra-op thread is faster than two, and far faster
-    when the two cores are shared (OpenMP threads then spin against each other). Restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,13 +27,7 @@ VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llav
 PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are per-call overhead: one thread is as fast alone and far faster on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +54,15 @@ def test_every_pruner_at_its_other_scope_on_video(family, name):
     scope = other_scope(name)
     assert scope is not None
     check_pruner_on(lvlm_for(family), [video(), images(1)[0]], PROMPTS, name, scope=scope, new_tokens=4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("name", CLIP_SCOPE_PRUNERS)
+def test_every_pruner_at_its_other_scope_on_multi_image(family, name):
+    """(LLaVA-1.5 and LLaVA-NeXT: tests/test_multi_image.py.)"""
+    imgs = images(3, seed=2)
+    check_pruner_on(lvlm_for(family), [[imgs[0], imgs[1]], imgs[2]], PROMPTS, name, scope=other_scope(name),
+                    new_tokens=4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import tokenprune as tp
+from tokenprune import media
 from tokenprune.benchmarks.tasks import DatasetUnavailableError, Sample
 from tokenprune.benchmarks.tasks import video as V
 
@@ -35,18 +36,7 @@ N_FRAMES = 8
 def write_video(path: Path, n: int = N_FRAMES, rate: int = 8) -> Path:
     """An mpeg4 video of ``n`` 32x32 frames at ``rate`` fps, frame ``i`` a flat grey ``i * LEVEL``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=rate)
-    stream.width = stream.height = 32
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"qscale": "1"}
-    for i in range(n):
-        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * LEVEL, np.uint8), format="rgb24")
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    media.write_video(path, np.stack([np.full((32, 32, 3), i * LEVEL, np.uint8) for i in range(n)]), fps=rate)
     return path
 
 
@@ -450,3 +440,11 @@ def test_task_specs_carry_their_options_like_method_specs():
     with pytest.raises(tp.OptionError, match="sampler") as err:
         normalise(SweepConfig(tasks=["videomme:sampler=nope"], methods="fopru_rank"))
     assert "\n" not in str(err.value)
+
+
+def test_answers_are_cut_at_lmms_evals_default_stop_string():
+    """lmms-eval stops these tasks' generation at "\\n\\n" (no `until` in their YAML): the bench cuts the same."""
+    task = tp.get_task("videomme")
+    assert task.cut("The square moves\n\nC") == "The square moves"
+    assert task.cut("C. a red square") == "C. a red square"
+    assert tp.get_task("easy_vqa").cut("red\n\nblue") == "red\n\nblue"  # image tasks: unchanged

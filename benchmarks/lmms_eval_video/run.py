@@ -14,7 +14,8 @@ this folder are copied next to the data, as ``--include_path`` reads them):
 Then runs ``python -m lmms_eval --model tokenprune`` on them (offline; lmms-eval's default chat
 interface, or its simple one with ``--force_simple``), and the same questions
 through tokenprune's own API (``tp.load(model).generate([Video | [images]], prompts)``, one
-question per call: ``tokenprune bench`` has no video tasks), and prints, per task, how many
+question per call: these custom tasks have no ``tokenprune bench`` counterpart; ``vs_bench.py``
+compares lmms-eval's own ``videomme`` with ``tokenprune bench``), and prints, per task, how many
 answers and visual-token counts (in / kept) and frame counts agree. Exit status 1 on any
 difference, or when the unreadable file was not answered empty with one logged line.
 
@@ -48,16 +49,9 @@ BROKEN = "videos/broken.mp4"
 # -- data ----------------------------------------------------------------------------------------
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
     """``frames [T, H, W, 3]`` uint8 as an H.264 mp4 (PyAV)."""
-    import av
+    from tokenprune.media import write_video
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, frames, fps=fps, codec="libx264")
 
 
 def moving_square(rng: np.random.Generator, rightward: bool) -> np.ndarray:

@@ -163,6 +163,7 @@ class Task(ABC):
     image_column: ClassVar[str] = "image"
     headline: ClassVar[str]
     max_new_tokens: ClassVar[int] = 16
+    until: ClassVar[tuple[str, ...]] = ()  # stop strings: the answer is cut at the first (see :meth:`cut`)
 
     def __init__(self, dataset_path: str | None = None, revision: str | None = None):
         if dataset_path is not None:
@@ -262,6 +263,12 @@ class Task(ABC):
     @abstractmethod
     def prompt(self, sample: Sample) -> str:
         """The user prompt (without chat template or image placeholder: the adapter adds those)."""
+
+    def cut(self, prediction: str) -> str:
+        """``prediction`` up to the first of :attr:`until` (as an evaluator's ``until`` stops generation)."""
+        for stop in self.until:
+            prediction = prediction.split(stop, 1)[0]
+        return prediction
 
     @abstractmethod
     def score(self, prediction: str, sample: Sample) -> dict[str, float]:

@@ -252,6 +252,9 @@ class VideoTask(Task):
 
     cache_dir: ClassVar[str]
     max_new_tokens = 16  # the tasks' YAML generation_kwargs (LongVideoBench: 32)
+    # lmms-eval stops a generate_until task whose YAML names no `until` at its fewshot delimiter "\n\n"
+    # (lmms_eval/api/task.py, TaskConfig.__post_init__); none of these six names one.
+    until = ("\n\n",)
     # lmms_eval_specific_kwargs of the task's YAML: {style: {"pre_prompt": ..., "post_prompt": ...}}
     PROMPTS: ClassVar[dict[str, dict[str, str]]] = {"default": {"pre_prompt": "", "post_prompt": ""}}
     # split -> annotation file name of the Hub repository, for repositories that ship JSON files

@@ -204,6 +204,31 @@ class Video:
                    total_frames=total, path=path)
 
 
+def write_video(path: str | os.PathLike, frames: Any, fps: float = 8, codec: str = "mpeg4",
+                options: dict[str, str] | None = None, container_options: dict[str, str] | None = None) -> str:
+    """Write ``frames`` ``[T, H, W, 3]`` uint8 (an array or a list of them) as a video file with PyAV.
+
+    For synthetic benchmarks, demos and tests. ``codec="mpeg4"`` is encoded at ``qscale=1`` (flat
+    colours come back within a few grey levels); any PyAV encoder name works (``"libx264"``), with
+    ``options`` passed to it (``container_options`` to the container, e.g. mp4's ``movflags``). Frame
+    width and height must be even (``yuv420p``). Returns the path.
+    """
+    av = _import_av()
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise MediaError(f"frames must be [T, H, W, 3] uint8, got shape {frames.shape}")
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = dict(options if options is not None else ({"qscale": "1"} if codec == "mpeg4" else {}))
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
 def _import_av() -> Any:
     """PyAV, imported only when a file is decoded (it is an optional dependency)."""
     try:
