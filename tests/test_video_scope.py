@@ -21,7 +21,7 @@ from tokenprune.cost import sample_cost
 from tokenprune.errors import ContextOverflowError, OptionError
 from tokenprune.zoo import tiny
 from tokenprune.zoo.tiny_llava_next_video import tiny_llava_next_video
-from video_checks import CLIP_SCOPE_PRUNERS, check_pruner_on
+from video_checks import BUILTIN_PRUNERS, CLIP_SCOPE_PRUNERS, check_pruner_on, check_unpruned_matches_hf
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video", "internvl"]
 PROMPTS = ["what is in the image ?", "how many dog are there ? answer using a single word"]
@@ -56,13 +56,26 @@ def test_every_pruner_at_its_other_scope_on_video(family, name):
     check_pruner_on(lvlm_for(family), [video(), images(1)[0]], PROMPTS, name, scope=scope, new_tokens=4)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video",
+                                    "internvl"])
 @pytest.mark.parametrize("name", CLIP_SCOPE_PRUNERS)
 def test_every_pruner_at_its_other_scope_on_multi_image(family, name):
     """(LLaVA-1.5 and LLaVA-NeXT: tests/test_multi_image.py.)"""
     imgs = images(3, seed=2)
     check_pruner_on(lvlm_for(family), [[imgs[0], imgs[1]], imgs[2]], PROMPTS, name, scope=other_scope(name),
                     new_tokens=4)
+
+
+def test_next_video_multi_image_matches_hugging_face():
+    imgs = images(3, seed=2)
+    check_unpruned_matches_hf(lvlm_for("llava_next_video"), [[imgs[0], imgs[1]]], PROMPTS[:1], new_tokens=4)
+
+
+@pytest.mark.parametrize("name", BUILTIN_PRUNERS)
+def test_next_video_multi_image_every_pruner(name):
+    """LLaVA-NeXT-Video's images go through the LLaVA-NeXT path: a multi-image prompt beside a video."""
+    imgs = images(3, seed=2)
+    check_pruner_on(lvlm_for("llava_next_video"), [[imgs[0], imgs[1]], video()], PROMPTS, name, new_tokens=4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])

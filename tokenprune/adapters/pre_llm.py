@@ -53,7 +53,12 @@ def text_inputs(text: tuple | None, rows: list[int]) -> dict[str, Any]:
     if text is None:
         return {}
     embeds, mask, ids, prompts = text
-    return dict(text_tokens=embeds[rows], text_mask=mask[rows], text_ids=ids[rows],
+    # Left-packed: drop the leading columns that are padding in every row of this group, so a group's
+    # inputs have the same shape whatever else is in the batch (matmul rounding depends on shapes, and
+    # a 1e-7 change can flip a near-tie of a discrete selection such as CDPruner's DPP).
+    used = mask[rows].any(0).nonzero()
+    start = int(used.min()) if used.numel() else mask.shape[1]
+    return dict(text_tokens=embeds[rows, start:], text_mask=mask[rows, start:], text_ids=ids[rows, start:],
                 prompts=None if prompts is None else [prompts[r] for r in rows])
 
 
