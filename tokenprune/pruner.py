@@ -143,6 +143,10 @@ class PruningInputs:
             layer, where the projector can take them (LLaVA-1.5, LLaVA-NeXT's base view); else ``None``.
         vision_keys: ``[B, vision_prefix + N, d]`` keys of the vision layer, averaged over heads; for
             merged patches (``patch_merge > 1``) averaged over each token's patches.
+        vision_received: ``[B, N]`` where the adapter pools patches into tokens after the tower
+            (LLaVA-OneVision / NeXT-Video video frames) and all rows of vision attention were asked:
+            each patch's attention received, averaged over every query of the unpooled map, pooled
+            as the tokens are (``None`` elsewhere: there it is ``vision_attention``'s column mean).
         llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the visual
             tokens, at the stage's layer (see :class:`LLMStage`).
         llm_query_mask: ``[B, Q]`` bool, ``True`` for real query rows (``False``: padding).
@@ -184,6 +188,7 @@ class PruningInputs:
     vision_features: torch.Tensor | None = None
     vision_prefix_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    vision_received: torch.Tensor | None = None
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
     stage: int = 0

@@ -38,6 +38,10 @@ class View:
         vision_features: ``[N, Dv]`` what the projector reads for each token, if asked.
         vision_prefix_features: ``[prefix, Dv]`` the CLS/prefix tokens' features, where projectable.
         vision_keys: ``[prefix + N, d]`` head-averaged keys of the scored vision layer, if asked.
+        vision_received: ``[N]`` for views whose tokens pool the tower's patches (LLaVA-OneVision and
+            LLaVA-NeXT-Video frames), with all rows of vision attention asked: the attention each
+            patch receives averaged over every query of the unpooled map, then pooled as the tokens
+            are -- what a column mean of the pooled ``vision_attention`` cannot give back.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
         encoder_seqs: lengths of the vision-encoder sequences this view cost (FLOPs accounting).
@@ -65,6 +69,7 @@ class View:
     vision_features: torch.Tensor | None = None
     vision_prefix_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    vision_received: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
     prunable: bool = True

@@ -120,10 +120,12 @@ class LlavaNextVideoLVLM(LlavaNextLVLM):
         tokens = tokens.to(home)
         per_frame = tokens.shape[1]
         side = math.isqrt(per_frame)
-        maps = keys = None
+        maps = keys = received = None
         if rec is not None:
             weights = weights.to(home)
             maps = pool_map(rec.maps[0].to(home), weights, prefix)
+            if rec.maps[0].shape[1] == rec.maps[0].shape[2]:  # all rows: each raw query counts once
+                received = rec.maps[0].to(home).mean(1)[:, prefix:] @ weights.T.to(rec.maps[0].dtype)
             if needs.vision_keys:
                 k = rec.keys[0].mean(1).to(home)  # [V*T, S, d]
                 keys = torch.cat([k[:, :prefix], weights.to(k.dtype) @ k[:, prefix:]], 1)
@@ -143,6 +145,7 @@ class LlavaNextVideoLVLM(LlavaNextLVLM):
                     vision_features=pooled_raw[i] if needs.vision_features else None,
                     vision_prefix_features=hidden[i, :prefix] if needs.vision_features else None,
                     vision_keys=None if keys is None else keys[i], encoder_seqs=(seq_len,),
+                    vision_received=None if received is None else received[i],
                     patches=seq_len - prefix,  # every patch is embedded; pooling comes after the tower
                     image=None, clip=j, frame=f, time=None if times is None else float(times[v][f])))
         return views

@@ -353,6 +353,9 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         side = math.isqrt(per_frame)
         weights = self.pooling_matrix().to(home, hidden.dtype) if rec is not None or needs.vision_features else None
         maps = pool_map(rec.maps[0].to(home), weights, prefix) if rec is not None else None  # [V*T, T', T']
+        received = None
+        if rec is not None and rec.maps[0].shape[1] == rec.maps[0].shape[2]:  # all rows: each raw query counts once
+            received = rec.maps[0].to(home).mean(1)[:, prefix:] @ weights.T.to(rec.maps[0].dtype)  # [V*T, T']
         keys = None
         if rec is not None and needs.vision_keys:
             k = rec.keys[0].mean(1).to(home)  # [V*T, S, d]
@@ -375,6 +378,7 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
                     vision_features=None if feats is None else feats[i],
                     vision_prefix_features=None if prefix_feats is None else prefix_feats[i],
                     vision_keys=None if keys is None else keys[i], encoder_seqs=(seq_len,),
+                    vision_received=None if received is None else received[i],
                     image=None, clip=j, frame=f, time=None if times is None else float(times[v][f])))
             views.append(View(sample=b, tokens=newline[None], grid=(1, 1), seq_index=seq[-1:], prunable=False,
                               image=None, clip=j))
