@@ -17,7 +17,8 @@ keeps. Two scopes (:attr:`tokenprune.pruner.TokenPruner.scope`):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -114,8 +115,33 @@ def _view_inputs(views: list["View"], members: list[int], key: tuple, ids: list[
                          **text_inputs(text, [views[i].sample for i in members]))
 
 
+# Observers of every prune_views call (pictures, sweeps' kept-token records): see `observe`.
+_observers: list[Callable[[list, TokenPruner, list[str], list], None]] = []
+
+
+@contextmanager
+def observe(callback: Callable[[list, TokenPruner, list[str], list], None]) -> Iterator[None]:
+    """Inside the ``with`` block, ``callback(views, pruner, ids, kept)`` runs after every :func:`prune_views`
+    call (``kept``: its return value), e.g. to record where each sample's kept tokens were placed."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
 def prune_views(views: list["View"], pruner: TokenPruner, ids: list[str],
                 project_features: Callable[[torch.Tensor], torch.Tensor], text: tuple | None = None) -> list[Kept]:
+    """Run the pre-LLM ``pruner`` on every view of a batch, at ``pruner.scope`` (see :func:`_prune_views`);
+    observers registered with :func:`observe` see each call."""
+    out = _prune_views(views, pruner, ids, project_features, text)
+    for callback in list(_observers):
+        callback(views, pruner, ids, out)
+    return out
+
+
+def _prune_views(views: list["View"], pruner: TokenPruner, ids: list[str],
+                 project_features: Callable[[torch.Tensor], torch.Tensor], text: tuple | None = None) -> list[Kept]:
     """Run the pre-LLM ``pruner`` on every view of a batch, at ``pruner.scope``.
 
     Args:

@@ -314,10 +314,10 @@ def record_kept(pruner: TokenPruner | None) -> Iterator[KeptRecorder | None]:
     if pruner is None:
         yield None
         return
-    from ..adapters import base
+    from ..adapters import pre_llm
 
     recorder = KeptRecorder(in_llm=pruner.stage is Stage.IN_LLM)
-    select, token_scores, prune_views = pruner.select, pruner.token_scores, base.prune_views
+    select, token_scores = pruner.select, pruner.token_scores
 
     def recording(inputs):
         red = select(inputs)
@@ -330,23 +330,18 @@ def record_kept(pruner: TokenPruner | None) -> Iterator[KeptRecorder | None]:
             recorder.scored.append(_Scored(list(inputs.sample_ids), out))
         return out
 
-    def recording_views(views, used, ids, *args, **kwargs):
-        out = prune_views(views, used, ids, *args, **kwargs)
+    def placed(views, used, ids, out):  # the kept tokens' sequence positions, as the adapter placed them
         if used is pruner:  # the views and kept positions stay on the device until kept() asks
             recorder.placed.append(_Placed(list(views), [str(i) for i in ids], list(out)))
-        return out
 
     pruner.select = recording  # instance attributes: shadow the class's methods, nothing else changes
     pruner.token_scores = recording_scores
-    if not recorder.in_llm:
-        base.prune_views = recording_views  # what _assemble calls: the kept tokens' sequence positions
     try:
-        yield recorder
+        with pre_llm.observe(placed):
+            yield recorder
     finally:
         del pruner.select
         del pruner.token_scores
-        if not recorder.in_llm:
-            base.prune_views = prune_views
 
 
 def view_sizes(views, sample: int) -> ViewSizes:
