@@ -113,6 +113,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"  keeps {' / '.join(map(str, counts))} of {n} tokens from layers {', '.join(str(st.layer) for st in stages)} on "
               f"a {args.layers}-layer decoder: {avg:.1f} per layer on average ({avg / n:.1%}; merged tokens not counted)")
         return 0
+    if pruner.adaptive:
+        print(f"  keeps an adaptive count, chosen per sample from the tokens (at most {pruner.num_kept(n, grid)} of {n}); "
+              "runs report what was kept")
+        return 0
     kept = pruner.num_kept(n, grid)
     print(f"  keeps {kept} of {n} tokens on a {grid[0]}x{grid[1]} grid ({kept / n:.1%})")
     return 0

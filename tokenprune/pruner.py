@@ -382,6 +382,9 @@ class TokenPruner(ABC):
         scopes: the scopes the method is defined at (``("frame",)`` for methods whose rule needs a
             view's own grid or attention map beyond a ranking: row selection, spatial pooling,
             VisionZip's dominant/contextual split).
+        adaptive: the method chooses its count per sample (LLaVA-Scissor's components): ``num_kept``
+            is only an upper bound, ``ratio`` may mean nothing (the method's docstring says), each
+            sample goes through :meth:`select` in a batch of its own, and reports count what was kept.
         clip_inputs: at scope ``"clip"``, :meth:`select` takes the whole clip in one call even when it
             needs vision attention (temporal methods): it gets each view's map in
             ``PruningInputs.view_attention`` beside the concatenated tokens, instead of being ranked
@@ -399,6 +402,7 @@ class TokenPruner(ABC):
     views: ClassVar[str] = "per_view"
     scopes: ClassVar[tuple[str, ...]] = SCOPES
     clip_inputs: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False
     ratio: float
 
     @property
@@ -512,8 +516,11 @@ def create_pruner(name: str, **options: Any) -> TokenPruner:
             raise OptionError(f"pruner {name!r} acts inside the LLM, where it sees the whole sequence: scope='clip' "
                               "is all it does; use a pre-LLM pruner for a per-frame budget")
         if cls.stage is Stage.PRE_LLM and scope not in cls.scopes:
-            raise OptionError(f"pruner {name!r} is defined per view (its rule needs each frame's / image's own grid or "
-                              f"attention map), not over a clip: use scope='frame'")
+            if scope == "clip":
+                raise OptionError(f"pruner {name!r} is defined per view (its rule needs each frame's / image's own grid "
+                                  "or attention map), not over a clip: use scope='frame'")
+            raise OptionError(f"pruner {name!r} is defined over a whole clip (its rule relates frames to each other), "
+                              "not per frame: use scope='clip'")
     unknown = sorted(set(options) - set(params))
     if unknown and not takes_kwargs:
         raise OptionError(

@@ -54,16 +54,18 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
     """Assert that ``reduction`` is a valid output of ``pruner`` for ``inputs``.
 
     Checks: shapes ``[B, k]`` / ``[B, k, D]``; ``k`` equals ``pruner.num_kept`` (and the ratio rule
-    ``max(1, round(r*N))`` unless the pruner is ``quantised``); indices in range, unique and
+    ``max(1, round(r*N))`` unless the pruner is ``quantised``; at most ``num_kept`` if ``adaptive``); indices in range, unique and
     strictly increasing; a declared output grid matches ``k``; in-LLM merge weights are
     ``[B, M, N]``, non-negative, each real row summing to 1, and only over dropped tokens.
     """
     b, n, d = inputs.tokens.shape
     idx = reduction.indices
-    k = pruner.num_kept(n, inputs.grid)
+    k = idx.shape[1] if pruner.adaptive else pruner.num_kept(n, inputs.grid)  # adaptive: num_kept is a bound
     assert idx.dtype == torch.long, f"indices must be long, got {idx.dtype}"
     assert idx.shape == (b, k), f"indices shape {tuple(idx.shape)}, expected {(b, k)}"
-    if not pruner.quantised:
+    if pruner.adaptive:
+        assert k <= pruner.num_kept(n, inputs.grid), f"adaptive count {k} above the pruner's bound"
+    elif not pruner.quantised:
         assert k == keep_count(pruner.ratio, n), f"k={k} breaks the ratio rule for r={pruner.ratio}, N={n}"
     assert 1 <= k <= n
     assert int(idx.min()) >= 0 and int(idx.max()) < n, "indices out of range"

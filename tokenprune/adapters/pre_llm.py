@@ -220,8 +220,10 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
     per_sample = _clip_members(views)
     groups: dict[tuple, list[int]] = {}
     for sample, members in per_sample.items():
-        groups.setdefault(tuple(views[i].grid for i in members), []).append(sample)
-    for grids, samples in groups.items():
+        # an adaptive pruner's count differs per clip, and one Reduction holds one count: one clip per call
+        key = (tuple(views[i].grid for i in members), sample if pruner.adaptive else None)
+        groups.setdefault(key, []).append(sample)
+    for (grids, _), samples in groups.items():
         n = sum(h * w for h, w in grids)
         tokens = torch.stack([torch.cat([views[i].tokens for i in per_sample[s]]) for s in samples])
         features = None
