@@ -229,6 +229,9 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
         features = None
         if all(views[i].vision_features is not None for s in samples for i in per_sample[s]):
             features = torch.stack([torch.cat([views[i].vision_features for i in per_sample[s]]) for s in samples])
+        received = None  # frames pooled after the tower: their attention received over every raw query
+        if all(views[i].vision_received is not None for s in samples for i in per_sample[s]):
+            received = torch.stack([torch.cat([views[i].vision_received for i in per_sample[s]]) for s in samples])
         token_views = torch.cat([torch.full((h * w,), j, dtype=torch.long) for j, (h, w) in enumerate(grids)])
         times = torch.tensor([[float("nan") if views[i].time is None else views[i].time for i in per_sample[s]]
                               for s in samples], dtype=torch.float64)
@@ -239,7 +242,7 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
             first_view_layout = dict(view_attention=torch.stack([_clip_attention(views, per_sample[s]) for s in samples]),
                                      vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
         red = pruner(PruningInputs(tokens=tokens, grid=(1, n), sample_ids=[ids[s] for s in samples],
-                                   vision_features=features, view_grids=grids,
+                                   vision_features=features, vision_received=received, view_grids=grids,
                                    token_views=token_views.to(tokens.device).expand(len(samples), -1),
                                    view_times=times, view_features=means, **first_view_layout,
                                    **text_inputs(text, samples)))
