@@ -149,14 +149,24 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _pinned_note(cfg) -> str:
+    """`` (fopru_rank:ratio=0.3 only at 0.3)``: the methods whose spec pins their ratio."""
+    from .sweep import pinned_ratio
+
+    pinned = [f"{m} only at {pinned_ratio(m):g}" for m in cfg.methods if pinned_ratio(m) is not None]
+    return f" ({'; '.join(pinned)})" if pinned else ""
+
+
 def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
     """Markdown: paired tests between every two methods at the same ratio, per task."""
+    from .sweep import run_ratios
+
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         groups[(r["task"], r["method"], float(r["ratio"]))][r["sample_id"]] = r
     lines = []
     for task_name, task in tasks.items():
-        for ratio in cfg.ratios:
+        for ratio in run_ratios(cfg):  # pinned ratios (fopru_rank:ratio=0.3) too
             methods = [m for m in cfg.methods if (task_name, m, ratio) in groups]
             pairs = []
             for i, a in enumerate(methods):
@@ -202,7 +212,7 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
     report = [
         f"# tokenprune bench: {cfg.model}", "",
         f"Tasks: {', '.join(cfg.tasks)}. Methods: {', '.join(cfg.methods)} (+ `none`, the unpruned reference). "
-        f"Ratios: {', '.join(f'{r:g}' for r in cfg.ratios)}. Seed {cfg.seed}. Resolved config, versions and git "
+        f"Ratios: {', '.join(f'{r:g}' for r in cfg.ratios)}{_pinned_note(cfg)}. Seed {cfg.seed}. Resolved config, versions and git "
         "commit: `config.yaml`.", "",
         "Scores: the task's headline metric; CI: 95% percentile bootstrap over samples "
         f"({cfg.bootstrap} resamples). TFLOPs: mean per sample, vision + LLM prefill + decode + LM head, "

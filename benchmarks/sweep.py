@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import itertools
 import json
 import math
@@ -24,8 +25,8 @@ from typing import Any, Iterable, Iterator
 import yaml
 from PIL import Image
 
-from ..errors import OptionError, TokenpruneError
-from ..pruner import TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
+from ..errors import OptionError, TokenpruneError, UnknownNameError
+from ..pruner import PRUNERS, TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
 from .distributed import Shard, Workers
 from .results import read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
 from ..visualize.record import record_kept, view_sizes
@@ -45,9 +46,12 @@ class SweepConfig:
 
     Attributes:
         model: ``tokenprune.load`` id or path, or a zoo name (``tiny-llava``, ...).
-        tasks / methods / ratios: the grid; methods are pruner specs (``fastv:k=3``).
+        tasks / methods / ratios: the grid; methods are pruner specs (``fastv:k=3``). A spec with a
+            ``ratio`` (``fopru_rank:ratio=0.3``) is run once, at that ratio, instead of at every one of
+            ``ratios``; the others run at each of ``ratios``.
         limit: samples per task, a seeded subset (default 150; ``"all"`` / ``None``: whole splits);
-            ``seed`` picks them and seeds random pruners.
+            ``seed`` picks them and seeds the pruners with a ``seed`` option (``random``, ``scissor``)
+            whose spec sets none.
         data_dir: local dataset copy: one folder, or ``{task: folder}``.
         bootstrap: resamples for the confidence intervals.
         device_map: ``from_pretrained``'s ``device_map`` (``auto``: layers spread over the GPUs; under
@@ -111,22 +115,52 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
     cfg.tasks = [str(t) for t in _as_list(cfg.tasks, "tasks")]
     if not cfg.tasks:
         raise OptionError("no tasks given; e.g. --tasks pope (see `tokenprune list tasks`)")
-    # A task may carry its options as a spec, like a method: videomme:sampler=llava_onevision:frames=32.
+    if cfg.task_options is None:
+        cfg.task_options = {}
+    if not isinstance(cfg.task_options, dict) or not all(isinstance(v, dict) for v in cfg.task_options.values()):
+        raise OptionError(f"task_options must map task names to their options, e.g. {{videomme: {{frames: 32}}}}; "
+                          f"got {cfg.task_options!r}")
+    # A task may carry its options as a spec, like a method: videomme:sampler=llava_onevision:frames=32;
+    # the spec wins over task_options (load_config refuses the two disagreeing in one source).
     names = []
     for t in cfg.tasks:
         name, options = parse_pruner_spec(t)
+        if name in names:
+            raise OptionError(f"task {name!r} is listed twice in tasks; list each task once, with all its options in one spec")
         if options:
             cfg.task_options = {**cfg.task_options, name: {**cfg.task_options.get(name, {}), **options}}
         names.append(name)
     cfg.tasks = names
     for t in cfg.tasks:
         get_task(t, **cfg.task_options.get(t, {}))  # unknown names list the known ones
+    # A misspelt task name in task_options or a data_dir mapping is refused, not ignored (the task
+    # would run with its defaults, or download its data instead of reading the local copy).
+    for where, names in (("task_options", cfg.task_options),
+                         ("data_dir", cfg.data_dir if isinstance(cfg.data_dir, dict) else {})):
+        for t in names:
+            if t not in cfg.tasks:
+                try:
+                    get_task(t, **(cfg.task_options.get(t, {}) if where == "task_options" else {}))
+                except UnknownNameError as exc:
+                    raise OptionError(f"{where} names {exc.args[0] if exc.args else exc}") from None
+    for t in cfg.tasks:
+        where = [k for k in ("dataset_path", "revision") if k in cfg.task_options.get(t, {})]
+        if where and _data_dir(cfg, t) is not None:
+            raise OptionError(f"task {t}: {where[0]}={cfg.task_options[t][where[0]]!r} names a Hub dataset, but its data "
+                              f"comes from --data-dir {_data_dir(cfg, t)} (which wins); give one of the two")
     methods, named = [], split_methods(cfg.methods) if isinstance(cfg.methods, str) else _as_list(cfg.methods, "methods")
     for m in named:
-        spec = m if isinstance(m, str) else _spec_from_mapping(m)
+        spec = (m if isinstance(m, str) else _spec_from_mapping(m)).strip()
         if spec == REFERENCE:
             continue  # always run anyway; `--methods none` runs only the unpruned model
-        pruner_from_spec(split_policy(spec)[0], ratio=1.0)  # validates name and options now, before any model loads
+        if parse_pruner_spec(spec.partition("@")[0])[0] == REFERENCE:
+            raise OptionError(f"{spec!r}: the unpruned reference 'none' takes no options and no '@' policy "
+                              "(it always runs once, at ratio 1.0)")
+        if spec in methods:
+            raise OptionError(f"method {spec!r} is listed twice in methods; list each method once")
+        pinned = pinned_ratio(spec)
+        # validates name and options now (a pinned ratio too), before any model loads
+        pruner_from_spec(split_policy(spec)[0], ratio=1.0 if pinned is None else pinned)
         methods.append(spec)
     if not named:
         raise OptionError("no methods given; e.g. --methods fopru_rank,fastv (see `tokenprune list pruners`)")
@@ -142,7 +176,10 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError(f"--limit must be a positive integer or 'all', got {cfg.limit!r}")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise OptionError(f"--batch-size must be a positive integer, got {cfg.batch_size!r}")
-    if cfg.max_new_tokens is not None and (not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1):
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise OptionError(f"--seed must be an integer, got {cfg.seed!r}")
+    if cfg.max_new_tokens is not None and (isinstance(cfg.max_new_tokens, bool) or not isinstance(cfg.max_new_tokens, int)
+                                           or cfg.max_new_tokens < 1):
         raise OptionError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
@@ -199,8 +236,35 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> SweepConf
         unknown = sorted(set(data) - FIELDS)
         if unknown:
             raise OptionError(f"unknown key(s) {', '.join(unknown)} in {p}; valid keys: {', '.join(sorted(FIELDS))}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_task_option_clash(data, f" in {path}")
+    _refuse_task_option_clash(flags, "")
+    if "tasks" in flags and isinstance(data.get("task_options"), dict):
+        # Flags win: an option a --tasks spec sets replaces the YAML's task_options entry for it.
+        yaml_options = {t: dict(o) if isinstance(o, dict) else o for t, o in data["task_options"].items()}
+        for t in _as_list(flags["tasks"], "tasks"):
+            name, options = parse_pruner_spec(str(t))
+            if isinstance(yaml_options.get(name), dict):
+                for key in options:
+                    yaml_options[name].pop(key, None)
+        data["task_options"] = yaml_options
+    data.update(flags)
     return normalise(SweepConfig(**data))
+
+
+def _refuse_task_option_clash(source: dict[str, Any], where: str) -> None:
+    """One source (a YAML file, or the options given) setting a task option twice, in a task spec
+    (``videomme:frames=2``) and in ``task_options`` (``{videomme: {frames: 4}}``), with two values."""
+    task_options = source.get("task_options")
+    if "tasks" not in source or not isinstance(task_options, dict):
+        return
+    for t in _as_list(source["tasks"], "tasks"):
+        name, options = parse_pruner_spec(str(t))
+        given = task_options.get(name)
+        for key, value in options.items():
+            if isinstance(given, dict) and key in given and given[key] != value:
+                raise OptionError(f"task {name}: option {key} is given twice{where}, {value!r} in the task spec and "
+                                  f"{given[key]!r} in task_options; give it once")
 
 
 # -- provenance ------------------------------------------------------------------------------------
@@ -249,23 +313,61 @@ def check_output_dir(cfg: SweepConfig, out: Path, write: bool = True) -> None:
 
 # -- the sweep -------------------------------------------------------------------------------------
 def method_runs(cfg: SweepConfig) -> list[tuple[str, float]]:
-    """``(method spec, ratio)`` pairs, the unpruned reference first."""
-    return [(REFERENCE, 1.0)] + [(m, r) for m in cfg.methods for r in cfg.ratios]
+    """``(method spec, ratio)`` pairs, the unpruned reference first; a spec with a ``ratio`` option
+    runs once, at it (``fopru_rank:ratio=0.3``), every other spec at each of ``cfg.ratios``."""
+    return [(REFERENCE, 1.0)] + [(m, r) for m in cfg.methods for r in method_ratios(cfg, m)]
+
+
+def method_ratios(cfg: SweepConfig, spec: str) -> list[float]:
+    """The ratios ``spec`` runs at: its pinned ``ratio``, else the sweep's."""
+    pinned = pinned_ratio(spec)
+    return list(cfg.ratios) if pinned is None else [pinned]
+
+
+def run_ratios(cfg: SweepConfig) -> list[float]:
+    """Every ratio some method runs at: the sweep's, then the pinned ones not among them."""
+    return list(dict.fromkeys([*cfg.ratios, *(r for m, r in method_runs(cfg)[1:])]))
+
+
+def pinned_ratio(spec: str) -> float | None:
+    """The ``ratio`` a method spec pins (``fopru_rank:ratio=0.3@keep`` -> 0.3), ``None`` if it sets none.
+    A bad value is refused in one line (never ignored)."""
+    if spec == REFERENCE:
+        return None
+    _, options = parse_pruner_spec(split_policy(spec)[0])
+    if "ratio" not in options:
+        return None
+    try:
+        return validate_ratio(options["ratio"], "ratio")
+    except OptionError:
+        raise OptionError(f"method {spec!r}: ratio must be a number in (0, 1], got {options['ratio']!r} (a ratio in a "
+                          "method spec runs that method once, at it; for a sweep over ratios use --ratios)") from None
 
 
 def split_policy(spec: str) -> tuple[str, str | None]:
     """``"visionzip@keep"`` -> ``("visionzip", "keep")``: a method run under a fixed position policy
-    (position-policy ablations: the same method twice in one sweep, reported as separate methods)."""
+    (position-policy ablations: the same method twice in one sweep, reported as separate methods).
+    The suffix wins over the sweep's ``position_policy`` for that method."""
     base, sep, policy = spec.rpartition("@")
     if not sep:
         return spec, None
     if policy not in ("keep", "compact"):
-        raise OptionError(f"{spec!r}: a method's '@' suffix is a position policy, keep or compact; got {policy!r}")
+        hint = f"; put options before it: {base}:{policy.partition(':')[2]}@{policy.partition(':')[0]}" \
+            if ":" in policy else ""
+        raise OptionError(f"{spec!r}: a method's '@' suffix is a position policy, keep or compact; got {policy!r}{hint}")
     return base, policy
 
 
-def make_pruner(spec: str, ratio: float) -> TokenPruner | None:
-    return None if spec == REFERENCE else pruner_from_spec(split_policy(spec)[0], ratio=ratio)
+def make_pruner(spec: str, ratio: float, seed: int | None = None) -> TokenPruner | None:
+    """The pruner of one run; ``seed`` (the sweep's) reaches a pruner with a ``seed`` option unless the spec sets it."""
+    if spec == REFERENCE:
+        return None
+    base = split_policy(spec)[0]
+    name, options = parse_pruner_spec(base)
+    extra: dict[str, Any] = {}
+    if seed is not None and "seed" not in options and "seed" in inspect.signature(PRUNERS.get(name)).parameters:
+        extra["seed"] = seed
+    return pruner_from_spec(base, ratio=ratio, **extra)
 
 
 def run_policy(cfg: SweepConfig, spec: str) -> str | None:
@@ -425,7 +527,7 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
                     new_tokens = cfg.max_new_tokens or task.max_new_tokens
                     finished = {run: {k[3] for k in done if k[:3] == (task_name, *run)} for run in runs}
                     pending = [run for run in runs if any(sid not in finished[run] for sid in mine)]
-                    pruners = {run: make_pruner(*run) for run in pending}
+                    pruners = {run: make_pruner(*run, seed=cfg.seed) for run in pending}
                     # Runs whose pruners need the same vision pass share it: in-LLM pruners and the
                     # unpruned model need none of the vision attention, FoPru variants one layer's.
                     groups: dict[Any, list[tuple[str, float]]] = defaultdict(list)

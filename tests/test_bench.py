@@ -220,6 +220,9 @@ def test_wandb_offline_table(pope_dir, tmp_path):
     (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
     (["--device-map", "cuda:99"], "bad device_map: cuda:99, but this machine has"),
     (["--device-map", "gpus"], "bad device_map: 'gpus'; use auto, balanced"),
+    (["--methods", "fopru_rank:ratio=abc"], "ratio must be a number in (0, 1], got 'abc'"),
+    (["--methods", "fopru_rank:ratio=2,fastv"], "for a sweep over ratios use --ratios"),
+    (["--methods", "fastv,fastv"], "method 'fastv' is listed twice"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, expected):
     proc = subprocess.run([sys.executable, "-m", "tokenprune", "bench", *argv], capture_output=True, text=True)
@@ -276,3 +279,79 @@ def test_method_with_a_fixed_position_policy(tmp_path):
     assert run_policy(cfg, "divprune@keep") == "keep" and run_policy(cfg, "divprune") is None
     with pytest.raises(tp.OptionError, match="keep or compact"):
         load_config(None, {"methods": "divprune@shuffle"})
+
+
+def test_a_ratio_in_a_method_spec_pins_its_runs():
+    """``name:ratio=R``: that method runs once, at R; the others at every --ratios value (hand-checked)."""
+    from tokenprune.benchmarks.sweep import method_runs, run_ratios
+
+    cfg = load_config(None, {"methods": "fopru_rank:ratio=0.3,fastv", "ratios": "0.5,0.25"})
+    assert method_runs(cfg) == [("none", 1.0), ("fopru_rank:ratio=0.3", 0.3), ("fastv", 0.5), ("fastv", 0.25)]
+    assert run_ratios(cfg) == [0.5, 0.25, 0.3]
+    cfg = load_config(None, {"methods": "fopru_rank:ratio=0.5@keep,pdrop:layers=2,8,16,fopru_rank", "ratios": "0.5,0.1"})
+    assert method_runs(cfg) == [("none", 1.0), ("fopru_rank:ratio=0.5@keep", 0.5), ("pdrop:layers=2,8,16", 0.5),
+                                ("pdrop:layers=2,8,16", 0.1), ("fopru_rank", 0.5), ("fopru_rank", 0.1)]
+    assert run_ratios(cfg) == [0.5, 0.1]
+    cfg = load_config(None, {"methods": [{"name": "pool", "ratio": 1}], "ratios": "0.5"})  # a YAML mapping too
+    assert method_runs(cfg) == [("none", 1.0), ("pool:ratio=1", 1.0)]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"methods": "fopru_rank:ratio=abc"}, "method 'fopru_rank:ratio=abc': ratio must be a number in (0, 1], got 'abc'"),
+    ({"methods": "fopru_rank:ratio=2"}, "got 2 (a ratio in a method spec runs that method once, at it; for a sweep over ratios use --ratios)"),
+    ({"methods": "fopru_rank:ratio=0"}, "ratio must be a number in"),
+    ({"methods": "random:ratio=true"}, "ratio must be a number in"),
+    ({"methods": "fopru_rank@keep:ratio=0.3"}, "put options before it: fopru_rank:ratio=0.3@keep"),
+    ({"methods": "none:ratio=0.3"}, "the unpruned reference 'none' takes no options"),
+    ({"methods": "none@keep"}, "the unpruned reference 'none' takes no options"),
+    ({"methods": "fastv:k=3,fastv:k=3"}, "listed twice"),
+    ({"tasks": "pope,pope"}, "task 'pope' is listed twice"),
+    ({"tasks": "videomme:frames=2", "task_options": {"videomme": {"frames": 4}}},
+     "task videomme: option frames is given twice, 2 in the task spec and 4 in task_options"),
+    ({"tasks": "pope", "task_options": {"popee": {}}}, "task_options names unknown task 'popee'"),
+    ({"tasks": "pope", "data_dir": {"popee": "/data"}}, "data_dir names unknown task 'popee'"),
+    ({"tasks": "pope:dataset_path=me/pope", "data_dir": "/data"}, "dataset_path='me/pope' names a Hub dataset, but"),
+    ({"seed": "abc"}, "--seed must be an integer"),
+    ({"max_new_tokens": True}, "max_new_tokens must be a positive integer"),
+])
+def test_nothing_is_silently_overridden(overrides, expected):
+    with pytest.raises(tp.TokenpruneError) as err:
+        load_config(None, overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_task_options_flags_win_over_the_yaml(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("tasks: [videomme]\ntask_options: {videomme: {frames: 4, sampler: uniform}}\n")
+    assert load_config(path, {}).task_options == {"videomme": {"frames": 4, "sampler": "uniform"}}
+    cfg = load_config(path, {"tasks": "videomme:frames=2"})  # the flag replaces the file's frames, keeps the rest
+    assert cfg.tasks == ["videomme"] and cfg.task_options == {"videomme": {"frames": 2, "sampler": "uniform"}}
+    path.write_text("tasks: ['videomme:frames=2']\ntask_options: {videomme: {frames: 4}}\n")  # one file, two values
+    with pytest.raises(tp.OptionError, match="frames is given twice"):
+        load_config(path, {})
+
+
+def test_sweep_seed_reaches_seeded_pruners_unless_the_spec_sets_one():
+    from tokenprune.benchmarks.sweep import make_pruner
+
+    assert make_pruner("random", 0.5, seed=7).seed == 7 and make_pruner("random:seed=4", 0.5, seed=7).seed == 4
+    assert make_pruner("random@keep", 0.5).seed == 0 and make_pruner("none", 1.0, seed=7) is None
+    assert make_pruner("pool", 0.25, seed=7).ratio == 0.25  # no seed option: nothing passed
+
+
+def test_pinned_ratio_end_to_end(pope_dir, tmp_path):
+    """``fopru_rank:ratio=0.3,fastv`` over ``--ratios 0.5,0.25``: fopru_rank once at 0.3, in every output, resumable."""
+    args = bench_args(pope_dir, tmp_path / "run", methods="fopru_rank:ratio=0.3,fastv", limit=4)
+    out = run_sweep(load_config(None, args), log=lambda *_: None)
+    summary = read_summary(out / "summary.csv")
+    assert [(r["method"], float(r["ratio"])) for r in summary] == [
+        ("none", 1.0), ("fopru_rank:ratio=0.3", 0.3), ("fastv", 0.5), ("fastv", 0.25)]
+    by = {(r["method"], float(r["ratio"])): r for r in summary}
+    assert float(by[("fopru_rank:ratio=0.3", 0.3)]["visual_tokens_kept"]) == 19  # round(0.3 * 64)
+    assert all(int(r["n"]) == 4 for r in summary)
+    rows = read_rows(out / "samples.jsonl")
+    assert len(rows) == 4 * 4 and {float(r["ratio"]) for r in rows if r["method"].startswith("fopru_rank")} == {0.3}
+    assert "fopru_rank:ratio=0.3 only at 0.3" in (out / "report.md").read_text()
+    before = (out / "samples.jsonl").read_text()
+    run_sweep(load_config(None, args), log=lambda *_: None)  # resumed: nothing left to compute
+    assert (out / "samples.jsonl").read_text() == before
