@@ -76,7 +76,6 @@ a sample with an image view is refused in one line; inputs without views (a bare
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -88,24 +87,12 @@ from ..pruner import (
     TokenPruner,
     register_pruner,
     validate_choice,
+    validate_float,
     validate_int,
     validate_ratio,
 )
 
 VARIANTS = ("onevision", "qwen2_5_vl")
-
-
-def _float(value, name: str, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a finite float in ``[low, high]``, else an :class:`OptionError`."""
-    if isinstance(value, bool):
-        raise OptionError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out) or (low is not None and out < low) or (high is not None and out > high):
-        raise OptionError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return out
 
 
 def descending(scores: torch.Tensor) -> torch.Tensor:
@@ -238,12 +225,12 @@ class FastVIDPruner(TokenPruner):
                  beta: float = 0.6, variant: str = "onevision", ignore: float = 0.95, vision_layer: int = -1):
         self.ratio = validate_ratio(ratio)
         self.c = validate_int(c, "c", minimum=1)
-        self.tau = _float(tau, "tau", -1.0, 1.0)
-        self.d = _float(d, "d", 0.0, 1.0)
+        self.tau = validate_float(tau, "tau", -1.0, 1.0)
+        self.d = validate_float(d, "d", 0.0, 1.0)
         self.p = validate_int(p, "p", minimum=1)
-        self.beta = _float(beta, "beta", 0.0, 1.0)
+        self.beta = validate_float(beta, "beta", 0.0, 1.0)
         self.variant = validate_choice(variant, "variant", VARIANTS)
-        self.ignore = _float(ignore, "ignore", -1.0, 1.0)
+        self.ignore = validate_float(ignore, "ignore", -1.0, 1.0)
         self.vision_layer = validate_int(vision_layer, "vision_layer")
 
     @property

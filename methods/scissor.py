@@ -68,14 +68,13 @@ own generator (official: batch 1, NumPy's global RNG).
 """
 from __future__ import annotations
 
-import math
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import OptionError
-from ..pruner import PruningInputs, Reduction, TokenPruner, register_pruner, validate_int, validate_ratio
+from ..pruner import PruningInputs, Reduction, TokenPruner, register_pruner, validate_float, validate_int, validate_ratio
 from .random import stable_seed
 
 
@@ -222,8 +221,8 @@ class ScissorPruner(TokenPruner):
 
     def __init__(self, ratio: float = 0.5, tau: float = 0.9, epsilon: float = 0.05, seed: int = 0):
         self.ratio = validate_ratio(ratio)  # accepted for the common interface; the method has no budget
-        self.tau = _validate_real(tau, "tau")
-        self.epsilon = _validate_real(epsilon, "epsilon")
+        self.tau = validate_float(tau, "tau")
+        self.epsilon = validate_float(epsilon, "epsilon")
         if self.epsilon <= 0:
             raise OptionError(f"epsilon must be > 0 (the sample size is ceil(ln n / epsilon^2)), got {epsilon!r}")
         self.seed = validate_int(seed, "seed")
@@ -253,16 +252,3 @@ class ScissorPruner(TokenPruner):
         return Reduction(indices=torch.stack([r[0] for r in results]),
                          tokens=torch.stack([r[1] for r in results]).to(inputs.tokens.dtype),
                          token_weights=torch.stack([r[2] for r in results]))
-
-
-def _validate_real(value, name: str) -> float:
-    """``value`` as a finite float, else an :class:`OptionError`."""
-    if isinstance(value, bool):
-        raise OptionError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise OptionError(f"{name} must be a finite number, got {value!r}")
-    return out

@@ -169,32 +169,25 @@ def adapter_view(raw_hidden, attn, raw_keys, side, received: bool = True) -> Pru
                          vision_received=head_mean.mean(1) @ p.T if received else None)
 
 
-@pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("spatial_tokens", [20, 30])
-def test_equals_official_pipeline_on_frames_whose_queries_attend_alike(seed, spatial_tokens):
+def random_frames(seed: int, alike: bool = False, frames: int = 3, heads: int = 4, side: int = 27):
+    """``(hidden [F, s^2, 16], head attention [F, H, s^2, s^2], keys [F, H, s^2, 8])`` of raw OneVision-like
+    frames (27x27 SigLIP tokens -> 14x14); ``alike``: every query row of a frame attends the same way."""
     g = torch.Generator().manual_seed(seed)
-    frames, heads, side = 3, 4, 27  # OneVision: 27x27 SigLIP tokens -> 14x14
     n = side * side
     hidden = torch.randn(frames, n, 16, generator=g)
-    attn = (2 * torch.randn(frames, heads, 1, n, generator=g)).softmax(-1).expand(-1, -1, n, -1)  # rows alike
-    keys = torch.randn(frames, heads, n, 8, generator=g)
-    ref, ref_dominant = official_frames(hidden, attn, keys, side, spatial_tokens)
-    red = vzv(spatial_tokens / 196)(adapter_view(hidden, attn, keys, side))
-    dominant = int(spatial_tokens * 54 / 64)
-    assert torch.equal(red.positions[:, :dominant], ref_dominant)
-    torch.testing.assert_close(red.tokens, ref, rtol=0, atol=1e-5)
+    logits = 2 * torch.randn(frames, heads, 1 if alike else n, n, generator=g)
+    attn = logits.softmax(-1).expand(-1, -1, n, -1)
+    return hidden, attn, torch.randn(frames, heads, n, 8, generator=g)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("spatial_tokens", [20, 30])
-def test_equals_official_pipeline_on_general_frames(seed, spatial_tokens):
-    """With the adapter's ``vision_received`` (all raw queries counted once), general maps too."""
-    g = torch.Generator().manual_seed(seed)
-    frames, heads, side = 3, 4, 27
-    n = side * side
-    hidden = torch.randn(frames, n, 16, generator=g)
-    attn = (2 * torch.randn(frames, heads, n, n, generator=g)).softmax(-1)
-    keys = torch.randn(frames, heads, n, 8, generator=g)
+@pytest.mark.parametrize("alike", [True, False])
+def test_equals_official_pipeline(seed, spatial_tokens, alike):
+    """Frames whose queries attend alike, and general ones (the adapter's ``vision_received`` counts every raw
+    query once, as the official score does)."""
+    side = 27
+    hidden, attn, keys = random_frames(seed, alike, side=side)
     ref, ref_dominant = official_frames(hidden, attn, keys, side, spatial_tokens)
     red = vzv(spatial_tokens / 196)(adapter_view(hidden, attn, keys, side))
     dominant = int(spatial_tokens * 54 / 64)
@@ -205,12 +198,8 @@ def test_equals_official_pipeline_on_general_frames(seed, spatial_tokens):
 @pytest.mark.parametrize("seed", range(3))
 def test_without_received_attention_the_score_is_the_query_weighted_one_and_the_rest_the_official_rule(seed):
     """A pooled map alone (an adapter that gives no ``vision_received``): its column mean weights the raw queries."""
-    g = torch.Generator().manual_seed(seed)
-    frames, heads, side, spatial_tokens = 3, 4, 27, 30
-    n = side * side
-    hidden = torch.randn(frames, n, 16, generator=g)
-    attn = (2 * torch.randn(frames, heads, n, n, generator=g)).softmax(-1)
-    keys = torch.randn(frames, heads, n, 8, generator=g)
+    side, spatial_tokens = 27, 30
+    hidden, attn, keys = random_frames(seed, side=side)
     inputs = adapter_view(hidden, attn, keys, side, received=False)
     red = vzv(spatial_tokens / 196)(inputs)
     p = pooling_matrix(side)

@@ -346,6 +346,21 @@ def validate_int(value: Any, name: str, minimum: int | None = None) -> int:
     return value
 
 
+def validate_float(value: Any, name: str, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a finite float (in ``[low, high]`` where given), else an :class:`OptionError`."""
+    if isinstance(value, bool):
+        raise OptionError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise OptionError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and out < low) or (high is not None and out > high):
+        raise OptionError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return out
+
+
 def validate_layers(value: Any, name: str = "layers", minimum: int = 0) -> tuple[int, ...]:
     """``value`` (a list, tuple or ``"8,16,24"`` string) as a strictly increasing tuple of ints ``>= minimum``."""
     if isinstance(value, str):
