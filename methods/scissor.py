@@ -219,6 +219,11 @@ class ScissorPruner(TokenPruner):
     position_policy = "compact"
     position_policy_mrope = "keep"
 
+    @property
+    def uses_ratio(self) -> bool:
+        """``False``: the count is the clip's components, whatever the ratio (a sweep runs it once)."""
+        return False
+
     def __init__(self, ratio: float = 0.5, tau: float = 0.9, epsilon: float = 0.05, seed: int = 0):
         self.ratio = validate_ratio(ratio)  # accepted for the common interface; the method has no budget
         self.tau = validate_float(tau, "tau")

@@ -167,23 +167,31 @@ def vision_spec_from_config(config: Any) -> VisionSpec:
 
 
 def vision_flops(spec: VisionSpec, encoder_seqs: Sequence[int], patches: int, visual_tokens: int,
-                 windows: Sequence[int] = ()) -> float:
+                 windows: Sequence[int] = (), blocks: Sequence[Sequence[tuple[int, int]]] = ()) -> float:
     """FLOPs of the vision tower and projector for one sample.
 
     ``encoder_seqs``: length of each encoder sequence (one per image / tile / crop, prefix
-    included); ``patches``: patches embedded; ``visual_tokens``: tokens the projector produced;
-    ``windows``: attention-window lengths of the windowed layers (Qwen2.5-VL).
+    included); ``patches``: patches embedded; ``visual_tokens``: tokens the projector ran on;
+    ``windows``: attention-window lengths of the windowed layers (Qwen2.5-VL); ``blocks``: for a
+    tower an in-vision pruner cut, per sequence, the ``(attention, MLP)`` tokens of each block run --
+    those sequences are counted block by block from what each block really saw (an empty entry:
+    every layer saw the whole sequence).
     """
     if spec.tokens_per_seq:  # the projector ran on every crop token, not only on those the LLM got
         patches = visual_tokens = spec.tokens_per_seq * len(encoder_seqs)
     w = spec.width
-    dense = sum(4 * t * w * w + t * w * spec.mlp * (3 if spec.gated else 2) for t in encoder_seqs)
-    full_attn = sum(2 * t * t * w for t in encoder_seqs)
+    mlp_macs = w * spec.mlp * (3 if spec.gated else 2)  # per token
+    cut = [bool(blocks[i]) if i < len(blocks) else False for i in range(len(encoder_seqs))]
+    whole = [t for t, c in zip(encoder_seqs, cut) if not c]
+    dense = sum(4 * t * w * w + t * mlp_macs for t in whole)
+    full_attn = sum(2 * t * t * w for t in whole)
     window_attn = sum(2 * t * t * w for t in windows) if windows else full_attn
     attn = (spec.layers - spec.windowed_layers) * full_attn + spec.windowed_layers * window_attn
+    # q, k, v and output projections plus QK^T and AV on the attention's tokens; the MLP on its own
+    per_block = sum(4 * a * w * w + 2 * a * a * w + m * mlp_macs for i, c in enumerate(cut) if c for a, m in blocks[i])
     embed = patches * spec.patch_in * w
     projector = visual_tokens * sum(i * o for i, o in spec.projector)
-    return 2.0 * (spec.layers * dense + attn + embed + projector)
+    return 2.0 * (spec.layers * dense + attn + per_block + embed + projector)
 
 
 @dataclass(frozen=True)
@@ -201,13 +209,19 @@ class SampleCost:
         return self.vision + self.prefill + self.decode + self.lm_head
 
 
+def _projected(stats: Any) -> int:
+    """Tokens the projector ran on: all visual tokens, unless an in-vision pruner cut inside the tower."""
+    projected = getattr(stats, "visual_tokens_projected", None)
+    return stats.visual_tokens_in if projected is None else projected
+
+
 def sample_cost(config: Any, vision: VisionSpec, stats: Any) -> SampleCost:
     """The :class:`SampleCost` of one :class:`~tokenprune.adapters.SampleStats`."""
     d = TextDims.from_config(config)
     tokens = stats.tokens_per_layer
     return SampleCost(
-        vision=vision_flops(vision, stats.vision_seqs, stats.vision_patches, stats.visual_tokens_in,
-                            getattr(stats, "vision_windows", ())),
+        vision=vision_flops(vision, stats.vision_seqs, stats.vision_patches, _projected(stats),
+                            getattr(stats, "vision_windows", ()), getattr(stats, "vision_blocks", ())),
         prefill=2.0 * prefill_macs(d, tokens),
         decode=2.0 * decode_macs(d, tokens, stats.new_tokens),
         lm_head=2.0 * lm_head_macs(d, stats.new_tokens),

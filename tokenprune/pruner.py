@@ -21,14 +21,17 @@ import torch
 import yaml
 
 from .errors import OptionError
+from .in_vision import VisionHook, VisionReduction, VisionState  # noqa: F401  (the in-vision contract)
 from .registry import Registry
 
 
 class Stage(str, Enum):
-    """Where a pruner acts: on the visual tokens before the LLM, or inside the LLM at a layer."""
+    """Where a pruner acts: on the visual tokens before the LLM, inside the LLM at a layer, or inside
+    the vision encoder between its blocks (:mod:`tokenprune.in_vision`)."""
 
     PRE_LLM = "pre_llm"
     IN_LLM = "in_llm"
+    IN_VISION = "in_vision"
 
 
 QueryRows = Literal["last", "all", "text", "chosen"]
@@ -73,9 +76,16 @@ class PrunerNeeds:
             and those of the CLS/prefix tokens where the projector can take them.
         vision_keys: pre-LLM, the keys of vision layer ``vision_attention_layer``, averaged over heads
             (``PruningInputs.vision_keys``).
+        vision_qk: pre-LLM, the raw projections of vision layer ``vision_attention_layer`` with every
+            head concatenated (``PruningInputs.vision_queries`` of the prefix rows and
+            ``PruningInputs.vision_keys_full``), for methods that score with their own attention
+            (PruMerge's single 1024-wide head).
         text: pre-LLM, the LLM's input embeddings of the prompt text after the image
             (``PruningInputs.text_tokens``) and the prompts as given (``PruningInputs.prompts``),
             for instruction-conditioned methods.
+        in_vision: the in-vision pruner the tower must run block by block for (set by the adapter,
+            :meth:`~tokenprune.adapters.base.PrunableLVLM.vision_needs`; two such pruners never share
+            a vision pass).
         llm_stages: the in-LLM schedule, one :class:`LLMStage` per prune point, in layer order.
         llm_attention_layer: shorthand for a one-stage schedule (kept for plugins written
             against it): attention of this 0-based decoder layer, pruning from the next one.
@@ -86,7 +96,9 @@ class PrunerNeeds:
     vision_attention_rows: Literal["all", "prefix"] = "all"
     vision_features: bool = False
     vision_keys: bool = False
+    vision_qk: bool = False
     text: bool = False
+    in_vision: "TokenPruner | None" = None
     llm_stages: tuple[LLMStage, ...] = ()
     llm_attention_layer: int | None = None
     llm_attention_queries: Literal["last", "all"] = "last"
@@ -108,8 +120,12 @@ class PrunerNeeds:
             out.update(vision_features=True)
         if self.vision_keys:
             out.update(vision_keys=True)
+        if self.vision_qk:
+            out.update(vision_qk=True)
         if self.text:
             out.update(text=True)
+        if self.in_vision is not None:
+            out.update(in_vision=repr(self.in_vision))
         for i, st in enumerate(self.schedule()):
             what = [f"{st.attention} attention ({st.queries} rows)"] if st.attention != "none" else []
             what += ["keys"] if st.keys else []
@@ -143,6 +159,10 @@ class PruningInputs:
             layer, where the projector can take them (LLaVA-1.5, LLaVA-NeXT's base view); else ``None``.
         vision_keys: ``[B, vision_prefix + N, d]`` keys of the vision layer, averaged over heads; for
             merged patches (``patch_merge > 1``) averaged over each token's patches.
+        vision_queries: ``[B, vision_prefix, H * d]`` with ``needs.vision_qk``, the prefix (CLS) rows' query
+            projections of the vision layer (bias included, before the ``d ** -0.5`` scale), heads concatenated.
+        vision_keys_full: ``[B, vision_prefix + N, H * d]`` with ``needs.vision_qk``, the layer's key
+            projections (bias included), heads concatenated; for merged patches averaged per token.
         vision_received: ``[B, N]`` where the adapter pools patches into tokens after the tower
             (LLaVA-OneVision / NeXT-Video video frames) and all rows of vision attention were asked:
             each patch's attention received, averaged over every query of the unpooled map, pooled
@@ -188,6 +208,8 @@ class PruningInputs:
     vision_features: torch.Tensor | None = None
     vision_prefix_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    vision_queries: torch.Tensor | None = None
+    vision_keys_full: torch.Tensor | None = None
     vision_received: torch.Tensor | None = None
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
@@ -421,6 +443,13 @@ class TokenPruner(ABC):
     ratio: float
 
     @property
+    def uses_ratio(self) -> bool:
+        """Whether ``ratio`` changes what this pruner keeps. ``False`` for adaptive methods whose count is
+        the data's alone (LLaVA-Scissor's components, PruMerge's attention outliers): a sweep runs them
+        once, not once per ratio, and places them at their measured count and FLOPs."""
+        return True
+
+    @property
     def needs(self) -> PrunerNeeds:
         """The scores this pruner needs from the adapter (default: none, tokens only)."""
         return PrunerNeeds()
@@ -476,7 +505,22 @@ class TokenPruner(ABC):
         """Choose (or build) the visual tokens to keep for every batch entry of ``inputs``.
 
         In-LLM pruners are called once per stage of their schedule; ``inputs.stage`` says which.
+        In-vision pruners are called at each of their :meth:`vision_hooks` with a
+        :class:`~tokenprune.in_vision.VisionState` and return a
+        :class:`~tokenprune.in_vision.VisionReduction` (or ``None``: nothing cut there).
         """
+
+    def vision_hooks(self, n_blocks: int) -> tuple["VisionHook", ...]:
+        """In-vision pruners: where in a tower that runs ``n_blocks`` blocks (through the block whose
+        output the projector reads) the pruner acts, and what it reads there, in block order."""
+        return ()
+
+    @property
+    def proportional_attention(self) -> bool:
+        """In-vision pruners: every block after a merge adds ``log(size)`` to its attention logits
+        over the keys, so a merged token weighs as the patches it stands for (ToMe's proportional
+        attention)."""
+        return False
 
     def choose_queries(self, inputs: PruningInputs) -> torch.Tensor:
         """For ``queries="chosen"`` stages: ``[B, T]`` bool over ``inputs.text_tokens``, the query

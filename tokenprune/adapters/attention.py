@@ -57,6 +57,10 @@ def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     rec: AttentionRecorder = module._tokenprune_recorder  # type: ignore[attr-defined]
     if rec.keep_keys:
         rec.keys.append(key)
+    if rec.keep_values:
+        rec.values.append(value)
+    if rec.n_queries:
+        rec.queries.append(query[:, :, : rec.n_queries])
     if rec.rows is not None:
         lq, lk = query.shape[-2], key.shape[-2]
         if torch.is_tensor(rec.rows):  # [B, Q] query positions, per sample, on the caller's device
@@ -132,25 +136,31 @@ AttentionInterface.register(RECORDING_IMPL, _record_forward)
 
 class AttentionRecorder:
     """What one recording captured: ``maps``, one ``[B, rows, Lk]`` map per call of the module,
-    and ``keys``, the post-rotary ``[B, H_kv, Lk, d]`` keys of each call (if asked).
+    ``keys``, the post-rotary ``[B, H_kv, Lk, d]`` keys of each call, ``values`` its ``[B, H_kv, Lk, d]``
+    values and ``queries`` its first ``n_queries`` query rows ``[B, H, n, d]`` (each only if asked).
 
     A module called once per image (Qwen2-VL's vision attention runs image by image) records one
     map per image, in order.
     """
 
-    def __init__(self, rows: Rows | torch.Tensor | None, n_prefix: int, inner: Callable, keep_keys: bool = False):
+    def __init__(self, rows: Rows | torch.Tensor | None, n_prefix: int, inner: Callable, keep_keys: bool = False,
+                 keep_values: bool = False, n_queries: int = 0):
         self.rows = rows
         self.n_prefix = n_prefix
         self.inner = inner
         self.keep_keys = keep_keys
+        self.keep_values = keep_values
+        self.n_queries = n_queries
         self.maps: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
         self.query_mask: torch.Tensor | None = None  # [B, Q] real rows, set by a caller that chose the rows
 
 
 @contextlib.contextmanager
 def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all", n_prefix: int = 1,
-                     keys: bool = False) -> Iterator[AttentionRecorder]:
+                     keys: bool = False, values: bool = False, queries: int = 0) -> Iterator[AttentionRecorder]:
     """Record the head-averaged attention probabilities of ``module`` while the block runs.
 
     Args:
@@ -159,6 +169,8 @@ def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all"
             ``[B, Q]`` tensor of query positions per sample, or ``None`` for no map (keys only).
         n_prefix: number of rows for ``"prefix"``.
         keys: also keep the post-rotary keys the module computed.
+        values: also keep its values.
+        queries: also keep its first ``queries`` query rows (the CLS row), before any scaling.
     """
     config = module.config
     impl = config._attn_implementation or "sdpa"
@@ -168,7 +180,7 @@ def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all"
         inner = ALL_ATTENTION_FUNCTIONS[impl]
     else:  # "eager" is each modeling file's own function, not a registered one
         inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
-    recorder = AttentionRecorder(rows, n_prefix, inner, keep_keys=keys)
+    recorder = AttentionRecorder(rows, n_prefix, inner, keep_keys=keys, keep_values=values, n_queries=queries)
     module.config = _ConfigView(config, RECORDING_IMPL)
     module._tokenprune_recorder = recorder
     try:

@@ -38,6 +38,8 @@ class View:
         vision_features: ``[N, Dv]`` what the projector reads for each token, if asked.
         vision_prefix_features: ``[prefix, Dv]`` the CLS/prefix tokens' features, where projectable.
         vision_keys: ``[prefix + N, d]`` head-averaged keys of the scored vision layer, if asked.
+        vision_queries / vision_keys_full: ``[prefix, H*d]`` / ``[prefix + N, H*d]`` the scored layer's
+            query projections of the prefix rows and its key projections, heads concatenated (``needs.vision_qk``).
         vision_received: ``[N]`` for views whose tokens pool the tower's patches (LLaVA-OneVision and
             LLaVA-NeXT-Video frames), with all rows of vision attention asked: the attention each
             patch receives averaged over every query of the unpooled map, then pooled as the tokens
@@ -59,6 +61,13 @@ class View:
         frame: for a video view, the index (in the sampled frames) of the first frame it covers (Qwen
             packs 2 frames into one temporal patch: frames ``frame`` and ``frame + 1``).
         time: for a video view, that frame's time in seconds from the start of the source video.
+        vision_origin: ``[k]`` for a view an in-vision pruner already cut inside the tower (``tokens``
+            is then ``[k, D]``, fewer than the ``N`` placeholders of ``seq_index``): the original token
+            each kept or merged token takes its position id from (the earliest patch it covers).
+        vision_members: ``[N]`` with ``vision_origin``: the token (of the ``k``) each original patch
+            ended in, ``-1`` if it was dropped (for pictures).
+        encoder_blocks: with ``vision_origin``, per tower block run, ``(tokens its attention saw,
+            tokens its MLP saw)`` (FLOPs accounting; ``encoder_seqs`` is then the uncut length).
     """
 
     sample: int
@@ -69,6 +78,8 @@ class View:
     vision_features: torch.Tensor | None = None
     vision_prefix_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None
+    vision_queries: torch.Tensor | None = None
+    vision_keys_full: torch.Tensor | None = None
     vision_received: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
@@ -81,6 +92,9 @@ class View:
     clip: int | None = None
     frame: int | None = None
     time: float | None = None
+    vision_origin: torch.Tensor | None = None
+    vision_members: torch.Tensor | None = None
+    encoder_blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -89,7 +103,11 @@ class SampleStats:
 
     ``tokens_per_layer[i]`` is the sequence length decoder layer ``i`` processed at prefill;
     ``visual_per_layer[i]`` the visual tokens among them; ``vision_seqs`` the lengths of the
-    vision-encoder sequences (one per image / tile / crop) that produced the visual tokens.
+    vision-encoder sequences (one per image / tile / crop) that produced the visual tokens;
+    ``vision_blocks`` (in-vision pruners), one entry per sequence, the ``(attention, MLP)`` tokens of
+    each tower block run (empty: every block of the tower saw the whole sequence);
+    ``visual_tokens_projected`` the tokens the projector ran on (fewer than ``visual_tokens_in`` when
+    an in-vision pruner cut inside the tower).
     """
 
     visual_tokens_in: int
@@ -101,6 +119,8 @@ class SampleStats:
     vision_patches: int
     vision_seqs: list[int] = field(default_factory=list)
     vision_windows: list[int] = field(default_factory=list)
+    vision_blocks: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    visual_tokens_projected: int | None = None
 
     @property
     def visual_tokens_avg(self) -> float:
@@ -405,8 +425,17 @@ class PrunableLVLM(ABC):
 
     @staticmethod
     def vision_needs(pruner: TokenPruner | None) -> PrunerNeeds:
-        """What the vision pass must compute for ``pruner`` (nothing unless it prunes before the LLM)."""
+        """What the vision pass must compute for ``pruner``: its needs if it prunes before the LLM, the
+        pruner itself if it cuts inside the tower, else nothing."""
+        if pruner is not None and pruner.stage is Stage.IN_VISION:
+            return PrunerNeeds(in_vision=pruner)
         return pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+
+    def in_vision_refusal(self) -> str | None:
+        """Why this family cannot run an in-vision pruner (one line), or ``None`` if it can (families
+        that run their tower through :mod:`tokenprune.adapters.vision_blocks` override it)."""
+        return (f"the {self.family} adapter cannot prune inside its vision tower; in-vision methods (tome, flowcut) "
+                "run on LLaVA-1.5-style models (CLIP, SigLIP or DINOv2 tower, one grid per image)")
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any], prompts: Sequence[str], needs: PrunerNeeds | None = None,
@@ -417,6 +446,8 @@ class PrunableLVLM(ABC):
             raise OptionError(f"got {len(images)} visuals and {len(prompts)} prompts; give one image, list of "
                               "images or video per prompt")
         needs = needs or PrunerNeeds()
+        if needs.in_vision is not None and (refusal := self.in_vision_refusal()) is not None:
+            raise OptionError(refusal)
         sync = self._synchronizer()
         t0 = time.perf_counter()
         device = self.device
@@ -490,7 +521,7 @@ class PrunableLVLM(ABC):
         batch, views = encoded.batch, encoded.views
         t1 = time.perf_counter()
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
-        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
+        llm_inputs, n_in, n_kept, patches, (seqs, windows, blocks, projected) = self._assemble(
             batch, views, pruner, "keep" if in_llm is not None else position_policy, ids, prompts)
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
                                      ignore_eos=ignore_eos, position_policy=position_policy)
@@ -509,7 +540,8 @@ class PrunableLVLM(ABC):
                 text_tokens=text_tokens[i],
                 tokens_per_layer=result.prefill_tokens[i].tolist(), visual_per_layer=result.visual_tokens[i].tolist(),
                 new_tokens=int(result.new_tokens[i]), vision_patches=patches[i], vision_seqs=seqs[i],
-                vision_windows=windows[i],
+                vision_windows=windows[i], vision_blocks=blocks[i] if any(blocks[i]) else [],
+                visual_tokens_projected=projected[i],
             )
             for i in range(len(prompts))
         ]
@@ -567,7 +599,7 @@ class PrunableLVLM(ABC):
 
         encoded = self.encode(u_images, u_prompts, self.vision_needs(pruner), chat_template=chat_template)
         in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
-        llm_inputs, n_in, n_kept, patches, (seqs, windows) = self._assemble(
+        llm_inputs, n_in, n_kept, patches, (seqs, windows, blocks, projected) = self._assemble(
             encoded.batch, encoded.views, pruner, "keep" if in_llm is not None else position_policy, u_ids, u_prompts)
         device = llm_inputs.embeds.device
         width = max(len(t) for t in token_ids)
@@ -585,7 +617,8 @@ class PrunableLVLM(ABC):
                 visual_tokens_in=n_in[r], visual_tokens_kept=min(n_kept[r], int(result.visual_tokens[r].min())),
                 text_tokens=text_tokens[r], tokens_per_layer=result.prefill_tokens[r].tolist(),
                 visual_per_layer=result.visual_tokens[r].tolist(), new_tokens=len(token_ids[i]),
-                vision_patches=patches[r], vision_seqs=seqs[r], vision_windows=windows[r]))
+                vision_patches=patches[r], vision_seqs=seqs[r], vision_windows=windows[r],
+                vision_blocks=blocks[r] if any(blocks[r]) else [], visual_tokens_projected=projected[r]))
         per_token = [result.logprobs[i, : len(t)].tolist() for i, t in enumerate(token_ids)]
         return LoglikelihoodOutput(logprobs=[float(sum(lp)) for lp in per_token],
                                    greedy=[bool(g) for g in result.greedy.all(1).tolist()],
@@ -602,16 +635,18 @@ class PrunableLVLM(ABC):
         if pre is not None and pre.needs.text:
             text = (*text_after_images(embeds, mask, views, input_ids), list(prompts) if prompts is not None else None)
         kept_views = (prune_views(views, pre, ids, self.project_features, text) if pre is not None
-                      else [(v.seq_index, v.tokens, v.seq_index, v.deepstack) for v in views])
+                      else [self._as_placed(v) for v in views])
 
         image_mask = torch.zeros_like(mask)
         keep = mask.clone()
-        n_in, n_kept, patches = [0] * b, [0] * b, [0] * b
+        n_in, n_kept, patches, projected = [0] * b, [0] * b, [0] * b, [0] * b
         seqs: list[list[int]] = [[] for _ in range(b)]
         windows: list[list[int]] = [[] for _ in range(b)]
+        blocks: list[list[tuple]] = [[] for _ in range(b)]
         for v in views:
             seqs[v.sample].extend(v.encoder_seqs)
             windows[v.sample].extend(v.encoder_windows)
+            blocks[v.sample].extend([v.encoder_blocks] * len(v.encoder_seqs))
         prunable = [v for v in views if v.prunable]
         if prunable:
             rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in prunable])
@@ -631,9 +666,10 @@ class PrunableLVLM(ABC):
             deepstack = self._place_deepstack(views, kept_views, embeds)
             for v, (s, *_) in zip(views, kept_views):
                 if v.prunable:
-                    n_in[v.sample] += v.tokens.shape[0]
+                    n_in[v.sample] += v.seq_index.shape[0]
                     n_kept[v.sample] += s.shape[0]
-                    patches[v.sample] += v.patches if v.patches is not None else v.tokens.shape[0] * v.patch_merge
+                    projected[v.sample] += v.tokens.shape[0]
+                    patches[v.sample] += v.patches if v.patches is not None else v.seq_index.shape[0] * v.patch_merge
         else:
             image_span, deepstack = torch.zeros_like(mask), None
         index = left_pack(keep)
@@ -649,8 +685,18 @@ class PrunableLVLM(ABC):
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
                       sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask,
                       deepstack=None if deepstack is None else gather_seq(deepstack, index, 2)),
-            n_in, n_kept, patches, (seqs, windows),
+            n_in, n_kept, patches, (seqs, windows, blocks, projected),
         )
+
+    @staticmethod
+    def _as_placed(v: View) -> tuple:
+        """A view's tokens as placed without a pre-LLM pruner: all of them, or, for a view an in-vision
+        pruner cut, its ``k`` tokens in the first ``k`` of its slots, in the order the tower left them,
+        each with the position of the patch it stands for (``vision_origin``)."""
+        if v.vision_origin is None:
+            return (v.seq_index, v.tokens, v.seq_index, v.deepstack)
+        k = v.tokens.shape[0]
+        return (v.seq_index[:k], v.tokens, v.seq_index[v.vision_origin], None)
 
     @staticmethod
     def _place_deepstack(views: list[View], kept_views: list[tuple], embeds: torch.Tensor) -> torch.Tensor | None:

@@ -80,6 +80,8 @@ class LlavaLVLM(PrunableLVLM):
             raise OptionError("LLaVA with several vision_feature_layers is not supported; use one layer")
         tower = self.model.model.vision_tower
         pixel_values = batch["pixel_values"].to(tower.dtype)
+        if needs.in_vision is not None:
+            return self._encode_in_vision(batch, pixel_values, needs.in_vision)
         with vision_recorder(tower, needs) as rec:
             out = tower(pixel_values, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[cfg.vision_feature_layer]  # [I, T, Dv]
@@ -91,6 +93,8 @@ class LlavaLVLM(PrunableLVLM):
             raise OptionError(f"LLaVA image features ({n} tokens) do not form a square grid")
         attn = rec.maps[0] if rec is not None else None
         keys = rec.keys[0].mean(1) if rec is not None and needs.vision_keys else None  # [I, T, d]
+        qk = (rec.queries[0][:, :, :prefix].transpose(1, 2).flatten(2), rec.keys[0].transpose(1, 2).flatten(2)) \
+            if rec is not None and needs.vision_qk else (None, None)  # heads concatenated: [I, prefix, H*d], [I, T, H*d]
         views = []
         spans = image_spans(batch["input_ids"], cfg.image_token_id, [n] * feats.shape[0])
         for i, (b, j, seq_index) in enumerate(spans):
@@ -99,7 +103,50 @@ class LlavaLVLM(PrunableLVLM):
                               vision_features=hidden[i, prefix:] if needs.vision_features else None,
                               vision_prefix_features=hidden[i, :prefix] if needs.vision_features else None,
                               vision_keys=None if keys is None else keys[i],
+                              vision_queries=None if qk[0] is None else qk[0][i],
+                              vision_keys_full=None if qk[1] is None else qk[1][i],
                               encoder_seqs=(hidden.shape[1],), image=j))
+        return views
+
+    def in_vision_refusal(self) -> str | None:
+        """``None``: LLaVA's CLIP / SigLIP / DINOv2 tower runs block by block (other towers: one line)."""
+        from .vision_blocks import tower_parts
+
+        try:
+            tower_parts(self.model.model.vision_tower)
+        except OptionError as exc:
+            return str(exc)
+        return None
+
+    def _encode_in_vision(self, batch, pixel_values: torch.Tensor, pruner) -> list[View]:
+        """One view per image with ``pruner`` cutting inside the tower: each view's ``tokens`` are the
+        ``k`` the tower let through, projected; the image keeps its ``N`` placeholders (``seq_index``),
+        of which the first ``k`` take the tokens. An ``adaptive`` pruner runs image by image."""
+        from .vision_blocks import run_tower
+
+        cfg = self.model.config
+        tower = self.model.model.vision_tower
+        prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        n_images = pixel_values.shape[0]
+        groups = [[i] for i in range(n_images)] if pruner.adaptive else [list(range(n_images))]
+        runs = {}
+        for members in groups:
+            run = run_tower(tower, pixel_values[members], pruner, cfg.vision_feature_layer, prefix)
+            if prefix == 0 and cfg.vision_feature_select_strategy != "full":
+                raise OptionError(f"unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+            feats = self.model.model.multi_modal_projector(run.features[:, prefix:])  # [I, k, D]
+            for j, i in enumerate(members):
+                runs[i] = (feats[j], run, j)
+        n = runs[0][1].members.shape[1]
+        side = math.isqrt(n)
+        if side * side != n:
+            raise OptionError(f"LLaVA image features ({n} tokens) do not form a square grid")
+        views = []
+        for i, (b, j, seq_index) in enumerate(image_spans(batch["input_ids"], cfg.image_token_id, [n] * n_images)):
+            tokens, run, row = runs[i]
+            views.append(View(sample=b, tokens=tokens, grid=(side, side), seq_index=seq_index, vision_prefix=prefix,
+                              encoder_seqs=(n + prefix,), image=j, patches=n, vision_origin=run.origin[row],
+                              vision_members=run.members[row], encoder_blocks=tuple(run.blocks)))
         return views
 
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:

@@ -48,6 +48,14 @@ class LlavaNextLVLM(LlavaLVLM):
     family = "llava_next"
     model_types = ("llava_next",)
 
+
+    def in_vision_refusal(self) -> str | None:
+        """One line: the crops are stitched and unpadded on the full patch grid after the tower, which a
+        cut inside the tower no longer has (FlowCut's official NeXT port runs a "flat" layout instead)."""
+        return (f"the {self.family} adapter cannot prune inside its vision tower: its crops are stitched and unpadded "
+                "on the full patch grid after the tower; in-vision methods (tome, flowcut) run on LLaVA-1.5-style "
+                "models (family llava)")
+
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
         """Per image, in the processor's order (samples in order, each sample's images in prompt order):
         the base view ``[s^2, D]`` (grid ``(s, s)``), the high-res view ``[h*w, D]`` (grid ``(h, w)``) and

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 # What pre-LLM pruning returns per view: (sequence positions the kept tokens take, the tokens [k, D],
 # the positions whose ids they take, their DeepStack features [levels, k, D] or None).
 Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-PER_VIEW_FIELDS = ("vision_attention", "vision_features", "vision_prefix_features", "vision_keys", "vision_received")
+PER_VIEW_FIELDS = ("vision_attention", "vision_features", "vision_prefix_features", "vision_keys", "vision_queries",
+                   "vision_keys_full", "vision_received")
 
 
 def text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list["View"], input_ids: torch.Tensor
