@@ -95,19 +95,21 @@ def _view_numbers(views: list["View"]) -> dict[int, int]:
     return out
 
 
-def _alike_groups(views: list["View"]) -> dict[tuple, list[int]]:
-    """Prunable views alike in every shape a pruner reads, grouped so each group is one pruner batch."""
+def _alike_groups(views: list["View"], alone: bool = False) -> dict[tuple, list[int]]:
+    """Prunable views alike in every shape a pruner reads, grouped so each group is one pruner batch;
+    ``alone``: every view a group of its own (an adaptive pruner's count differs per view, and one
+    Reduction holds one count)."""
     groups: dict[tuple, list[int]] = {}
     for i, v in enumerate(views):
         if v.prunable:
             shapes = tuple(None if getattr(v, f) is None else tuple(getattr(v, f).shape) for f in PER_VIEW_FIELDS)
-            groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, shapes), []).append(i)
+            groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, shapes, i if alone else None), []).append(i)
     return groups
 
 
 def _view_inputs(views: list["View"], members: list[int], key: tuple, ids: list[str], numbers: dict[int, int],
                  text: tuple | None) -> PruningInputs:
-    grid, merge, prefix, shapes = key
+    grid, merge, prefix, shapes, _ = key
     stacked = {f: torch.stack([getattr(views[i], f) for i in members]) for f, shape in zip(PER_VIEW_FIELDS, shapes)
                if shape is not None}
     return PruningInputs(tokens=torch.stack([views[i].tokens for i in members]), grid=grid,
@@ -167,7 +169,7 @@ def _prune_views(views: list["View"], pruner: TokenPruner, ids: list[str],
             return _rank_clips(views, pruner, ids, out, text)
         return _prune_clips(views, pruner, ids, out, text)
     numbers = _view_numbers(views)
-    for key, members in _alike_groups(views).items():
+    for key, members in _alike_groups(views, alone=pruner.adaptive).items():
         inputs = _view_inputs(views, members, key, ids, numbers, text)
         red = pruner(inputs)
         if red.feature_weights is not None:  # merged before the projector, then projected
