@@ -37,12 +37,14 @@ def cache_dir() -> Path:
 
 def build_processor(tokenizer):
     """LLaVA processor: DINOv2 preprocessing (224 px, ImageNet mean/std) + SmolLM2's tokenizer + <image>."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
+
+    from .image_processors import clip_image_processor
 
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.padding_side = "left"
-    image_processor = CLIPImageProcessor(
+    image_processor = clip_image_processor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3,
     )

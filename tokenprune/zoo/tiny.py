@@ -73,7 +73,9 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
     ``image_size // patch_size`` squared visual tokens per image (default 8x8 = 64); ``vision`` /
     ``text`` override config fields (see :func:`mid_llava` for a realistic size).
     """
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from .image_processors import clip_image_processor
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -88,7 +90,7 @@ def tiny_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, attn_im
         vision_feature_select_strategy="default", attn_implementation=attn_implementation,
     )
     model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessor(
+    image_processor = clip_image_processor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
