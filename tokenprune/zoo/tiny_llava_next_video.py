@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer, without_video
+from .tiny_parts import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer, without_video
 
 
 def tiny_llava_next_video(seed: int = 0, crop_size: int = 32, patch_size: int = 4, pool_mode: str = "average",

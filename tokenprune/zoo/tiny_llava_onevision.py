@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer, without_video
+from .tiny_parts import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer, without_video
 
 
 def tiny_llava_onevision(seed: int = 0, crop_size: int = 40, patch_size: int = 8, max_num_patches: int = 3,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import QWEN_TEMPLATE, _finish, _qwen_ids, _text_config, tiny_tokenizer, without_video
+from .tiny_parts import QWEN_TEMPLATE, _finish, _qwen_ids, _text_config, tiny_tokenizer, without_video
 
 PATCH = 16
 # Vision markers as special tokens, as in Qwen's tokenizers: they split from adjacent text (the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer
+from .tiny_parts import LLAVA_TEMPLATE, _finish, _text_config, tiny_tokenizer
 
 
 def tiny_timm_lvlm(seed: int = 0, image_size: int = 64, patch_size: int = 8, reg_tokens: int = 0):
