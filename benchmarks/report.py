@@ -1,5 +1,10 @@
 """Results files of a sweep, all recomputed from ``samples.jsonl``: ``summary.csv``, ``pareto.csv``,
-``pareto_<task>.png``, ``report.md``, and (if asked) a Weights & Biases run."""
+``pareto_<task>.png``, ``report.md``, and (if asked) a Weights & Biases run.
+
+A ratio-free method (``scissor``: its count chosen per sample, ``TokenPruner.uses_ratio`` false) is
+one run per task: one row with an empty ``ratio`` cell in the CSVs (pandas reads NaN), ``adaptive``
+in the tables, one marker labelled ``adaptive`` in the plots, at its measured TFLOPs and tokens kept.
+"""
 from __future__ import annotations
 
 import csv
@@ -13,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .results import ADAPTIVE, ratio_key, ratio_label
 from .stats import bootstrap_ci, paired_test, pareto_front
 
 SUMMARY_COLUMNS = [
@@ -36,12 +42,12 @@ def _aggregate(task, rows: list[dict]) -> dict[str, float]:
 
 
 def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> list[dict[str, Any]]:
-    """One summary row per (task, method, ratio), in sweep order."""
+    """One summary row per (task, method, ratio), in sweep order (ratio ``None``: a ratio-free method's one run)."""
     from .sweep import REFERENCE, method_runs
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["task"], r["method"], float(r["ratio"]))].append(r)
+        groups[(r["task"], r["method"], ratio_key(r["ratio"]))].append(r)
     out = []
     for task_name, task in tasks.items():
         ref_rows = {r["sample_id"]: r for r in groups.get((task_name, REFERENCE, 1.0), [])}
@@ -76,10 +82,18 @@ def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> li
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
+    return "" if v is None else str(v)
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """A table cell for people: a ratio-free run's ratio reads ``adaptive`` (in the CSVs: empty)."""
+    if column == "ratio" and "ratio" in row and row["ratio"] is None:
+        return ADAPTIVE
+    return _fmt(row.get(column, ""))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """``rows`` under ``columns``; ``None`` (a ratio-free run's ratio) is an empty cell."""
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
@@ -95,6 +109,7 @@ def pareto_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flags = pareto_front([(r["tflops"], r["score"]) for r in pts])
         out += [{"task": task, "method": r["method"], "ratio": r["ratio"], "tflops": r["tflops"], "score": r["score"],
                  "score_ci_low": r.get("score_ci_low", math.nan), "score_ci_high": r.get("score_ci_high", math.nan),
+                 "visual_tokens_kept": r.get("visual_tokens_kept", math.nan),
                  "on_front": flag} for r, flag in zip(pts, flags)]
     return out
 
@@ -107,8 +122,9 @@ def _ci_bars(pts: list[dict[str, Any]]) -> np.ndarray:
 
 
 def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any]]) -> None:
-    """Accuracy vs TFLOPs: one line per method over its ratios with 95% CI error bars, the reference
-    as a star, the front marked."""
+    """Accuracy vs TFLOPs: one line per method over its ratios with 95% CI error bars, a ratio-free
+    method (ratio ``None``) as one diamond labelled ``adaptive`` with its mean tokens kept, the
+    reference as a star, the front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +141,14 @@ def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any
             ax.errorbar(xs, ys, yerr=_ci_bars(pts), fmt="none", ecolor="black", capsize=3, zorder=3)
             ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=4, label="none (unpruned)")
             continue
+        if all(p["ratio"] is None for p in pts):  # one run, its count chosen per sample: a point, not a curve
+            ax.errorbar(xs, ys, yerr=_ci_bars(pts), marker="D", markersize=7, linestyle="none", capsize=3,
+                        label=f"{method} ({ADAPTIVE})")
+            for p in pts:
+                kept = p.get("visual_tokens_kept", math.nan)
+                note = ADAPTIVE if kept is None or math.isnan(kept) else f"{ADAPTIVE}, {kept:.3g} tok"
+                ax.annotate(note, (p["tflops"], p["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            continue
         ax.errorbar(xs, ys, yerr=_ci_bars(pts), marker="o", capsize=3, label=method)
         for p in pts:
             ax.annotate(f"{p['ratio']:g}", (p["tflops"], p["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -135,7 +159,8 @@ def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any
                zorder=5)
     ax.set_xlabel("TFLOPs per sample (vision + prefill + decode; 1 multiply-add = 2 FLOPs)")
     ax.set_ylabel(headline)
-    ax.set_title(f"{task}: {headline} vs compute (labels: retention ratio; bars: 95% CI)")
+    either = f" or {ADAPTIVE}" if any(p["ratio"] is None for p in points) else ""  # adaptive: count chosen per sample
+    ax.set_title(f"{task}: {headline} vs compute (labels: retention ratio{either}; bars: 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -145,28 +170,31 @@ def plot_pareto(path: Path, task: str, headline: str, points: list[dict[str, Any
 
 def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def _pinned_note(cfg) -> str:
-    """`` (fopru_rank:ratio=0.3 only at 0.3)``: the methods whose spec pins their ratio."""
-    from .sweep import pinned_ratio
+    """`` (fopru_rank:ratio=0.3 only at 0.3; scissor once, ...)``: the methods whose spec pins their
+    ratio, and the ratio-free ones."""
+    from .sweep import pinned_ratio, ratio_free
 
-    pinned = [f"{m} only at {pinned_ratio(m):g}" for m in cfg.methods if pinned_ratio(m) is not None]
+    pinned = [f"{m} run once, its count chosen per sample: ratio {ADAPTIVE}" if ratio_free(m) else f"{m} only at {pinned_ratio(m):g}"
+              for m in cfg.methods if ratio_free(m) or pinned_ratio(m) is not None]
     return f" ({'; '.join(pinned)})" if pinned else ""
 
 
 def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
-    """Markdown: paired tests between every two methods at the same ratio, per task."""
+    """Markdown: paired tests between every two methods at the same ratio, per task (ratio-free
+    methods among themselves, under ``adaptive``)."""
     from .sweep import run_ratios
 
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        groups[(r["task"], r["method"], float(r["ratio"]))][r["sample_id"]] = r
+        groups[(r["task"], r["method"], ratio_key(r["ratio"]))][r["sample_id"]] = r
     lines = []
     for task_name, task in tasks.items():
-        for ratio in run_ratios(cfg):  # pinned ratios (fopru_rank:ratio=0.3) too
+        for ratio in [*run_ratios(cfg), None]:  # pinned ratios (fopru_rank:ratio=0.3) too, then the ratio-free runs
             methods = [m for m in cfg.methods if (task_name, m, ratio) in groups]
             pairs = []
             for i, a in enumerate(methods):
@@ -179,7 +207,8 @@ def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
                     test, p = paired_test([ga[i]["scores"][metric] for i in ids], [gb[i]["scores"][metric] for i in ids])
                     pairs.append(f"| {a} | {b} | {test} | {p:.4g} |")
             if pairs:
-                lines += [f"\n**{task_name}, ratio {ratio:g}** (per-sample `{_sample_metric(task, rows)}`)\n",
+                where = f"ratio {ratio:g}" if ratio is not None else f"{ADAPTIVE} (count chosen per sample)"
+                lines += [f"\n**{task_name}, {where}** (per-sample `{_sample_metric(task, rows)}`)\n",
                           "| method A | method B | test | p |", "|---|---|---|---|", *pairs]
     return lines
 
@@ -192,8 +221,9 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
     ``gallery/`` and the report; ``lvlm`` (the sweep's model, if loaded) gives the token geometry.
     """
     from .results import SKIPPED, read_all
+    from .sweep import ratio_free_methods
 
-    rows = [r for r in read_all(out) if r["task"] in tasks]
+    rows = [r for r in read_all(out, ratio_free=ratio_free_methods(cfg)) if r["task"] in tasks]
     skipped_path = out / SKIPPED
     skipped_ids: dict[str, list] = json.loads(skipped_path.read_text()) if skipped_path.exists() else {}
     skipped = {k: len(v) for k, v in skipped_ids.items()}
@@ -230,7 +260,7 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
                           "scores are over the samples evaluated.\n")
         on_front = [p for p in front if p["task"] == task_name and p["on_front"]]
         report.append("Pareto front (TFLOPs down, score up): " +
-                      ", ".join(f"{p['method']}@{p['ratio']:g} ({p['tflops']:.4g} TFLOPs, {p['score']:.4g})"
+                      ", ".join(f"{p['method']}@{ratio_label(p['ratio'])} ({p['tflops']:.4g} TFLOPs, {p['score']:.4g})"
                                 for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
         report.append(f"![{task_name}](pareto_{task_name}.png)\n")
     report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
@@ -242,8 +272,13 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
         report.append("## Flipped samples\n\nPer task and ratio, up to three samples the unpruned model answers "
                       "right and a method wrong, each drawn with what every method kept (bright: kept, dim: "
                       "dropped, half: merged).\n")
+        # the gallery is laid out by ratio: a ratio-free run (no ratio) is not drawn in it
+        by_ratio = [r for r in rows if r["ratio"] is not None]
+        if len(by_ratio) < len(rows):
+            report.append(f"Ratio-free runs ({', '.join(ratio_free_methods(cfg))}) are not drawn here; "
+                          "`tokenprune show --run DIR --sample ID` redraws any sample with what they kept.\n")
         try:
-            lines, pngs = write_galleries(cfg, out, tasks, rows, _sample_metric, lvlm=lvlm)
+            lines, pngs = write_galleries(cfg, out, tasks, by_ratio, _sample_metric, lvlm=lvlm)
             report += lines or ["No sample was flipped."]
         except TokenpruneError as exc:  # the tables above stand; say why the pictures are missing
             report.append(f"(no gallery: {exc})")
@@ -256,7 +291,7 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
 
 
 def _text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]

@@ -8,6 +8,8 @@ naming (``skipped.json``, ``skipped.rank<R>.json``, ...).
 
 Reading takes the union of every file, one row per (task, method, ratio, sample) (the first seen
 wins), so a sweep resumes from whatever is on disk, whatever world size or shards wrote it. A
+ratio-free method (``TokenPruner.uses_ratio`` false: its count is chosen per sample) runs once, and
+its rows carry ``ratio`` ``null`` (an empty cell in the CSV files); :func:`ratio_key` reads both. A
 merge writes that union to ``samples.jsonl`` (atomically, in a canonical order) and may remove the
 per-rank files, whose writers are known to be done; shard files are never removed automatically
 (another machine may still be writing one).
@@ -69,19 +71,41 @@ def read_rows(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
+ADAPTIVE = "adaptive"  # how a ratio-free run's ratio reads in the tables (its rows: null / an empty cell)
+
+
+def ratio_key(value: Any) -> float | None:
+    """A row's ``ratio`` as a key: a float, or ``None`` for a ratio-free run (``null`` in
+    ``samples.jsonl``, an empty cell in ``summary.csv`` / ``pareto.csv``, ``adaptive`` in the tables)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", ADAPTIVE)):
+        return None
+    return float(value)
+
+
+def ratio_label(value: Any) -> str:
+    """``0.25`` -> ``"0.25"``; a ratio-free run's ``None`` -> ``"adaptive"``."""
+    ratio = ratio_key(value)
+    return ADAPTIVE if ratio is None else f"{ratio:g}"
+
+
 def row_key(row: dict[str, Any]) -> tuple:
-    """What a row is a result of: ``(task, method, ratio, sample id)``."""
-    return row["task"], row["method"], float(row["ratio"]), str(row["sample_id"])
+    """What a row is a result of: ``(task, method, ratio, sample id)`` (ratio ``None``: a ratio-free run)."""
+    return row["task"], row["method"], ratio_key(row["ratio"]), str(row["sample_id"])
 
 
-def read_all(out: Path, own: Path | None = None) -> list[dict[str, Any]]:
+def read_all(out: Path, own: Path | None = None, ratio_free: Iterable[str] = ()) -> list[dict[str, Any]]:
     """The union of every results file in ``out``, one row per key (the first seen wins).
 
     ``own``: this process's file, repaired if a crash cut its last line; the others are only read.
+    ``ratio_free``: method specs that run once, without a ratio; their rows written with a ratio
+    (by a tokenprune that ran them once per ratio, every time alike) are read as that one run's.
     """
+    ratio_free = set(ratio_free)
     rows, seen = [], set()
     for path in [out / SAMPLES, *part_files(out)]:
         for row in read_rows(path, repair=path == own):
+            if row.get("method") in ratio_free and row.get("ratio") is not None:
+                row = {**row, "ratio": None}
             key = row_key(row)
             if key not in seen:
                 seen.add(key)
@@ -93,12 +117,12 @@ def _natural(sample_id: str) -> tuple:
     return (0, int(sample_id), "") if sample_id.isdigit() else (1, 0, sample_id)
 
 
-def canonical_order(rows: list[dict[str, Any]], tasks: list[str], runs: list[tuple[str, float]]) -> list[dict[str, Any]]:
+def canonical_order(rows: list[dict[str, Any]], tasks: list[str], runs: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
     """Rows sorted by task (sweep order), run (sweep order), then sample id (numbers numerically)."""
     t_index = {t: i for i, t in enumerate(tasks)}
-    r_index = {(m, float(r)): i for i, (m, r) in enumerate(runs)}
+    r_index = {(m, ratio_key(r)): i for i, (m, r) in enumerate(runs)}
     return sorted(rows, key=lambda r: (t_index.get(r["task"], len(t_index)),
-                                       r_index.get((r["method"], float(r["ratio"])), len(r_index)),
+                                       r_index.get((r["method"], ratio_key(r["ratio"])), len(r_index)),
                                        _natural(str(r["sample_id"]))))
 
 
@@ -135,14 +159,15 @@ def write_skipped(path: Path, skipped: dict[str, Iterable]) -> None:
     write_atomic(path, json.dumps(old, indent=1))
 
 
-def merge(out: Path, tasks: list[str], runs: list[tuple[str, float]], remove_ranks: bool) -> tuple[list[dict], list[Path]]:
+def merge(out: Path, tasks: list[str], runs: list[tuple[str, float | None]], remove_ranks: bool) -> tuple[list[dict], list[Path]]:
     """Fold every results file into ``samples.jsonl`` and ``skipped.json``; returns (rows, files read).
 
+    ``runs``: the sweep's ``(method, ratio)`` runs (ratio ``None``: a ratio-free method, run once).
     ``remove_ranks``: delete the per-rank files afterwards (their writers have finished). Shard
     files stay: another machine may still append to one; rows already merged are read once.
     """
     parts = part_files(out)
-    rows = canonical_order(read_all(out), tasks, runs)
+    rows = canonical_order(read_all(out, ratio_free={m for m, r in runs if r is None}), tasks, runs)
     if parts:  # a lone samples.jsonl is already everything: leave it as written
         write_atomic(out / SAMPLES, "".join(json.dumps(r) + "\n" for r in rows))
     done = {(r["task"], str(r["sample_id"])) for r in rows}

@@ -9,6 +9,7 @@ plots and report are recomputed from ``samples.jsonl`` at the end of every run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import itertools
@@ -28,7 +29,7 @@ from PIL import Image
 from ..errors import OptionError, TokenpruneError, UnknownNameError
 from ..pruner import PRUNERS, TokenPruner, parse_pruner_spec, pruner_from_spec, validate_ratio
 from .distributed import Shard, Workers
-from .results import read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
+from .results import ADAPTIVE, ratio_key, read_rows, row_key  # noqa: F401 -- re-exported: the results-file API users know
 from ..visualize.record import record_kept, view_sizes
 from . import results
 
@@ -48,7 +49,8 @@ class SweepConfig:
         model: ``tokenprune.load`` id or path, or a zoo name (``tiny-llava``, ...).
         tasks / methods / ratios: the grid; methods are pruner specs (``fastv:k=3``). A spec with a
             ``ratio`` (``fopru_rank:ratio=0.3``) is run once, at that ratio, instead of at every one of
-            ``ratios``; the others run at each of ``ratios``.
+            ``ratios``; a ratio-free method (``TokenPruner.uses_ratio`` false: ``scissor``, its count
+            chosen per sample) is run once, without a ratio; the others run at each of ``ratios``.
         limit: samples per task, a seeded subset (default 150; ``"all"`` / ``None``: whole splits);
             ``seed`` picks them and seeds the pruners with a ``seed`` option (``random``, ``scissor``)
             whose spec sets none.
@@ -161,6 +163,10 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         pinned = pinned_ratio(spec)
         # validates name and options now (a pinned ratio too), before any model loads
         pruner_from_spec(split_policy(spec)[0], ratio=1.0 if pinned is None else pinned)
+        if pinned is not None and ratio_free(spec):
+            raise OptionError(f"method {spec!r}: {parse_pruner_spec(split_policy(spec)[0])[0]} chooses its count per "
+                              "sample and ratio has no meaning for it (a sweep runs it once, without a ratio); "
+                              "drop the ratio option")
         methods.append(spec)
     if not named:
         raise OptionError("no methods given; e.g. --methods fopru_rank,fastv (see `tokenprune list pruners`)")
@@ -312,21 +318,47 @@ def check_output_dir(cfg: SweepConfig, out: Path, write: bool = True) -> None:
 
 
 # -- the sweep -------------------------------------------------------------------------------------
-def method_runs(cfg: SweepConfig) -> list[tuple[str, float]]:
+def method_runs(cfg: SweepConfig) -> list[tuple[str, float | None]]:
     """``(method spec, ratio)`` pairs, the unpruned reference first; a spec with a ``ratio`` option
-    runs once, at it (``fopru_rank:ratio=0.3``), every other spec at each of ``cfg.ratios``."""
+    runs once, at it (``fopru_rank:ratio=0.3``), a ratio-free method once with ratio ``None``
+    (:func:`ratio_free`: ``scissor``), every other spec at each of ``cfg.ratios``."""
     return [(REFERENCE, 1.0)] + [(m, r) for m in cfg.methods for r in method_ratios(cfg, m)]
 
 
-def method_ratios(cfg: SweepConfig, spec: str) -> list[float]:
-    """The ratios ``spec`` runs at: its pinned ``ratio``, else the sweep's."""
+def method_ratios(cfg: SweepConfig, spec: str) -> list[float | None]:
+    """The ratios ``spec`` runs at: ``[None]`` if it is ratio-free, else its pinned ``ratio``, else the sweep's."""
+    if ratio_free(spec):
+        return [None]
     pinned = pinned_ratio(spec)
     return list(cfg.ratios) if pinned is None else [pinned]
 
 
 def run_ratios(cfg: SweepConfig) -> list[float]:
-    """Every ratio some method runs at: the sweep's, then the pinned ones not among them."""
-    return list(dict.fromkeys([*cfg.ratios, *(r for m, r in method_runs(cfg)[1:])]))
+    """Every ratio some method runs at: the sweep's, then the pinned ones not among them (ratio-free runs have none)."""
+    return list(dict.fromkeys([*cfg.ratios, *(r for m, r in method_runs(cfg)[1:] if r is not None)]))
+
+
+def ratio_free_methods(cfg: SweepConfig) -> list[str]:
+    """The sweep's methods that run once, without a ratio (their count is chosen per sample)."""
+    return [m for m in cfg.methods if ratio_free(m)]
+
+
+def ratio_free(spec: str) -> bool:
+    """Whether the pruner of ``spec`` ignores ``ratio`` (``TokenPruner.uses_ratio`` false: ``scissor``,
+    whose count is chosen per sample): a sweep runs it once per task, not once per ratio, and its
+    rows carry no ratio (``null`` in ``samples.jsonl``, an empty cell in the CSVs, ``adaptive`` in
+    the tables). Methods with an adaptive count that a ratio still steers (``fastvid``) are not."""
+    if spec == REFERENCE:
+        return False
+    base = split_policy(spec)[0]
+    return _ratio_free(base, PRUNERS.get(parse_pruner_spec(base)[0]))
+
+
+@functools.lru_cache(maxsize=256)
+def _ratio_free(base: str, cls: type) -> bool:  # keyed by the class too: a name registered anew is asked anew
+    pinned = pinned_ratio(base)
+    pruner = pruner_from_spec(base, ratio=1.0 if pinned is None else pinned)
+    return not getattr(pruner, "uses_ratio", True)
 
 
 def pinned_ratio(spec: str) -> float | None:
@@ -358,8 +390,9 @@ def split_policy(spec: str) -> tuple[str, str | None]:
     return base, policy
 
 
-def make_pruner(spec: str, ratio: float, seed: int | None = None) -> TokenPruner | None:
-    """The pruner of one run; ``seed`` (the sweep's) reaches a pruner with a ``seed`` option unless the spec sets it."""
+def make_pruner(spec: str, ratio: float | None, seed: int | None = None) -> TokenPruner | None:
+    """The pruner of one run; ``seed`` (the sweep's) reaches a pruner with a ``seed`` option unless the spec sets it.
+    ``ratio`` ``None``: a ratio-free method's one run (built with ratio 1.0, which it ignores)."""
     if spec == REFERENCE:
         return None
     base = split_policy(spec)[0]
@@ -367,7 +400,7 @@ def make_pruner(spec: str, ratio: float, seed: int | None = None) -> TokenPruner
     extra: dict[str, Any] = {}
     if seed is not None and "seed" not in options and "seed" in inspect.signature(PRUNERS.get(name)).parameters:
         extra["seed"] = seed
-    return pruner_from_spec(base, ratio=ratio, **extra)
+    return pruner_from_spec(base, ratio=1.0 if ratio is None else ratio, **extra)
 
 
 def run_policy(cfg: SweepConfig, spec: str) -> str | None:
@@ -445,7 +478,7 @@ def plan_work(cfg: SweepConfig, ids: dict[str, list[str]], done: set[tuple], wor
             position += 1
             if workers.shard is not None and not workers.shard.owns(position - 1):
                 continue
-            missing = sum((task, m, float(r), sid) not in done for m, r in runs)
+            missing = sum((task, m, ratio_key(r), sid) not in done for m, r in runs)
             total += len(runs)
             done_in_scope += len(runs) - missing
             if missing:
@@ -485,10 +518,11 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
     check_output_dir(cfg, out, write=False)
     suffix = results.part_suffix(workers.rank, workers.world, (workers.shard.index, workers.shard.count) if workers.shard else None)
     own = results.samples_path(out, suffix)
-    previous = results.read_all(out, own=own)
+    adaptive = ratio_free_methods(cfg)
+    previous = results.read_all(out, own=own, ratio_free=adaptive)
     by_run: dict[tuple, list[dict]] = defaultdict(list)  # rows per (task, method, ratio), for the one-liners
     for r in previous:
-        by_run[(r["task"], r["method"], float(r["ratio"]))].append(r)
+        by_run[(r["task"], r["method"], ratio_key(r["ratio"]))].append(r)
 
     tasks = {name: get_task(name, **cfg.task_options.get(name, {})) for name in cfg.tasks}
     data = {name: task.load(data_dir=_data_dir(cfg, name), limit=cfg.limit, seed=cfg.seed if cfg.limit else None)
@@ -504,6 +538,8 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
         + (f" | {workers.world} ranks" if workers.distributed else ""))
     if cfg.limit is not None:
         log(f"  a seeded subset of {cfg.limit} samples per task (seed {cfg.seed}); --limit all for whole splits")
+    for spec in adaptive:
+        log(f"  {spec}: count chosen per sample, ratio has no meaning; run once")
 
     done = work.done
     skipped: dict[str, list] = {}
@@ -624,14 +660,14 @@ def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> 
     }
 
 
-def _one_line(task, task_name: str, method: str, ratio: float, rows: list[dict]) -> str:
+def _one_line(task, task_name: str, method: str, ratio: float | None, rows: list[dict]) -> str:
     from .tasks import Sample
 
     samples = [Sample(r["sample_id"], None, "", r["answers"], r["category"], r["extra"]) for r in rows]
     value = task.aggregate([r["scores"] for r in rows], samples).get(task.headline, math.nan) if rows else math.nan
     tflops = sum(r["tflops"] for r in rows) / max(len(rows), 1)
     kept = sum(r["visual_tokens_kept"] for r in rows) / max(len(rows), 1)
-    return (f"  {task_name:<14} {method:<20} r={ratio:<5} {task.headline}={value:.4f}  "
+    return (f"  {task_name:<14} {method:<20} r={(ADAPTIVE if ratio is None else ratio):<5} {task.headline}={value:.4f}  "
             f"TFLOPs={tflops:.4g}  visual tokens kept={kept:.1f}  n={len(rows)}")
 
 
@@ -688,7 +724,7 @@ def rebuild_reports(run_dir: str | Path, log=lambda *_: None) -> str:
     rows, parts = results.merge(out, cfg.tasks, method_runs(cfg), remove_ranks=False)
     counts = defaultdict(int)
     for r in rows:
-        counts[(r["task"], r["method"], float(r["ratio"]))] += 1
+        counts[(r["task"], r["method"], ratio_key(r["ratio"]))] += 1
     merged = ", ".join(p.name for p in parts) or "samples.jsonl only"
     head = [f"tokenprune report: {len(rows)} sample-runs from {merged}"]
     for task in cfg.tasks:

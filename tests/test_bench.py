@@ -355,3 +355,118 @@ def test_pinned_ratio_end_to_end(pope_dir, tmp_path):
     before = (out / "samples.jsonl").read_text()
     run_sweep(load_config(None, args), log=lambda *_: None)  # resumed: nothing left to compute
     assert (out / "samples.jsonl").read_text() == before
+
+
+# -- ratio-free (adaptive) methods: run once per task, not once per ratio ------------------------------
+RATIO_FREE = "test_ratio_free"
+
+
+@pytest.fixture
+def ratio_free_pruner():
+    """A pruner whose count is chosen per sample (tokens at or above their mean norm) and which ignores
+    ``ratio`` (``uses_ratio`` false), registered for the test; ``calls`` lists the sample ids it pruned."""
+    import torch
+
+    from tokenprune.pruner import PRUNERS, Reduction, TokenPruner, register_pruner, topk_indices, validate_ratio
+
+    class RatioFree(TokenPruner):
+        views, scopes, quantised, adaptive = "global", ("clip",), True, True
+        calls: list = []
+
+        @property
+        def uses_ratio(self) -> bool:
+            return False
+
+        def __init__(self, ratio: float = 0.5):
+            self.ratio = validate_ratio(ratio)
+
+        def num_kept(self, n_tokens, grid):
+            return n_tokens
+
+        def select(self, inputs):
+            RatioFree.calls.extend(inputs.sample_ids)
+            norms = inputs.tokens.float().norm(dim=-1)
+            k = int((norms[0] >= norms[0].mean()).sum().clamp(min=1))  # adaptive: one clip per call
+            return Reduction(indices=topk_indices(norms, k).to(torch.long))
+
+    register_pruner(RATIO_FREE)(RatioFree)
+    yield RatioFree
+    PRUNERS._entries.pop(RATIO_FREE, None)
+
+
+def test_ratio_free_methods_run_once_ratio_steered_per_ratio(ratio_free_pruner):
+    """``uses_ratio`` false (scissor): one run, ratio ``None``; fastvid (adaptive, ratio steers it): per ratio."""
+    from tokenprune.benchmarks.sweep import method_runs, run_ratios
+
+    cfg = load_config(None, {"methods": f"scissor,fastvid,{RATIO_FREE}@keep,fastv", "ratios": "0.5,0.25,0.1"})
+    assert method_runs(cfg) == [("none", 1.0), ("scissor", None), ("fastvid", 0.5), ("fastvid", 0.25), ("fastvid", 0.1),
+                                (f"{RATIO_FREE}@keep", None), ("fastv", 0.5), ("fastv", 0.25), ("fastv", 0.1)]
+    assert run_ratios(cfg) == [0.5, 0.25, 0.1]
+    for spec in ("scissor:ratio=0.3", f"{RATIO_FREE}:ratio=0.3@keep"):  # a pinned ratio would mean nothing: refused
+        with pytest.raises(tp.OptionError, match="chooses its count per sample and ratio has no meaning") as err:
+            load_config(None, {"methods": spec})
+        assert "\n" not in str(err.value)
+
+
+def test_ratio_free_method_end_to_end(pope_dir, tmp_path, ratio_free_pruner, monkeypatch):
+    """Over 3 ratios the ratio-free method runs once per sample, has one row per sample (ratio null, an empty
+    cell in the CSVs, ``adaptive`` in the tables), one marker in the plot; a resume reruns none of it."""
+    import matplotlib.figure
+
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or savefig(fig, *a, **k))
+    calls, logged = ratio_free_pruner.calls, []
+    args = bench_args(pope_dir, tmp_path / "run", methods=f"{RATIO_FREE},random", ratios="0.5,0.25,0.1", limit=4)
+    out = run_sweep(load_config(None, args), log=logged.append)
+    ids = sorted({r["sample_id"] for r in read_rows(out / "samples.jsonl")})
+    assert sorted(calls) == ids  # once per sample, not once per ratio
+    note = f"{RATIO_FREE}: count chosen per sample, ratio has no meaning; run once"
+    assert sum(note in line for line in logged) == 1
+
+    rows = read_rows(out / "samples.jsonl")
+    assert len(rows) == 4 * (1 + 1 + 3)
+    mine = [r for r in rows if r["method"] == RATIO_FREE]
+    assert len(mine) == 4 and all(r["ratio"] is None for r in mine)
+    summary = read_summary(out / "summary.csv")
+    assert list(summary[0]) == SUMMARY_COLUMNS
+    assert [(r["method"], r["ratio"]) for r in summary] == [
+        ("none", "1"), (RATIO_FREE, ""), ("random", "0.5"), ("random", "0.25"), ("random", "0.1")]
+    adaptive = summary[1]  # measured, as for any run: tokens kept (chosen per sample) and FLOPs
+    assert float(adaptive["visual_tokens_kept"]) == pytest.approx(np.mean([r["visual_tokens_kept"] for r in mine]), rel=1e-5)
+    assert 0 < float(adaptive["visual_tokens_kept"]) < 64 and 0 < float(adaptive["flops_ratio"]) < 1
+    pareto = [r for r in csv.DictReader((out / "pareto.csv").open()) if r["method"] == RATIO_FREE]
+    assert len(pareto) == 1 and pareto[0]["ratio"] == ""
+    report = (out / "report.md").read_text()
+    assert report.count(f"| pope | {RATIO_FREE} | adaptive |") == 1
+    assert f"{RATIO_FREE} run once, its count chosen per sample: ratio adaptive" in report
+
+    (fig,) = figures  # the Pareto plot: the method as one labelled marker, not a curve over ratios
+    ax = fig.axes[0]
+    assert f"{RATIO_FREE} (adaptive)" in ax.get_legend_handles_labels()[1]
+    assert sum(t.get_text().startswith("adaptive") for t in ax.texts) == 1
+    assert sorted(t.get_text() for t in ax.texts if not t.get_text().startswith("adaptive")) == ["0.1", "0.25", "0.5"]
+
+    calls.clear()  # resume: nothing to compute
+    before = (out / "samples.jsonl").read_text()
+    run_sweep(load_config(None, args), log=lambda *_: None)
+    assert calls == [] and (out / "samples.jsonl").read_text() == before
+
+    # interrupted: two of its samples missing -> only those rerun, once each (+ at most the untimed warm-up)
+    lost = set(ids[:2])
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                               if not (r["method"] == RATIO_FREE and r["sample_id"] in lost)))
+    run_sweep(load_config(None, args), log=lambda *_: None)
+    assert set(calls) == lost and len(calls) <= len(lost) + 1
+    timing = {"prefill_ms", "latency_ms"}  # wall clock differs between runs; everything else must match
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_summary(out / "summary.csv")] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in summary]
+
+    # rows an older tokenprune wrote once per ratio (all alike) are read as the one run: nothing reruns
+    calls.clear()
+    legacy = [{**r, "ratio": ratio} for r in read_rows(out / "samples.jsonl") for ratio in
+              ([0.5, 0.25, 0.1] if r["method"] == RATIO_FREE else [r["ratio"]])]
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    run_sweep(load_config(None, args), log=lambda *_: None)
+    assert calls == []
+    assert [(r["method"], r["ratio"]) for r in read_summary(out / "summary.csv")][1] == (RATIO_FREE, "")

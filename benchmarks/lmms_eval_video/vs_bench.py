@@ -230,7 +230,8 @@ def run_bench(folder: Path, env: dict, args) -> tuple[dict[tuple[str, str], dict
             r = json.loads(line)
             rows[(r["method"], r["sample_id"])] = r
     with (out / "summary.csv").open() as f:  # bench's own headline per (method, ratio): its `score` column
-        summary = {(r["method"], float(r["ratio"])): r for r in csv.DictReader(f)}
+        # a ratio-free method (scissor) is one run with an empty ratio cell: the same row at any ratio
+        summary = {(r["method"], float(r["ratio"]) if r["ratio"] else None): r for r in csv.DictReader(f)}
     return rows, summary, seconds
 
 
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, ratio in (("none", 1.0), (args.method, args.ratio)):
         results, samples, _ = lmms[None if method == "none" else method]
         mine = {qid: r for (m, qid), r in bench.items() if m == method}
-        ok &= compare(f"{method} r={ratio:g}", results, samples, mine, summary[(method, float(ratio))], inputs, args.show)
+        ok &= compare(f"{method} r={ratio:g}", results, samples, mine, summary.get((method, float(ratio))) or summary[(method, None)], inputs, args.show)
     print("X =: questions where lmms-eval and bench agree on X. prompt: doc_to_text vs task.prompt; text tok: the\n"
           "templated prompt's tokens; prefill: tokens summed over the LLM's layers; letter: the option parsed from the\n"
           "answer; distinct: different bench answers; lmms / bench: headline videomme_perception_score")

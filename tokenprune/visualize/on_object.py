@@ -70,7 +70,7 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
     sweep's first of them): on-object share of the kept tokens with a 95% bootstrap CI over images,
     the objects' area share on the same images, tokens kept."""
     from ..adapters import load
-    from ..benchmarks.results import read_all
+    from ..benchmarks.results import ratio_key, read_all
     from ..benchmarks.stats import bootstrap_ci
     from ..benchmarks.sweep import load_sweep_config
     from .show import sample_image
@@ -98,10 +98,10 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
         by_image[sid] = image_id
         coverage[sid] = token_coverage(token_regions(lvlm, sample.image, task_obj.prompt(sample)),
                                        object_mask(task, sample))
-    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, float | None], list[dict]] = defaultdict(list)  # ratio None: a ratio-free run
     for r in rows:
         if r["sample_id"] in coverage:
-            groups[(r["method"], float(r["ratio"]))].append(r)
+            groups[(r["method"], ratio_key(r["ratio"]))].append(r)
     table = []
     for (method, ratio), g in groups.items():
         shares, areas, kept_n = [], [], []
@@ -120,7 +120,7 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
                       "ci_low": low, "ci_high": high, "area_share": float(np.mean(areas)),
                       "tokens_kept": float(np.mean(kept_n))})
     order = {m: i for i, m in enumerate(cfg.methods)}
-    table.sort(key=lambda t: (order.get(t["method"], len(order)), -t["ratio"]))
+    table.sort(key=lambda t: (order.get(t["method"], len(order)), -(t["ratio"] or 0.0)))
     with (run_dir / "on_object.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -130,10 +130,12 @@ def on_object_table(run_dir: str | Path, lvlm: Any = None, bootstrap: int = 1000
 
 def format_table(table: list[dict]) -> str:
     """The table as aligned text, the area share once as the reference line."""
+    from ..benchmarks.results import ratio_label
+
     width = max([14] + [len(t["method"]) + 2 for t in table])
-    lines = [f"{'method':<{width}}{'ratio':>6}{'images':>8}{'on object [95% CI]':>28}{'area share':>12}{'kept':>7}"]
+    lines = [f"{'method':<{width}}{'ratio':>9}{'images':>8}{'on object [95% CI]':>28}{'area share':>12}{'kept':>7}"]
     for t in table:
-        lines.append(f"{t['method']:<{width}}{t['ratio']:>6g}{t['n_images']:>8}"
+        lines.append(f"{t['method']:<{width}}{ratio_label(t['ratio']):>9}{t['n_images']:>8}"
                      f"{t['on_object']:>11.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]{t['area_share']:>12.3f}"
                      f"{t['tokens_kept']:>7.1f}")
     lines.append("area share: the shape's share of all tokens on the same images, what an image-blind selection "

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ..benchmarks.results import ratio_key, ratio_label
 from ..errors import OptionError, TokenpruneError
 from ..pruner import pruner_from_spec, validate_ratio
 from .draw import compose, draw_tokens
@@ -48,11 +49,12 @@ def panel_for(image: Image.Image, regions: list[ViewRegions], kept: Kept | None,
     return draw_tokens(image, regions, kept.per_view(kept.value), heat, title=title, caption=caption)
 
 
-def _kept_title(spec: str, ratio: float, kept: Kept) -> str:
+def _kept_title(spec: str, ratio: float | None, kept: Kept) -> str:
+    """``ratio`` ``None``: a sweep's ratio-free run (its count chosen per sample), titled ``adaptive``."""
     n, k = sum(kept.views), int(kept.stages[-1].sum())
     stages = f" after {len(kept.stages)} stages" if len(kept.stages) > 1 else ""
     merged = f" (+{int(kept.merged.sum())} merged)" if kept.merged.any() else ""
-    return f"{spec} @ {ratio:g}: {k}/{n} kept{stages}{merged}"
+    return f"{spec} @ {ratio_label(ratio)}: {k}/{n} kept{stages}{merged}"
 
 
 def _is_video(obj: Any) -> bool:
@@ -182,7 +184,8 @@ def run_rows(run_dir: Path, sample_id: str, task: str | None = None) -> list[dic
 
 def show_run(run_dir: str | Path, sample_id: str, ratio: float | None = None, methods: Sequence[str] | None = None,
              task: str | None = None, lvlm: Any = None) -> Image.Image:
-    """Redraw sample ``sample_id`` of a finished sweep from the kept tokens it stored (no generation)."""
+    """Redraw sample ``sample_id`` of a finished sweep from the kept tokens it stored (no generation).
+    Ratio-free runs (``scissor``: ratio ``None``, the same at every ratio) are drawn beside any ``ratio``."""
     from ..adapters import load
     from ..benchmarks.sweep import load_sweep_config
 
@@ -191,10 +194,11 @@ def show_run(run_dir: str | Path, sample_id: str, ratio: float | None = None, me
     rows = run_rows(run_dir, sample_id, task)
     task_name = rows[0]["task"]
     ratio = float(ratio) if ratio is not None else cfg.ratios[0]
-    chosen = [r for r in rows if r["task"] == task_name and (r["method"] == "none" or float(r["ratio"]) == ratio)
+    chosen = [r for r in rows if r["task"] == task_name
+              and (r["method"] == "none" or ratio_key(r["ratio"]) in (ratio, None))
               and (methods is None or r["method"] in methods or r["method"] == "none")]
     if not any(r["method"] != "none" for r in chosen):
-        have = sorted({f"{r['method']}@{r['ratio']}" for r in rows})
+        have = sorted({f"{r['method']}@{ratio_label(r['ratio'])}" for r in rows})
         raise OptionError(f"no method rows at ratio {ratio:g} for sample {sample_id!r}; the sweep has: {', '.join(have)}")
     task_obj, sample = sample_image(cfg, task_name, sample_id)
     lvlm = lvlm or load(cfg.model)
@@ -241,7 +245,7 @@ def _row_panel(image, regions, row: dict, task) -> Image.Image:
         return panel_for(image, regions, None, f"none: all {sum(len(r.boxes) for r in regions)} tokens", caption)
     kept = Kept.from_json(row["kept"])
     _check_regions(regions, kept.views, row.get("model", "the model"))
-    return panel_for(image, regions, kept, _kept_title(row["method"], float(row["ratio"]), kept), caption)
+    return panel_for(image, regions, kept, _kept_title(row["method"], ratio_key(row["ratio"]), kept), caption)
 
 
 def _strip_row(regions, row: dict, task) -> StripRow:
@@ -251,7 +255,7 @@ def _strip_row(regions, row: dict, task) -> StripRow:
         return StripRow(f"none: all {sum(len(r) for r in regions)} tokens", [np.ones(len(r)) for r in regions], caption)
     kept = Kept.from_json(row["kept"])
     _check_regions(regions, kept.views, row.get("model", "the model"))
-    return StripRow(_kept_title(row["method"], float(row["ratio"]), kept), kept.per_view(kept.value), caption)
+    return StripRow(_kept_title(row["method"], ratio_key(row["ratio"]), kept), kept.per_view(kept.value), caption)
 
 
 def save(figure: Image.Image, path: str | Path) -> Path:
