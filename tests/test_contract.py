@@ -5,16 +5,31 @@ import pytest
 import torch
 
 from tokenprune import create_pruner, keep_count, list_pruners
-from tokenprune.testing import check_pruner_contract, synthetic_inputs
+from tokenprune.pruner import Stage
+from tokenprune.testing import check_in_vision_contract, check_pruner_contract, synthetic_inputs
 
 ALL_PRUNERS = list_pruners()
+# in-vision pruners see a VisionState inside the tower, not PruningInputs: their contract is check_in_vision_contract
+IN_VISION = [n for n in ALL_PRUNERS if create_pruner(n).stage is Stage.IN_VISION]
+TOKEN_PRUNERS = [n for n in ALL_PRUNERS if n not in IN_VISION]
 
 
 def test_plugin_is_collected():
     assert "l2norm" in ALL_PRUNERS, "the fixture plugin must be discovered, or the plugin contract goes untested"
 
 
-@pytest.mark.parametrize("name", ALL_PRUNERS)
+@pytest.mark.parametrize("name", IN_VISION)
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.1])
+def test_in_vision_contract(name, ratio):
+    from tokenprune import OptionError
+
+    try:
+        check_in_vision_contract(create_pruner(name, ratio=ratio))
+    except OptionError as exc:  # a tower too shallow for the budget (ToMe merges at most half a block): one line
+        assert "smallest reachable ratio" in str(exc) and "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("name", TOKEN_PRUNERS)
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.1, 0.01])
 def test_contract(name, ratio):
     from tokenprune import OptionError
@@ -29,12 +44,12 @@ def test_contract(name, ratio):
     check_pruner_contract(pruner, inputs)
 
 
-@pytest.mark.parametrize("name", ALL_PRUNERS)
+@pytest.mark.parametrize("name", TOKEN_PRUNERS)
 def test_contract_merged_patches_and_odd_grid(name):
     check_pruner_contract(create_pruner(name, ratio=0.3), synthetic_inputs(grid=(5, 7), patch_merge=4, seed=3))
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_PRUNERS if not create_pruner(n).adaptive])  # adaptive: no budget
+@pytest.mark.parametrize("name", [n for n in TOKEN_PRUNERS if not create_pruner(n).adaptive])  # adaptive: no budget
 def test_ratio_one_keeps_everything_unchanged(name):
     inputs = synthetic_inputs()
     out = create_pruner(name, ratio=1.0)(inputs)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import OptionError, TokenpruneError
-from .pruner import PRUNERS, pruner_from_spec, validate_ratio
+from .pruner import PRUNERS, Stage, pruner_from_spec, validate_ratio
 from .registry import Registry
 from .benchmarks.tasks import TASKS, get_task
 
@@ -104,7 +104,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(f"{pruner.name} ({entry.origin}, stage {pruner.stage.value}): {entry.description}")
     for key, value in pruner.options.items():
         print(f"  {key} = {value!r}")
-    print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
+    if pruner.stage is Stage.IN_VISION:
+        hooks = pruner.vision_hooks(args.vision_blocks)
+        points = sorted({h.point for h in hooks})
+        print(f"  acts inside the vision tower at {len(hooks)} of {args.vision_blocks} blocks "
+              f"({', '.join(points) or 'nowhere: a no-op'})")
+    else:
+        print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
     stages = pruner.needs.schedule()
     if len(stages) > 1:
         counts = pruner.stage_counts(n, args.layers)
@@ -299,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_desc.add_argument("--ratio", help="retention ratio in (0, 1] (overrides the spec)")
     p_desc.add_argument("--grid", default="24x24", help="token grid HxW to count on (default 24x24, LLaVA-1.5)")
     p_desc.add_argument("--layers", type=int, default=32, help="decoder depth for multi-stage schedules (default 32, LLaVA-1.5-7B)")
+    p_desc.add_argument("--vision-blocks", type=int, default=23,
+                        help="vision blocks the tower runs, for in-vision methods (default 23: LLaVA-1.5 reads CLIP-L's block 22)")
     p_desc.set_defaults(func=cmd_describe)
 
     p_data = sub.add_parser("check-data", help="load a task's dataset and report usable / skipped samples")

@@ -109,3 +109,45 @@ def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = No
             torch.testing.assert_close(single.tokens[0], batched.tokens[i])
         if batched.merge_weights is not None:
             torch.testing.assert_close(single.merge_weights[0], batched.merge_weights[i])
+
+
+def check_in_vision_contract(pruner: TokenPruner, n_blocks: int = 3, grid: tuple[int, int] = (8, 8), seed: int = 0) -> None:
+    """Run an in-vision ``pruner`` inside a small random CLIP tower (CLS + ``grid`` patches, ``n_blocks``
+    blocks, all run) and assert the stage's contract: the CLS token stays first, every patch is in at most
+    one output token, the tokens' origins are the earliest patch they cover, a ratio-driven pruner lets
+    exactly ``num_kept(P, grid)`` patch tokens through, and a batch of 2 equals each image alone (unless
+    the pruner is ``adaptive`` or ``image_by_image``: adapters run those one image per pass)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .adapters.vision_blocks import run_tower
+
+    torch.manual_seed(seed)
+    patch = 8
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_blocks, num_attention_heads=4,
+                           image_size=grid[0] * patch, patch_size=patch)
+    if grid[0] != grid[1]:
+        raise ValueError("check_in_vision_contract takes a square grid")
+    tower = CLIPVisionModel(cfg).eval()
+    px = torch.randn(2, 3, grid[0] * patch, grid[1] * patch)
+    with torch.no_grad():
+        run = run_tower(tower, px, pruner, n_blocks, prefix=1, sample_ids=["a", "b"])
+        alone = [run_tower(tower, px[i:i + 1], pruner, n_blocks, prefix=1, sample_ids=[s]) for i, s in enumerate("ab")]
+    p = grid[0] * grid[1]
+    k = run.features.shape[1] - 1
+    assert run.members.shape == (2, p) and run.origin.shape == (2, k)
+    assert ((run.members >= -1) & (run.members < k)).all()
+    for b in range(2):
+        covered = {}
+        for patch_idx, tok in enumerate(run.members[b].tolist()):
+            if tok >= 0:
+                covered.setdefault(tok, []).append(patch_idx)
+        assert sorted(covered) == list(range(k)), "every output token must cover at least one patch"
+        assert [min(covered[t]) for t in range(k)] == run.origin[b].tolist()
+    if pruner.uses_ratio and not pruner.adaptive:
+        assert k == pruner.num_kept(p, grid), f"{pruner.name} let {k} tokens through, num_kept says {pruner.num_kept(p, grid)}"
+    if pruner.adaptive or pruner.image_by_image:  # the adapter runs such pruners one image per tower pass
+        return
+    for i, one in enumerate(alone):
+        assert one.features.shape[1] == run.features.shape[1]
+        torch.testing.assert_close(one.features[0], run.features[i], rtol=1e-4, atol=1e-5)
+        assert torch.equal(one.members[0], run.members[i])
