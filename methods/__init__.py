@@ -1,4 +1,5 @@
 """Built-in pruners; importing this package registers them."""
 from . import cdpruner, dart, divprune, fastv, fopru, pdrop, pool, random, sparsevlm, vispruner, visionzip  # noqa: F401  (imported for their @register_pruner)
 from . import fastvid, scissor, visionzip_video  # noqa: F401  (the video methods)
+from . import prumerge  # noqa: F401  (PruMerge / PruMerge+: adaptive, merged before the projector)
 from . import flowcut, tome  # noqa: F401  (in the vision encoder)

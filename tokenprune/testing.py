@@ -24,7 +24,8 @@ def synthetic_inputs(
 
     Attention maps are row-softmaxes of random logits (each row sums to 1); the LLM query mask
     marks the first query row of batch entry 0 as padding, as left padding would, and so does the
-    text mask for its first text token. Keys are ``[B, N, 8]`` / ``[B, n_text, 8]``.
+    text mask for its first text token. Keys are ``[B, N, 8]`` / ``[B, n_text, 8]``; the vision layer's
+    query and key projections ``[B, vision_prefix + N, 8]``.
     """
     g = torch.Generator().manual_seed(seed)
     n = grid[0] * grid[1]
@@ -47,6 +48,8 @@ def synthetic_inputs(
         text_tokens=torch.randn(batch, n_text, dim, generator=g),
         text_mask=text_mask,
         text_keys=torch.randn(batch, n_text, 8, generator=g),
+        vision_queries=torch.randn(batch, vision_prefix + n, 8, generator=g),
+        vision_keys_full=torch.randn(batch, vision_prefix + n, 8, generator=g),
     )
 
 
@@ -98,8 +101,13 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
 
 
 def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = None) -> None:
-    """Run :func:`check_reduction` and check that the batched result equals one-by-one results."""
+    """Run :func:`check_reduction` and check that the batched result equals one-by-one results (an
+    ``adaptive`` pruner, which adapters call one view or clip at a time, on each batch entry alone)."""
     inputs = inputs if inputs is not None else synthetic_inputs()
+    if pruner.adaptive:
+        for i in range(inputs.batch_size):
+            check_reduction(pruner, inputs.select(i), pruner(inputs.select(i)))
+        return
     batched = pruner(inputs)
     check_reduction(pruner, inputs, batched)
     for i in range(inputs.batch_size):
@@ -109,6 +117,8 @@ def check_pruner_contract(pruner: TokenPruner, inputs: PruningInputs | None = No
             torch.testing.assert_close(single.tokens[0], batched.tokens[i])
         if batched.merge_weights is not None:
             torch.testing.assert_close(single.merge_weights[0], batched.merge_weights[i])
+        if batched.feature_weights is not None:
+            torch.testing.assert_close(single.feature_weights[0], batched.feature_weights[i])
 
 
 def check_in_vision_contract(pruner: TokenPruner, n_blocks: int = 3, grid: tuple[int, int] = (8, 8), seed: int = 0) -> None:

@@ -59,8 +59,8 @@ def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         rec.keys.append(key)
     if rec.keep_values:
         rec.values.append(value)
-    if rec.n_queries:
-        rec.queries.append(query[:, :, : rec.n_queries])
+    if rec.n_queries:  # -1: every row
+        rec.queries.append(query if rec.n_queries < 0 else query[:, :, : rec.n_queries])
     if rec.rows is not None:
         lq, lk = query.shape[-2], key.shape[-2]
         if torch.is_tensor(rec.rows):  # [B, Q] query positions, per sample, on the caller's device
@@ -170,7 +170,7 @@ def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all"
         n_prefix: number of rows for ``"prefix"``.
         keys: also keep the post-rotary keys the module computed.
         values: also keep its values.
-        queries: also keep its first ``queries`` query rows (the CLS row), before any scaling.
+        queries: also keep its first ``queries`` query rows (``-1``: every row), before any scaling.
     """
     config = module.config
     impl = config._attn_implementation or "sdpa"

@@ -145,6 +145,7 @@ def vision_recorder(tower: nn.Module, needs, all_rows: bool = False):
     mods = attention_modules(tower)
     module = mods[layer_index(needs.vision_attention_layer, len(mods))]
     rows = "prefix" if needs.vision_attention_rows == "prefix" and not all_rows else "all"
-    # vision_qk: the raw q of the CLS row and every k (PruMerge scores with its own single-head attention)
+    # vision_qk: the raw q and k of every row (PruMerge scores with its own single-head attention: the CLS
+    # row, or on towers without CLS EffiVLM's column mean over every query)
     return record_attention(module, rows=rows, keys=needs.vision_keys or needs.vision_qk,
-                            queries=1 if needs.vision_qk else 0)
+                            queries=-1 if needs.vision_qk else 0)
