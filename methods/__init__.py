@@ -3,3 +3,4 @@ from . import cdpruner, dart, divprune, fastv, fopru, pdrop, pool, random, spars
 from . import fastvid, scissor, visionzip_video  # noqa: F401  (the video methods)
 from . import prumerge  # noqa: F401  (PruMerge / PruMerge+: adaptive, merged before the projector)
 from . import flowcut, tome  # noqa: F401  (in the vision encoder)
+from . import holov  # noqa: F401  (HoloV: chunk budgets after the projector)

@@ -215,12 +215,29 @@ def _clip_attention(views: list["View"], members: list[int]) -> torch.Tensor:
     return torch.stack(maps)
 
 
+def _scores_per_view(views: list["View"], pruner: TokenPruner, ids: list[str], text=None
+                     ) -> dict[int, torch.Tensor] | None:
+    """Each prunable view's :meth:`~tokenprune.pruner.TokenPruner.view_scores` ``[N_view]``, computed on its own
+    inputs (alike views batched); ``None`` if the pruner scores no view."""
+    numbers = _view_numbers(views)
+    out: dict[int, torch.Tensor] = {}
+    for key, members in _alike_groups(views).items():
+        s = pruner.view_scores(_view_inputs(views, members, key, ids, numbers, text))
+        if s is None:
+            return None
+        out.update({i: s[j] for j, i in enumerate(members)})
+    return out
+
+
 def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: list, text=None) -> list:
     """Scope ``"clip"`` for pruners that take a whole clip at once: each sample's prunable views
     concatenated (``grid=(1, N)``, with which view each token is from, each view's grid, time and mean
     token, and each view's vision attention for :attr:`~tokenprune.pruner.TokenPruner.clip_inputs`
     pruners); clips alike in layout share a batch."""
     per_sample = _clip_members(views)
+    scored = None  # per-view scores of a clip pruner that scores each view itself (views of any shapes)
+    if pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
+        scored = _scores_per_view(views, pruner, ids, text)
     groups: dict[tuple, list[int]] = {}
     for sample, members in per_sample.items():
         # an adaptive pruner's count differs per clip, and one Reduction holds one count: one clip per call
@@ -240,7 +257,12 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
                               for s in samples], dtype=torch.float64)
         means = torch.stack([torch.stack([views[i].tokens.mean(0) for i in per_sample[s]]) for s in samples])
         first_view_layout: dict[str, Any] = {}
-        if pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
+        if scored is not None:
+            first = views[per_sample[samples[0]][0]]
+            first_view_layout = dict(view_scores=torch.stack([torch.cat([scored[i] for i in per_sample[s]])
+                                                              for s in samples]),
+                                     vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
+        elif pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
             first = views[per_sample[samples[0]][0]]  # the maps' layout: CLS prefix, patches per token
             first_view_layout = dict(view_attention=torch.stack([_clip_attention(views, per_sample[s]) for s in samples]),
                                      vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
