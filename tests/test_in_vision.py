@@ -186,3 +186,19 @@ def test_other_families_refuse_in_one_line(zoo):
     with pytest.raises(OptionError, match="inside its vision tower") as err:
         lvlm.generate(_images(1), PROMPTS[:1], pruner=_Every2nd(), max_new_tokens=1)
     assert "\n" not in str(err.value)
+
+
+def test_kept_maps_of_in_vision_cuts_for_sweeps_and_pictures():
+    """What sweeps store and pictures draw: per patch, kept (the patch a token takes its position from)
+    or merged into a kept token, from the views the tower's cut left."""
+    from tokenprune.visualize.record import record_kept, view_sizes
+
+    lvlm = _llava("clip")
+    pruner = _Every2nd()
+    enc = lvlm.encode(_images(1), PROMPTS[:1], lvlm.vision_needs(pruner))
+    with record_kept(pruner) as rec:
+        lvlm.generate(_images(1), PROMPTS[:1], pruner=pruner, encoded=enc, sample_ids=["s"], max_new_tokens=1)
+    kept = rec.kept("s", view_sizes(enc.views, 0))
+    assert kept.views == [64]
+    assert np.nonzero(kept.stages[0])[0].tolist() == list(range(0, 64, 4))  # token j's origin: patch 4j
+    assert np.nonzero(kept.merged)[0].tolist() == list(range(2, 64, 4))  # merged into it at block 1

@@ -102,12 +102,15 @@ class Kept:
 class ViewSizes(list):
     """Token counts of one sample's prunable views (a ``list[int]``, as :meth:`KeptRecorder.kept` takes),
     carrying where each view sits: ``seq`` (its tokens' sequence positions, ``[n_v]`` tensors), ``grids``,
-    and for video views ``frames``, ``times``, ``clips`` (``View.frame`` / ``time`` / ``clip``)."""
+    and for video views ``frames``, ``times``, ``clips`` (``View.frame`` / ``time`` / ``clip``); ``members``:
+    for views an in-vision pruner cut inside the tower, each patch's output token (``View.vision_members``)."""
 
     def __init__(self, sizes: Sequence[int], seq: Sequence[Any] | None = None,
                  grids: Sequence[tuple[int, int]] | None = None, frames: Sequence[int | None] | None = None,
-                 times: Sequence[float | None] | None = None, clips: Sequence[int | None] | None = None):
+                 times: Sequence[float | None] | None = None, clips: Sequence[int | None] | None = None,
+                 members: Sequence[Any] | None = None):
         super().__init__(int(n) for n in sizes)
+        self.members = None if members is None else list(members)
         self.seq = None if seq is None else list(seq)
         self.grids = None if grids is None else [tuple(int(x) for x in g) for g in grids]
         self.frames = None if frames is None else list(frames)
@@ -181,7 +184,10 @@ class KeptRecorder:
             KeyError: the pruner never ran on this sample.
         """
         sizes = [int(n) for n in views]
-        if self.in_llm:
+        members = getattr(views, "members", None)
+        if members and all(m is not None for m in members):  # cut inside the tower: the views say it all
+            out = _from_members(sizes, members)
+        elif self.in_llm:
             out = self._in_llm(sample_id, sizes, _sequence_order(views))
         else:
             out = self._pre_llm(sample_id, sizes)
@@ -256,6 +262,22 @@ class KeptRecorder:
         return Kept(views=list(views), stages=stages, merged=merged & ~stages[-1], scores=scores)
 
 
+def _from_members(sizes: list[int], members: Sequence[Any]) -> Kept:
+    """What an in-vision pruner kept, from each patch's output token (``-1``: dropped): the patch each
+    token takes its position from (the earliest it covers) is kept, the other patches of a merged token
+    are merged."""
+    kept, merged = [], []
+    for n, m in zip(sizes, members):
+        m = np.asarray(m.cpu() if hasattr(m, "cpu") else m).reshape(-1)[:n]
+        first = np.zeros(n, dtype=bool)
+        alive = np.nonzero(m >= 0)[0]
+        _, at = np.unique(m[alive], return_index=True)  # first (lowest) patch of each token
+        first[alive[at]] = True
+        kept.append(first)
+        merged.append((m >= 0) & ~first)
+    return Kept(views=list(sizes), stages=[np.concatenate(kept)], merged=np.concatenate(merged))
+
+
 def _span(sid: str, sample_id: str, offsets: np.ndarray, views: list[int]) -> tuple[int, int] | None:
     """``(first token, token count)`` a call row with id ``sid`` covers of sample ``sample_id``: all of it
     for a clip call (``"<id>"``), view ``v`` for a per-view call (``"<id>/<v>"``), else ``None``."""
@@ -317,6 +339,9 @@ def record_kept(pruner: TokenPruner | None) -> Iterator[KeptRecorder | None]:
     from ..adapters import pre_llm
 
     recorder = KeptRecorder(in_llm=pruner.stage is Stage.IN_LLM)
+    if pruner.stage is Stage.IN_VISION:  # its cuts live in the encoded views (view_sizes' members)
+        yield recorder
+        return
     select, token_scores = pruner.select, pruner.token_scores
 
     def recording(inputs):
@@ -349,8 +374,10 @@ def view_sizes(views, sample: int) -> ViewSizes:
     positions, grids, and (video) frames and times: :class:`ViewSizes`."""
     mine = [v for v in views if v.sample == sample and v.prunable]
     video = any(getattr(v, "frame", None) is not None for v in mine)
-    return ViewSizes([int(v.tokens.shape[0]) for v in mine], seq=[v.seq_index for v in mine],
+    cut = any(getattr(v, "vision_members", None) is not None for v in mine)
+    return ViewSizes([int(v.seq_index.shape[0]) for v in mine], seq=[v.seq_index for v in mine],
                      grids=[tuple(v.grid) for v in mine],
+                     members=[getattr(v, "vision_members", None) for v in mine] if cut else None,
                      frames=[getattr(v, "frame", None) for v in mine] if video else None,
                      times=[getattr(v, "time", None) for v in mine] if video else None,
                      clips=[getattr(v, "clip", None) for v in mine] if video else None)
