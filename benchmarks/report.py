@@ -43,7 +43,7 @@ def _aggregate(task, rows: list[dict]) -> dict[str, float]:
 
 def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> list[dict[str, Any]]:
     """One summary row per (task, method, ratio), in sweep order (ratio ``None``: a ratio-free method's one run)."""
-    from .sweep import REFERENCE, method_runs
+    from .sweep_config import REFERENCE, method_runs
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -177,7 +177,7 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _pinned_note(cfg) -> str:
     """`` (fopru_rank:ratio=0.3 only at 0.3; scissor once, ...)``: the methods whose spec pins their
     ratio, and the ratio-free ones."""
-    from .sweep import pinned_ratio, ratio_free
+    from .sweep_config import pinned_ratio, ratio_free
 
     pinned = [f"{m} run once, its count chosen per sample: ratio {ADAPTIVE}" if ratio_free(m) else f"{m} only at {pinned_ratio(m):g}"
               for m in cfg.methods if ratio_free(m) or pinned_ratio(m) is not None]
@@ -187,7 +187,7 @@ def _pinned_note(cfg) -> str:
 def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
     """Markdown: paired tests between every two methods at the same ratio, per task (ratio-free
     methods among themselves, under ``adaptive``)."""
-    from .sweep import run_ratios
+    from .sweep_config import run_ratios
 
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
@@ -221,7 +221,7 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
     ``gallery/`` and the report; ``lvlm`` (the sweep's model, if loaded) gives the token geometry.
     """
     from .results import SKIPPED, read_all
-    from .sweep import ratio_free_methods
+    from .sweep_config import ratio_free_methods
 
     rows = [r for r in read_all(out, ratio_free=ratio_free_methods(cfg)) if r["task"] in tasks]
     skipped_path = out / SKIPPED
@@ -320,7 +320,7 @@ def log_wandb(cfg, out: Path, summary: list[dict], front: list[dict], tasks: dic
     import wandb
     import yaml
 
-    from .sweep import provenance
+    from .sweep_config import provenance
 
     mode = wandb_mode(cfg.wandb_mode)
     if mode == "disabled":
