@@ -281,6 +281,22 @@ def cmd_on_object(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    """Evidence recall per method, ratio and question kind, from a finished shapes_video sweep."""
+    from .visualize.evidence import evidence_table, format_table
+
+    lvlm = None
+    if args.model_regions:
+        from .adapters import load
+        from .benchmarks.sweep import load_sweep_config
+
+        lvlm = load(load_sweep_config(args.run_dir).model)
+    table = evidence_table(args.run_dir, lvlm=lvlm, bootstrap=args.bootstrap, min_cover=args.min_cover)
+    print(format_table(table))
+    print(f"\nwritten: {args.run_dir}/evidence_recall.csv")
+    return 0
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -367,6 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_obj.add_argument("--task", choices=["easy_vqa", "shapes_scene"], help="which task of the sweep (default: the first)")
     p_obj.add_argument("--bootstrap", type=_int, default=1000, help="bootstrap resamples for the CIs")
     p_obj.set_defaults(func=cmd_on_object)
+
+    p_ev = sub.add_parser("evidence", help="evidence recall: share of the tokens each answer depends on that a method kept "
+                                           "(shapes_video sweeps)",
+                          description="Per method, ratio and question kind of a finished shapes_video sweep: the share of "
+                                      "each question's evidence tokens (the tokens covering the objects in the frames the "
+                                      "answer depends on) that the method kept or merged into a kept token, from the kept "
+                                      "tokens the sweep stored. Writes RUN_DIR/evidence_recall.csv. Needs no model.")
+    p_ev.add_argument("run_dir", help="a finished shapes_video sweep's --output folder")
+    p_ev.add_argument("--bootstrap", type=_int, default=1000, help="bootstrap resamples for the CIs")
+    p_ev.add_argument("--min-cover", type=float, default=0.1,
+                      help="share of a token's pixels the object must cover to make it evidence (default 0.1; the "
+                           "token it covers most always is)")
+    p_ev.add_argument("--model-regions", action="store_true",
+                      help="map tokens to frame pixels through the sweep model's processor geometry (loads the model) "
+                           "instead of each view's grid over the whole frame")
+    p_ev.set_defaults(func=cmd_evidence)
 
     p_report = sub.add_parser("report", help="merge a sweep's results (shards, ranks) and rebuild every results file",
                               description="Reads every samples*.jsonl in RUN_DIR (shards copied from several machines, "

@@ -291,7 +291,8 @@ def _undecoded(feature):
 
 
 TASKS: Registry[type[Task]] = Registry("task", "tokenprune.tasks", builtin_modules=(
-    "tokenprune.benchmarks.tasks.builtin", "tokenprune.benchmarks.tasks.shapes_scene", "tokenprune.benchmarks.tasks.video"))
+    "tokenprune.benchmarks.tasks.builtin", "tokenprune.benchmarks.tasks.shapes_scene", "tokenprune.benchmarks.tasks.video",
+    "tokenprune.benchmarks.tasks.shapes_video"))
 
 
 def register_task(name: str):
