@@ -202,3 +202,87 @@ def test_kept_maps_of_in_vision_cuts_for_sweeps_and_pictures():
     assert kept.views == [64]
     assert np.nonzero(kept.stages[0])[0].tolist() == list(range(0, 64, 4))  # token j's origin: patch 4j
     assert np.nonzero(kept.merged)[0].tolist() == list(range(2, 64, 4))  # merged into it at block 1
+
+
+# -- the in-vision methods end to end on the llava family ---------------------------------------
+
+def _llava5(kind: str):
+    """tiny LLaVA with a 5-block tower of ``kind`` (4 blocks run: LLaVA reads hidden_states[-2])."""
+    vision = dict(num_hidden_layers=5)
+    if kind == "clip":
+        return tp.wrap(*tiny_llava(vision=vision))
+    if kind == "dinov2":
+        return tp.wrap(*tiny_llava(vision=dict(vision, model_type="dinov2", mlp_ratio=2)))
+    model, proc = tiny_llava(vision=dict(vision, model_type="siglip_vision_model"))
+    model.config.vision_feature_select_strategy = "full"
+    proc.vision_feature_select_strategy, proc.num_additional_image_tokens = "full", 0
+    return tp.wrap(model, proc)
+
+
+def _block_counts(lvlm, run):
+    """Tokens each vision block's attention and MLP received during ``run()``, by forward pre-hooks."""
+    tower = lvlm.model.model.vision_tower
+    layers = tower.encoder.layer if hasattr(tower.encoder, "layer") else tower.encoder.layers
+    seen, hooks = [], []
+    for i, layer in enumerate(layers):
+        attn = layer.attention if hasattr(layer, "attention") else layer.self_attn
+        hooks.append(attn.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.append((i, "attn", (a[0] if a else k["hidden_states"]).shape[1])), with_kwargs=True))
+        hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, "mlp", a[0].shape[1]))))
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+METHOD_TOWERS = [("tome", "clip"), ("tome", "siglip"), ("tome", "dinov2"), ("flowcut", "clip"), ("flowcut", "dinov2")]
+
+
+@pytest.mark.parametrize("name,kind", METHOD_TOWERS)
+def test_in_vision_methods_no_op_equals_unpruned(name, kind):
+    lvlm = _llava5(kind)
+    ref = lvlm.generate(_images(2), PROMPTS, max_new_tokens=2)
+    out = lvlm.generate(_images(2), PROMPTS, pruner=tp.create_pruner(name, ratio=1.0), max_new_tokens=2)
+    assert torch.equal(out.first_logits, ref.first_logits) and torch.equal(out.token_ids, ref.token_ids)
+
+
+@pytest.mark.parametrize("name,kind", METHOD_TOWERS)
+def test_in_vision_methods_blocks_layers_cache_and_batch(name, kind):
+    """Blocks and decoder layers receive the schedule (forward pre-hooks); cached == uncached; batch == alone."""
+    lvlm = _llava5(kind)
+    pruner = tp.create_pruner(name, ratio=0.25)
+    prefix = 0 if kind == "siglip" else 1
+    out, seen = _block_counts(lvlm, lambda: lvlm.generate(_images(1), PROMPTS[:1], pruner=pruner, max_new_tokens=1))
+    target = 16  # keep_count(0.25, 64)
+    if name == "tome":  # the solved per-block r, each block's MLP after its merge
+        n, expected = 64, []
+        for i, r in enumerate(pruner.schedule(64, 4)):
+            expected += [(i, "attn", prefix + n), (i, "mlp", prefix + n - min(r, n // 2))]
+            n -= min(r, n // 2)
+    else:  # FlowCut on 4 blocks: rpl = 2 - block, cuts after blocks 0 (rpl 2) and 2 (rpl 0, to the target)
+        cut = [c for (i, w, c) in seen if (i, w) == (1, "attn")][0]
+        assert target + 1 <= cut <= 65  # block 0 cuts by the entropy rule: nothing when the CLS attention is flat
+        expected = [(0, "attn", 65), (0, "mlp", 65), (1, "attn", cut), (1, "mlp", cut), (2, "attn", cut),
+                    (2, "mlp", cut), (3, "attn", target + 1), (3, "mlp", target + 1)]
+    assert seen == expected
+    assert [c for _, w, c in seen if w == "attn"][-1] - prefix >= target
+    st = out.stats[0]
+    assert st.visual_tokens_kept == target and st.visual_per_layer == [target] * len(st.visual_per_layer)
+    assert st.vision_blocks == [tuple((a, m) for (_, _, a), (_, _, m) in zip(seen[::2], seen[1::2]))]
+    images = _images(2)
+    cached = lvlm.generate(images, PROMPTS, pruner=pruner, max_new_tokens=3, ignore_eos=True)
+    uncached = lvlm.generate(images, PROMPTS, pruner=pruner, max_new_tokens=3, ignore_eos=True, use_cache=False)
+    assert torch.equal(cached.token_ids, uncached.token_ids)
+    for i in range(2):
+        alone = lvlm.generate(images[i:i + 1], PROMPTS[i:i + 1], pruner=pruner, max_new_tokens=3, ignore_eos=True)
+        assert torch.equal(alone.token_ids[0], cached.token_ids[i])
+        torch.testing.assert_close(alone.first_logits[0], cached.first_logits[i], rtol=1e-4, atol=1e-5)
+
+
+def test_flowcut_refuses_a_cls_less_tower_in_one_line():
+    lvlm = _llava5("siglip")
+    with pytest.raises(OptionError) as err:
+        lvlm.generate(_images(1), PROMPTS[:1], pruner=tp.create_pruner("flowcut", ratio=0.25), max_new_tokens=1)
+    assert "CLS" in str(err.value) and "\n" not in str(err.value)
