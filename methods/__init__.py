@@ -4,3 +4,4 @@ from . import fastvid, scissor, visionzip_video  # noqa: F401  (the video method
 from . import prumerge  # noqa: F401  (PruMerge / PruMerge+: adaptive, merged before the projector)
 from . import flowcut, tome  # noqa: F401  (in the vision encoder)
 from . import holov  # noqa: F401  (HoloV: chunk budgets after the projector)
+from . import gprune  # noqa: F401  (G-Prune: norm flow over a similarity graph)
