@@ -5,3 +5,4 @@ from . import prumerge  # noqa: F401  (PruMerge / PruMerge+: adaptive, merged be
 from . import flowcut, tome  # noqa: F401  (in the vision encoder)
 from . import holov  # noqa: F401  (HoloV: chunk budgets after the projector)
 from . import gprune  # noqa: F401  (G-Prune: norm flow over a similarity graph)
+from . import mustdrop  # noqa: F401  (MustDrop: in the tower, in the LLM and on the decode cache)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from .errors import OptionError, TokenpruneError, UnknownNameError
 from .pruner import (
     PRUNERS,
+    DecodePlan,
+    DecodeState,
     LLMStage,
     PrunerNeeds,
     PruningInputs,
@@ -50,6 +52,8 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 __all__ = [
+    "DecodePlan",
+    "DecodeState",
     "LLMStage",
     "OptionError",
     "PRUNERS",

@@ -111,8 +111,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
               f"({', '.join(points) or 'nowhere: a no-op'})")
     else:
         print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
+    if pruner.extra_stages:
+        print(f"  also acts: {', '.join(st.value for st in pruner.extra_stages)}")
     stages = pruner.needs.schedule()
-    if len(stages) > 1:
+    if len(stages) > 1 and not pruner.adaptive:
         counts = pruner.stage_counts(n, args.layers)
         bounds = [st.layer for st in stages] + [args.layers]
         avg = (bounds[0] * n + sum((bounds[i + 1] - bounds[i]) * c for i, c in enumerate(counts))) / args.layers

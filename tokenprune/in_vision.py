@@ -23,7 +23,12 @@ class VisionHook:
     """One point inside the vision tower where an in-vision pruner acts, and what it reads there.
 
     Attributes:
-        block: 0-based block of the tower.
+        block: 0-based block of the tower; negative counts from the tower's last block (``-1``: the
+            last block, whatever the feature layer). A block past the one whose output the projector
+            reads (LLaVA reads ``hidden_states[-2]``, so its last block) is run only for this hook: up
+            to the hook's point (``"attention"``: its attention half alone), on the feature block's
+            output, and its cost is counted; the pruner may not cut there, only mark tokens with
+            :meth:`VisionReduction.mark` (MustDrop's key set from the last block's CLS attention).
         point: ``"attention"`` -- between the block's attention (residual added) and its MLP, as
             ToMe merges; ``"block"`` -- after the whole block (FlowCut).
         keys: the block's attention keys, averaged over heads (``VisionState.keys``).
@@ -64,6 +69,8 @@ class VisionState:
         sample_ids: one stable id per image.
         memory: per-forward state the pruner carries from hook to hook of the same batch (an EMA of
             scores, a schedule fixed at the first hook); starts empty for every tower run.
+        protected: ``[B, T]`` bool, the tokens marked so far with :meth:`VisionReduction.mark`
+            (``None``: none yet).
     """
 
     hidden: torch.Tensor
@@ -81,6 +88,7 @@ class VisionState:
     queries: torch.Tensor | None = None
     sample_ids: Sequence[Hashable] | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    protected: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +111,10 @@ class VisionReduction:
         reset_sizes: the merged tokens count as size 1 from now on (a port that carries no sizes);
             the patches each token covers are still tracked for positions and pictures.
         scores: optional ``[B, T]`` score the pruner ranked by (for pictures; never used to prune).
+        protect: optional ``[B, T]`` bool, current tokens to mark as protected: the mark travels with
+            the token (a slot is marked if any token merged into it is) to the projector and into the
+            LLM, where the same pruner's in-LLM stages receive it as ``PruningInputs.protected``
+            (MustDrop's key set, which its LLM stages always keep). Prefix tokens are never marked.
     """
 
     slots: torch.Tensor
@@ -110,6 +122,14 @@ class VisionReduction:
     weights: torch.Tensor | None = None
     reset_sizes: bool = False
     scores: torch.Tensor | None = None
+    protect: torch.Tensor | None = None
+
+    @classmethod
+    def mark(cls, protect: torch.Tensor, scores: torch.Tensor | None = None) -> "VisionReduction":
+        """The reduction that cuts nothing and marks ``protect`` ``[B, T]`` bool (see ``protect``)."""
+        b, t = protect.shape
+        slots = torch.arange(t, device=protect.device).expand(b, -1).clone()
+        return cls(slots=slots, length=t, scores=scores, protect=protect)
 
     @classmethod
     def keep(cls, indices: torch.Tensor, n_tokens: int, scores: torch.Tensor | None = None) -> "VisionReduction":

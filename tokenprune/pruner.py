@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Callable, ClassVar, Hashable, Literal, Sequence
 
@@ -26,12 +26,19 @@ from .registry import Registry
 
 
 class Stage(str, Enum):
-    """Where a pruner acts: on the visual tokens before the LLM, inside the LLM at a layer, or inside
-    the vision encoder between its blocks (:mod:`tokenprune.in_vision`)."""
+    """Where a pruner acts: on the visual tokens before the LLM, inside the LLM at a layer, inside
+    the vision encoder between its blocks (:mod:`tokenprune.in_vision`), or while decoding (on the
+    KV cache after prefill, or on what each generated token attends to: :class:`DecodePlan`).
+
+    A pruner has one primary :attr:`TokenPruner.stage`; a multi-stage method (MustDrop: in the vision
+    tower, in the LLM at prefill and on the decode cache) lists the others in
+    :attr:`TokenPruner.extra_stages`, and adapters ask :meth:`TokenPruner.acts_in`.
+    """
 
     PRE_LLM = "pre_llm"
     IN_LLM = "in_llm"
     IN_VISION = "in_vision"
+    DECODE = "decode"
 
 
 QueryRows = Literal["last", "all", "text", "chosen"]
@@ -61,6 +68,68 @@ class LLMStage:
     attention: Literal["none", "previous", "input"] = "none"
     queries: QueryRows = "last"
     keys: bool = False
+
+
+DecodePositions = Literal["continue", "cache_length"]
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What a pruner does while decoding (:attr:`Stage.DECODE`), fixed once after prefill.
+
+    Prefill leaves every decoder layer a cached layout: the tokens it processed, in order (an in-LLM
+    stage shortens the layout of every layer from its ``layer`` on). A plan may change three things for
+    the generated tokens, and the no-cache reference (``generate(use_cache=False)``, which re-runs the
+    whole sequence every step) applies the same rule as attention masks and position ids, so cached
+    and uncached decoding agree.
+
+    Attributes:
+        cut_layers: decoder layers whose KV cache is cut, right after prefill, to the tokens that reach
+            the last decoder layer (the final set of the in-LLM stages): a token a later stage dropped
+            leaves these layers' caches too, and generated tokens never attend to it there (MustDrop's
+            "output-aware cache": layers 2..14 of LLaVA-1.5). Layers not named keep what prefill cached.
+        positions: the position id of a generated token at each layer: ``"continue"`` -- one past the
+            largest position of its layer's cached layout, then +1 per step (what decoding does without
+            a plan); ``"cache_length"`` -- the number of (real) tokens that layer's cache holds when the
+            token arrives (MustDrop's attention reads ``past_key_value.get_usable_length(...)``: layers
+            with their full cache continue from the full length, cut layers from the cut length).
+        select_layer: ``None``, or a layer ``L >= 1`` from which on (layers ``L..n-1``) each decode step
+            attends only to the cache entries :meth:`TokenPruner.decode_select` picks (DyCoke's
+            decode-time pruning); the cache itself keeps everything. The pruner reads the head-averaged
+            attention of layer ``L - 1``'s query row of the new token. Layers ``L - 1 .. n - 1`` must
+            share one cached layout (no in-LLM stage and no cut from ``L`` on).
+    """
+
+    cut_layers: tuple[int, ...] = ()
+    positions: DecodePositions = "continue"
+    select_layer: int | None = None
+
+
+@dataclass
+class DecodeState:
+    """What :meth:`TokenPruner.decode_select` sees at one decode step, for ``B`` samples whose layers
+    ``select_layer..`` share a cached layout of ``K`` entries (the prompt's layout, then every
+    generated token so far, the new one last).
+
+    Attributes:
+        attention: ``[B, K]`` float32, layer ``select_layer - 1``'s attention probabilities from the new
+            token's query to each cache entry, averaged over heads (zero at padding).
+        visual: ``[B, K]`` bool, the entries that are visual tokens of the prompt.
+        mask: ``[B, K]`` bool, the real entries (``False``: left padding).
+        step: the decode step (``0``: the first token fed back after prefill).
+        layer: ``select_layer``.
+        sample_ids: one stable id per sample.
+        memory: a dict the pruner keeps from step to step of one generation (the previous step's
+            attention, its last selection); new for every ``generate`` / reference run.
+    """
+
+    attention: torch.Tensor
+    visual: torch.Tensor
+    mask: torch.Tensor
+    step: int
+    layer: int
+    sample_ids: Sequence[Hashable] | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,8 +228,8 @@ class PruningInputs:
             layer, where the projector can take them (LLaVA-1.5, LLaVA-NeXT's base view); else ``None``.
         vision_keys: ``[B, vision_prefix + N, d]`` keys of the vision layer, averaged over heads; for
             merged patches (``patch_merge > 1``) averaged over each token's patches.
-        vision_queries: ``[B, vision_prefix, H * d]`` with ``needs.vision_qk``, the prefix (CLS) rows' query
-            projections of the vision layer (bias included, before the ``d ** -0.5`` scale), heads concatenated.
+        vision_queries: ``[B, vision_prefix + N, H * d]`` with ``needs.vision_qk``, the query projections of
+            every row of the vision layer (bias included, before the ``d ** -0.5`` scale), heads concatenated.
         vision_keys_full: ``[B, vision_prefix + N, H * d]`` with ``needs.vision_qk``, the layer's key
             projections (bias included), heads concatenated; for merged patches averaged per token.
         vision_received: ``[B, N]`` where the adapter pools patches into tokens after the tower
@@ -197,6 +266,14 @@ class PruningInputs:
         view_attention: ``[B, V, T, T]`` pre-LLM at scope ``"clip"`` for a pruner with
             :attr:`TokenPruner.clip_inputs` that needs vision attention: each view's own map, as
             ``vision_attention`` is for one view (towers never attend across frames).
+        view_scores: ``[B, N]`` pre-LLM at scope ``"clip"`` for a :attr:`TokenPruner.clip_inputs` pruner
+            whose :meth:`TokenPruner.view_scores` scores a view: each token's score, computed on its own
+            view's inputs (views of any shapes: LLaVA-NeXT's base and high-res views), given instead of
+            ``view_attention``.
+        protected: ``[B, N]`` bool, in-LLM: the visual tokens an earlier stage of the same pruner marked
+            to be kept by every later stage (MustDrop's key set, chosen inside the vision tower with
+            :meth:`~tokenprune.in_vision.VisionReduction.mark`), carried with the tokens through
+            every cut; ``None`` when nothing was marked. The pruner itself decides what the mark means.
     """
 
     tokens: torch.Tensor
@@ -229,6 +306,8 @@ class PruningInputs:
     view_times: torch.Tensor | None = None
     view_features: torch.Tensor | None = None
     view_attention: torch.Tensor | None = None
+    view_scores: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -405,7 +484,13 @@ class TokenPruner(ABC):
 
     Class attributes:
         name: the registry name (set on registration).
-        stage: :attr:`Stage.PRE_LLM` or :attr:`Stage.IN_LLM`.
+        stage: where the pruner acts first: :attr:`Stage.PRE_LLM`, :attr:`Stage.IN_LLM` or
+            :attr:`Stage.IN_VISION`.
+        extra_stages: the further stages of a multi-stage method, e.g. MustDrop's
+            ``(Stage.IN_LLM, Stage.DECODE)`` after its in-vision stage: an in-vision pruner that also
+            acts in the LLM gets its :attr:`needs`' ``llm_stages`` run with the tokens its tower left
+            (positions as its own policy says from the first layer on); :attr:`Stage.DECODE` means
+            :meth:`decode_plan` is applied after prefill. Adapters ask :meth:`acts_in`.
         quantised: ``True`` if the kept count is not ``keep_count(ratio, N)`` (e.g. whole rows);
             such a pruner overrides :meth:`num_kept` and says how it rounds in its docstring.
         position_policy: the method's own convention for the position ids of what it keeps,
@@ -422,10 +507,14 @@ class TokenPruner(ABC):
         adaptive: the method chooses its count per sample (LLaVA-Scissor's components): ``num_kept``
             is only an upper bound, ``ratio`` may mean nothing (the method's docstring says), each
             sample goes through :meth:`select` in a batch of its own, and reports count what was kept.
+        image_by_image: in-vision, the rule couples the images of one tower pass (FlowCut's cut sizes are
+            the batch's largest): the adapter runs the tower one image at a time, as the official
+            evaluation (batch 1) does, so a batch gives what each image alone gives.
         clip_inputs: at scope ``"clip"``, :meth:`select` takes the whole clip in one call even when it
             needs vision attention (temporal methods): it gets each view's map in
             ``PruningInputs.view_attention`` beside the concatenated tokens, instead of being ranked
-            view by view through :meth:`token_scores`.
+            view by view through :meth:`token_scores`. One that scores each view with
+            :meth:`view_scores` gets those scores (``PruningInputs.view_scores``) instead of the maps.
 
     Every pre-LLM pruner also takes ``scope`` (through :func:`create_pruner` or a spec,
     ``fopru_rank:scope=clip``), whether or not its ``__init__`` names it; see :attr:`scope`.
@@ -433,6 +522,7 @@ class TokenPruner(ABC):
 
     name: ClassVar[str] = "unregistered"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    extra_stages: ClassVar[tuple[Stage, ...]] = ()
     quantised: ClassVar[bool] = False
     position_policy: ClassVar[str] = "keep"
     position_policy_mrope: ClassVar[str | None] = None
@@ -440,7 +530,12 @@ class TokenPruner(ABC):
     scopes: ClassVar[tuple[str, ...]] = SCOPES
     clip_inputs: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False
+    image_by_image: ClassVar[bool] = False
     ratio: float
+
+    def acts_in(self, stage: Stage) -> bool:
+        """Whether this pruner acts at ``stage`` (its :attr:`stage` or one of its :attr:`extra_stages`)."""
+        return stage is self.stage or stage in self.extra_stages
 
     @property
     def uses_ratio(self) -> bool:
@@ -470,6 +565,13 @@ class TokenPruner(ABC):
         per-view score; ``None`` otherwise. Scope ``"clip"`` uses it for pruners whose scores need
         per-view inputs (vision attention): each view is scored on its own, and the clip keeps its
         top ``keep_count(ratio, N_clip)`` tokens across views."""
+        return None
+
+    def view_scores(self, inputs: PruningInputs) -> torch.Tensor | None:
+        """For :attr:`clip_inputs` pruners: ``[B, N]`` per-token scores of one view from its own inputs
+        (vision attention), or ``None``. At scope ``"clip"`` each view is scored on its own and
+        :meth:`select` gets the clip's tokens with the scores concatenated (``PruningInputs.view_scores``),
+        so views of different shapes can share one call (HoloV on LLaVA-NeXT's base and high-res views)."""
         return None
 
     @property
@@ -521,6 +623,19 @@ class TokenPruner(ABC):
         over the keys, so a merged token weighs as the patches it stands for (ToMe's proportional
         attention)."""
         return False
+
+    def decode_plan(self, n_layers: int) -> DecodePlan | None:
+        """Pruners acting at :attr:`Stage.DECODE`: what decoding does on a decoder of ``n_layers`` layers
+        (:class:`DecodePlan`), or ``None`` for nothing. Called once per generation, after prefill."""
+        return None
+
+    def decode_select(self, state: DecodeState) -> torch.Tensor | None:
+        """For a :class:`DecodePlan` with ``select_layer``: ``[B, K]`` bool, the cache entries layers
+        ``select_layer..`` attend to at this step (the new token itself and only real entries are
+        always/never added by the decoder), or ``None``: every entry. Called once per decode step, in
+        step order, by the cached decoder and by the no-cache reference alike (each with its own
+        ``state.memory``); it should avoid host syncs (return a mask, not a data-dependent ``None``)."""
+        raise NotImplementedError(f"{type(self).__name__} has a decode select_layer but no decode_select")
 
     def choose_queries(self, inputs: PruningInputs) -> torch.Tensor:
         """For ``queries="chosen"`` stages: ``[B, T]`` bool over ``inputs.text_tokens``, the query

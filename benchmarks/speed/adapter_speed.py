@@ -95,9 +95,9 @@ def bench(name: str, lvlm, image_size: int, runs: int, batch: int) -> None:
                                   ("fopru_rank", "fopru_row", "random", "pool", "fastv")]
     calls, layers = [], {}
     for key, pruner in methods:
-        needs = pruner.needs if pruner is not None and pruner.stage is tp.Stage.PRE_LLM else PrunerNeeds()
+        needs = lvlm.vision_needs(pruner)
         views = lvlm.encode_images(inputs, needs)
-        in_llm = pruner if pruner is not None and pruner.stage is tp.Stage.IN_LLM else None
+        in_llm = lvlm._in_llm(pruner)
 
         def run(views=views, pruner=pruner, in_llm=in_llm):
             llm_inputs = lvlm._assemble(inputs, views, pruner, "keep", ids)[0]

@@ -21,7 +21,6 @@ import torch
 
 import tokenprune as tp
 from tokenprune.cost import llm_flops
-from tokenprune.pruner import PrunerNeeds, Stage
 
 from adapter_speed import paired_medians  # run as a script: its folder is on sys.path
 
@@ -67,9 +66,9 @@ def bench(name: str, build, frames: int, ratio: float, runs: int) -> None:
         except tp.OptionError as err:  # a method defined per frame only
             print(f"{name}: {method} scope={scope}: {err}")
     for key, scope, pruner in rows:
-        needs = pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+        needs = lvlm.vision_needs(pruner)
         views = lvlm.encode_images(inputs, needs)
-        in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        in_llm = lvlm._in_llm(pruner)
 
         def run(views=views, pruner=pruner, in_llm=in_llm):
             llm_inputs = lvlm._assemble(inputs, views, pruner, "keep", ["0"])[0]

@@ -67,7 +67,7 @@ def main() -> None:
 
         def prefill(needs=needs, pruner=pruner):
             views = lvlm.encode_images(inputs, needs)
-            in_llm = pruner if pruner is not None and pruner.stage is tp.Stage.IN_LLM else None
+            in_llm = lvlm._in_llm(pruner)
             llm_inputs = lvlm._assemble(inputs, views, pruner, "keep", ["0"])[0]
             return lvlm.runner.generate(llm_inputs, 1, pruner=in_llm)
 

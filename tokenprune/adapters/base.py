@@ -38,8 +38,8 @@ class View:
         vision_features: ``[N, Dv]`` what the projector reads for each token, if asked.
         vision_prefix_features: ``[prefix, Dv]`` the CLS/prefix tokens' features, where projectable.
         vision_keys: ``[prefix + N, d]`` head-averaged keys of the scored vision layer, if asked.
-        vision_queries / vision_keys_full: ``[prefix, H*d]`` / ``[prefix + N, H*d]`` the scored layer's
-            query projections of the prefix rows and its key projections, heads concatenated (``needs.vision_qk``).
+        vision_queries / vision_keys_full: ``[prefix + N, H*d]`` each, the scored layer's query and key
+            projections, heads concatenated (``needs.vision_qk``).
         vision_received: ``[N]`` for views whose tokens pool the tower's patches (LLaVA-OneVision and
             LLaVA-NeXT-Video frames), with all rows of vision attention asked: the attention each
             patch receives averaged over every query of the unpooled map, then pooled as the tokens
@@ -68,6 +68,9 @@ class View:
             ended in, ``-1`` if it was dropped (for pictures).
         encoder_blocks: with ``vision_origin``, per tower block run, ``(tokens its attention saw,
             tokens its MLP saw)`` (FLOPs accounting; ``encoder_seqs`` is then the uncut length).
+        vision_protected: ``[k]`` bool with ``vision_origin``: the tokens the in-vision pruner marked
+            (:meth:`~tokenprune.in_vision.VisionReduction.mark`), handed to its in-LLM stages as
+            ``PruningInputs.protected``; ``None``: none marked.
     """
 
     sample: int
@@ -95,6 +98,7 @@ class View:
     vision_origin: torch.Tensor | None = None
     vision_members: torch.Tensor | None = None
     encoder_blocks: tuple[tuple[int, int], ...] = ()
+    vision_protected: torch.Tensor | None = None
 
 
 @dataclass
@@ -427,9 +431,9 @@ class PrunableLVLM(ABC):
     def vision_needs(pruner: TokenPruner | None) -> PrunerNeeds:
         """What the vision pass must compute for ``pruner``: its needs if it prunes before the LLM, the
         pruner itself if it cuts inside the tower, else nothing."""
-        if pruner is not None and pruner.stage is Stage.IN_VISION:
+        if pruner is not None and pruner.acts_in(Stage.IN_VISION):
             return PrunerNeeds(in_vision=pruner)
-        return pruner.needs if pruner is not None and pruner.stage is Stage.PRE_LLM else PrunerNeeds()
+        return pruner.needs if pruner is not None and pruner.acts_in(Stage.PRE_LLM) else PrunerNeeds()
 
     def in_vision_refusal(self) -> str | None:
         """Why this family cannot run an in-vision pruner (one line), or ``None`` if it can (families
@@ -520,9 +524,9 @@ class PrunableLVLM(ABC):
             raise OptionError(f"the encoded batch holds {encoded.batch['input_ids'].shape[0]} samples, got {len(prompts)} prompts")
         batch, views = encoded.batch, encoded.views
         t1 = time.perf_counter()
-        in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        in_llm = self._in_llm(pruner)
         llm_inputs, n_in, n_kept, patches, (seqs, windows, blocks, projected) = self._assemble(
-            batch, views, pruner, "keep" if in_llm is not None else position_policy, ids, prompts)
+            batch, views, pruner, self._assembly_policy(pruner, position_policy), ids, prompts)
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
                                      ignore_eos=ignore_eos, position_policy=position_policy)
         sync()
@@ -598,9 +602,9 @@ class PrunableLVLM(ABC):
         u_ids = [ids[first[r]] for r in range(len(unique))]
 
         encoded = self.encode(u_images, u_prompts, self.vision_needs(pruner), chat_template=chat_template)
-        in_llm = pruner if pruner is not None and pruner.stage is Stage.IN_LLM else None
+        in_llm = self._in_llm(pruner)
         llm_inputs, n_in, n_kept, patches, (seqs, windows, blocks, projected) = self._assemble(
-            encoded.batch, encoded.views, pruner, "keep" if in_llm is not None else position_policy, u_ids, u_prompts)
+            encoded.batch, encoded.views, pruner, self._assembly_policy(pruner, position_policy), u_ids, u_prompts)
         device = llm_inputs.embeds.device
         width = max(len(t) for t in token_ids)
         targets = torch.full((len(token_ids), width), self.runner.pad_id, dtype=torch.long, device=device)
@@ -624,13 +628,29 @@ class PrunableLVLM(ABC):
                                    greedy=[bool(g) for g in result.greedy.all(1).tolist()],
                                    token_logprobs=per_token, stats=stats, first_logits=result.first_logits)
 
+    @staticmethod
+    def _in_llm(pruner: TokenPruner | None) -> TokenPruner | None:
+        """The pruner the decoder runs: one with in-LLM stages or a decode plan, else ``None``."""
+        if pruner is not None and (pruner.acts_in(Stage.IN_LLM) or pruner.acts_in(Stage.DECODE)):
+            return pruner
+        return None
+
+    @staticmethod
+    def _assembly_policy(pruner: TokenPruner | None, position_policy: str) -> str:
+        """Positions of the sequence handed to the decoder: the call's policy, except for a pruner whose
+        first cut is inside the LLM (its stages renumber there; the uncut input keeps its own)."""
+        if pruner is not None and pruner.acts_in(Stage.IN_LLM) and not (
+                pruner.acts_in(Stage.IN_VISION) or pruner.acts_in(Stage.PRE_LLM)):
+            return "keep"
+        return position_policy
+
     def _assemble(self, batch, views: list[View], pruner, position_policy, ids, prompts=None):
         """Embed the prompt, place the (pruned) visual tokens, cut and left-pack the sequence."""
         input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         b = input_ids.shape[0]
         positions = self.position_ids(batch)
         embeds = self.runner.embed(input_ids)
-        pre = pruner if pruner is not None and pruner.stage is Stage.PRE_LLM else None
+        pre = pruner if pruner is not None and pruner.acts_in(Stage.PRE_LLM) else None
         text = None
         if pre is not None and pre.needs.text:
             text = (*text_after_images(embeds, mask, views, input_ids), list(prompts) if prompts is not None else None)
@@ -664,6 +684,7 @@ class PrunableLVLM(ABC):
             image_span[rows, cols] = True
             embeds = embeds.index_put((rows, cols), torch.cat([t for _, t, *_ in kept_views]).to(embeds.dtype))
             deepstack = self._place_deepstack(views, kept_views, embeds)
+            protected = self._place_protected(views, kept_views, mask) if pre is None else None
             for v, (s, *_) in zip(views, kept_views):
                 if v.prunable:
                     n_in[v.sample] += v.seq_index.shape[0]
@@ -671,7 +692,7 @@ class PrunableLVLM(ABC):
                     projected[v.sample] += v.tokens.shape[0]
                     patches[v.sample] += v.patches if v.patches is not None else v.seq_index.shape[0] * v.patch_merge
         else:
-            image_span, deepstack = torch.zeros_like(mask), None
+            image_span, deepstack, protected = torch.zeros_like(mask), None, None
         index = left_pack(keep)
         new_mask = gather_seq(keep, index, 1)
         new_image = gather_seq(image_mask, index, 1) & new_mask
@@ -680,11 +701,13 @@ class PrunableLVLM(ABC):
             new_pos = self.compact_positions(new_pos, new_mask)
         view_grids: list[tuple[tuple[int, int], ...]] = [()] * b
         for v in prunable:  # encode_images returns views in sequence order
-            view_grids[v.sample] += (v.grid,)
+            # a view cut inside the tower is no longer a grid: its k tokens as one row
+            view_grids[v.sample] += (v.grid if v.vision_origin is None else (1, v.tokens.shape[0]),)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
                       sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask,
-                      deepstack=None if deepstack is None else gather_seq(deepstack, index, 2)),
+                      deepstack=None if deepstack is None else gather_seq(deepstack, index, 2),
+                      protected=None if protected is None else gather_seq(protected, index, 1) & new_mask),
             n_in, n_kept, patches, (seqs, windows, blocks, projected),
         )
 
@@ -697,6 +720,18 @@ class PrunableLVLM(ABC):
             return (v.seq_index, v.tokens, v.seq_index, v.deepstack)
         k = v.tokens.shape[0]
         return (v.seq_index[:k], v.tokens, v.seq_index[v.vision_origin], None)
+
+    @staticmethod
+    def _place_protected(views: list[View], kept_views: list[tuple], mask: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L]`` bool: the placed visual tokens an in-vision pruner marked (``View.vision_protected``),
+        ``None`` when no view carries marks."""
+        marked = [(v, s) for v, (s, *_) in zip(views, kept_views) if v.vision_protected is not None]
+        if not marked:
+            return None
+        out = torch.zeros_like(mask)
+        rows = torch.cat([torch.full_like(s, v.sample) for v, s in marked])
+        out[rows, torch.cat([s for _, s in marked])] = torch.cat([v.vision_protected.to(out.device) for v, _ in marked])
+        return out
 
     @staticmethod
     def _place_deepstack(views: list[View], kept_views: list[tuple], embeds: torch.Tensor) -> torch.Tensor | None:

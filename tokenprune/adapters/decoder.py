@@ -6,6 +6,12 @@ We run the decoder layers ourselves instead of calling ``generate``: position id
 keys), tokens merged inside the LLM and per-layer attention masks are not expressible through
 ``generate``. Each layer is the model's own module, called exactly as its parent model calls it;
 masks are 4-D boolean ``[B, 1, Lq, Lk]`` (SDPA's format).
+
+Decoding: every layer attends over its own cached layout (:class:`_Layout`). A pruner's
+:class:`~tokenprune.pruner.DecodePlan` may cut chosen layers' caches to the final set after prefill,
+number generated tokens per layer by cache length, and choose per step what later layers attend to;
+the no-cache reference (``use_cache=False``) recomputes every step with the same rule as attention masks
+and position ids (:meth:`DecoderRunner._reference_view`).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import OptionError
-from ..pruner import LLMStage, PruningInputs, TokenPruner
+from ..pruner import DecodePlan, DecodeState, LLMStage, PruningInputs, Stage, TokenPruner
 from .attention import input_attention, record_attention
 from .devices import execution_device, model_devices, on_input_device, synchronizer
 
@@ -43,6 +49,9 @@ class LLMInputs:
             generated tokens get nothing. ``None``: the model has no such side channel.
         deepstack_layers: the decoder layer after which each level is added; ``None``: level ``j``
             after layer ``j`` (Qwen3-VL's ``_deepstack_process``).
+        protected: ``[B, L]`` bool, visual tokens an earlier stage of the pruner marked to keep (an
+            in-vision stage's :meth:`~tokenprune.in_vision.VisionReduction.mark`); in-LLM stages receive
+            them as ``PruningInputs.protected``. ``None``: none marked.
     """
 
     embeds: torch.Tensor
@@ -54,6 +63,7 @@ class LLMInputs:
     image_span: torch.Tensor | None = None
     deepstack: torch.Tensor | None = None
     deepstack_layers: tuple[int, ...] | None = None
+    protected: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,6 +76,8 @@ class DecodeResult:
         prefill_tokens: ``[B, n_layers]`` tokens each decoder layer saw at prefill, per sample.
         visual_tokens: ``[B, n_layers]`` visual tokens among them (merged ones included).
         new_tokens: ``[B]`` generated tokens up to and including EOS.
+        cache_tokens: ``[B, n_layers]`` real tokens each layer's KV cache held when decoding began
+            (after a decode plan's cut; the prefill layout otherwise).
     """
 
     tokens: torch.Tensor
@@ -74,6 +86,7 @@ class DecodeResult:
     visual_tokens: torch.Tensor
     new_tokens: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    cache_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,6 +170,9 @@ class _Sequence:
     pivots); ``chosen`` the query rows a pruner chose on the layer-0 embeddings. ``deepstack``
     ``[levels, B, L, D]`` the DeepStack features still to be added (level ``j`` after decoder layer
     ``deepstack_layers[j]``), cut and merged with the tokens; ``None`` once consumed or without any.
+    ``protected`` marks visual tokens an earlier stage of the pruner protected (``None``: none);
+    ``ids`` is each token's index in the forward's input (merged tokens: new ids past every input
+    index), so the layouts of different layers can be matched (a decode plan's cut).
     """
 
     h: torch.Tensor
@@ -167,6 +183,8 @@ class _Sequence:
     chosen: torch.Tensor
     deepstack: torch.Tensor | None = None
     deepstack_layers: tuple[int, ...] = ()
+    protected: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
 
     def reorder(self, keep: torch.Tensor, merge: torch.Tensor | None) -> "_Sequence":
         """Keep the ``keep`` tokens and insert ``merge @ h`` right after each sample's last kept
@@ -174,14 +192,15 @@ class _Sequence:
 
         A merged token takes the position of its heaviest source (the lowest such index on ties)
         and counts as visual at later stages; its DeepStack features (every level still to come) are
-        the same weighted sum of its sources' features.
+        the same weighted sum of its sources' features. It is never protected.
         """
         b, length = keep.shape
         keep = keep & self.mask
         dev = keep.device
         key = torch.arange(length, device=dev, dtype=torch.float64).expand(b, -1)
         h, pos, img, after, chosen = self.h, self.positions, self.image_mask, self.after_image, self.chosen
-        deep = self.deepstack
+        deep, prot = self.deepstack, self.protected
+        ids = self.ids if self.ids is not None else torch.arange(length, device=dev).expand(b, -1)
         if merge is not None and merge.shape[1] > 0:
             m = merge.shape[1]
             valid = merge.sum(-1) > 0  # [B, M]
@@ -197,13 +216,17 @@ class _Sequence:
             img = torch.cat([img, valid], 1)
             zeros = torch.zeros_like(valid)
             after, chosen = torch.cat([after, zeros], 1), torch.cat([chosen, zeros], 1)
+            prot = None if prot is None else torch.cat([prot, zeros], 1)
+            ids = torch.cat([ids, ids.amax(1, keepdim=True) + 1 + torch.arange(m, device=dev)], 1)
         order = torch.sort(key.masked_fill(~keep, -1.0), dim=1, stable=True).indices
         index = order[:, order.shape[1] - int(keep.sum(1).max()):]
         return _Sequence(h=gather_seq(h, index, 1), mask=gather_seq(keep, index, 1),
                          positions=gather_seq(pos, index, pos.dim() - 1), image_mask=gather_seq(img, index, 1),
                          after_image=gather_seq(after, index, 1), chosen=gather_seq(chosen, index, 1),
                          deepstack=None if deep is None else gather_seq(deep, index, 2),
-                         deepstack_layers=self.deepstack_layers)
+                         deepstack_layers=self.deepstack_layers,
+                         protected=None if prot is None else gather_seq(prot, index, 1),
+                         ids=gather_seq(ids, index, 1))
 
 
 @dataclass
@@ -212,13 +235,70 @@ class StageRecord:
 
     ``keep`` ``[B, L_in]`` kept tokens; ``merge`` ``[B, M, L_in]`` merge weights or ``None``;
     ``mask_after`` ``[B, L_out]`` the layout the stage's layers cache; ``next_position`` ``[B]``
-    the position a first generated token takes in those layers.
+    the position a first generated token takes in those layers; ``ids_after`` ``[B, L_out]`` which
+    prefill token each entry of that layout is (see ``_Sequence.ids``) and ``image_after`` its visual ones.
     """
 
     keep: torch.Tensor
     merge: torch.Tensor | None
     mask_after: torch.Tensor
     next_position: torch.Tensor
+    ids_after: torch.Tensor | None = None
+    image_after: torch.Tensor | None = None
+
+
+@dataclass
+class _Layout:
+    """The cached layout decoding attends over at one or more decoder layers (cached decoding).
+
+    ``mask`` ``[B, K]`` real cache entries (grows by one per step); ``visual`` ``[B, K]`` those that are
+    prompt visual tokens; ``next_pos`` ``[B]`` the position of the first generated token there;
+    ``index`` ``[B, K0]`` for a layout a decode plan cut from its layer group's (the gather index into
+    the group's cache, applied once after prefill), else ``None``; ``attend`` ``[B, K0]`` over the
+    *group's* prefill layout, the entries generated tokens see (the no-cache reference's view of the cut).
+    """
+
+    mask: torch.Tensor
+    visual: torch.Tensor
+    next_pos: torch.Tensor
+    index: torch.Tensor | None = None
+    attend: torch.Tensor | None = None
+
+    def grow(self, real: torch.Tensor) -> None:
+        """Append one generated token (``real`` ``[B]`` bool) to the layout."""
+        self.mask = torch.cat([self.mask, real[:, None]], 1)
+        self.visual = torch.cat([self.visual, torch.zeros_like(real[:, None])], 1)
+
+
+@dataclass
+class _RefDecode:
+    """The no-cache reference's view of a decode plan, for one re-run of prompt + ``n_gen`` generated tokens.
+
+    ``attend[i]`` ``[B, K_g]``: the entries of layer ``i``'s group's prefill layout the generated tokens
+    see there (the plan's cut as a mask); ``first_pos[i]`` ``[B]`` or ``None``: the position of the first
+    generated token at layer ``i`` (``None``: the sequence's own); ``history`` the select-mode selections
+    of the earlier generated tokens (``[B, K_g + j + 1]`` for token ``j``); ``new_selection`` is set by
+    the re-run for the newest token.
+    """
+
+    n_gen: int
+    attend: list[torch.Tensor | None]
+    first_pos: list[torch.Tensor | None]
+    select_layer: int | None = None
+    visual: torch.Tensor | None = None
+    history: list[torch.Tensor | None] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    new_selection: torch.Tensor | None = None
+
+
+def rows_isin(values: torch.Tensor, pool: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: each ``values[b, i]`` occurs among ``pool[b][pool_mask[b]]`` (no host sync).
+
+    ``values`` ``[B, L]`` and ``pool`` ``[B, P]`` non-negative longs; ``pool_mask`` ``[B, P]`` bool."""
+    big = torch.iinfo(torch.long).max
+    sorted_pool = torch.sort(pool.masked_fill(~pool_mask, big), dim=1).values
+    at = torch.searchsorted(sorted_pool, values.contiguous()).clamp_max(sorted_pool.shape[1] - 1)
+    return sorted_pool.gather(1, at) == values
 
 
 def next_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -277,12 +357,15 @@ class DecoderRunner:
         return stages
 
     # -- one forward over a (part of a) sequence ------------------------------------------------
-    def _run_layers(self, seq: _Sequence, cache, pruner, stages, replay, sample_ids, view_grids, policy, q_len):
+    def _run_layers(self, seq: _Sequence, cache, pruner, stages, replay, sample_ids, view_grids, policy, q_len,
+                    decode: _RefDecode | None = None):
         """Run every layer; returns the last hidden state, per-layer token/visual counts, stage records.
 
         ``seq`` describes the keys of this forward. At each stage's layer, the pruner selects (or
         ``replay`` -- records of an earlier prefill, extended over new tokens -- repeats its choice)
-        and the sequence is cut, merged and, under ``policy="compact"``, renumbered.
+        and the sequence is cut, merged and, under ``policy="compact"``, renumbered. ``decode`` (the
+        no-cache reference of a decode plan) masks what the generated tokens at the end of ``seq`` see
+        at each layer and sets their positions there (:meth:`_reference_view`).
         """
         pe = self.model.rotary_emb(seq.h, seq.positions[..., -q_len:] if q_len < seq.positions.shape[-1] else seq.positions)
         mask4 = causal_mask_4d(seq.mask, q_len)
@@ -291,7 +374,7 @@ class DecoderRunner:
         n_orig = (seq.image_mask & seq.mask).sum(1)
         if replay is None and any(st.queries == "chosen" for st in stages):
             seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
-        tokens, visual, rec = [], [], None
+        tokens, visual, rec, rec_select, view_key = [], [], None, None, None
         for i, layer in enumerate(self.layers):
             if i in at:
                 s = at[i]
@@ -304,9 +387,18 @@ class DecoderRunner:
                 seq = seq.reorder(keep, merge)
                 if policy == "compact":
                     seq = replace(seq, positions=compact_positions(seq.positions, seq.mask))
-                records.append(StageRecord(keep, merge, seq.mask, next_positions(seq.positions, seq.mask)))
+                records.append(StageRecord(keep, merge, seq.mask, next_positions(seq.positions, seq.mask),
+                                           ids_after=seq.ids, image_after=seq.image_mask & seq.mask))
                 pe = self.model.rotary_emb(seq.h, seq.positions)
                 mask4 = causal_mask_4d(seq.mask, seq.h.shape[1])
+            if decode is not None:
+                selecting = decode.select_layer is not None and i >= decode.select_layer
+                if selecting and i == decode.select_layer:
+                    decode.new_selection = self._reference_select(pruner, decode, rec_select, seq, sample_ids)
+                key = (id(decode.attend[i]), id(decode.first_pos[i]), selecting)
+                if i in at or key != view_key:
+                    view_key = key
+                    mask4, pe = self._reference_view(seq, decode, i, selecting)
             tokens.append(seq.mask.sum(1))
             visual.append((seq.image_mask & seq.mask).sum(1))
             nxt = stages[at[i + 1]] if replay is None and i + 1 in at else None
@@ -316,6 +408,10 @@ class DecoderRunner:
                     h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
                               use_cache=cache is not None)
                 rec.query_mask = None if rows is None else rows[1]
+            elif decode is not None and decode.select_layer is not None and i == decode.select_layer - 1:
+                with record_attention(layer.self_attn, rows="last") as rec_select:  # the newest token's row
+                    h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
+                              use_cache=cache is not None)
             else:
                 h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
                           use_cache=cache is not None)
@@ -328,6 +424,52 @@ class DecoderRunner:
                     seq = replace(seq, deepstack=None)
             seq = replace(seq, h=h)
         return seq.h, torch.stack(tokens, 1), torch.stack(visual, 1), records
+
+    def _reference_view(self, seq: _Sequence, decode: _RefDecode, i: int, selecting: bool):
+        """``(mask4, position embeddings)`` of layer ``i`` in the no-cache reference of a decode plan.
+
+        The prompt rows attend as at prefill (their keys are what prefill cached). The ``n_gen``
+        generated rows at the end see, of the prompt, only ``decode.attend[i]`` (the plan's cut at this
+        layer), of each other the causal past, and from ``select_layer`` on only what each one's step
+        selected; their positions are ``decode.first_pos[i] + 0, 1, ...`` where the plan sets them.
+        """
+        n_gen = decode.n_gen
+        length = seq.h.shape[1]
+        lg = length - n_gen
+        mask4 = causal_mask_4d(seq.mask, length)
+        attend = decode.attend[i]
+        if attend is not None or selecting:
+            gen = mask4[:, 0, lg:, :].clone()  # [B, n_gen, L]
+            if attend is not None:
+                if attend.shape[1] != lg:
+                    raise RuntimeError(f"decode plan layout of {attend.shape[1]} prompt entries at layer {i}, "
+                                       f"the reference holds {lg}")
+                gen[:, :, :lg] &= attend[:, None, :]
+            if selecting:
+                for j, sel in enumerate(decode.history + [decode.new_selection]):  # one row per decode step
+                    if sel is not None:
+                        gen[:, j, : lg + j + 1] &= sel
+            mask4 = torch.cat([mask4[:, :, :lg], gen[:, None]], 2)
+        positions = seq.positions
+        first = decode.first_pos[i]
+        if first is not None:
+            positions = positions.clone()
+            positions[..., lg:] = first[:, None] + torch.arange(n_gen, device=first.device)
+        return mask4, self.model.rotary_emb(seq.h, positions)
+
+    def _reference_select(self, pruner: TokenPruner, decode: _RefDecode, rec, seq: _Sequence, sample_ids):
+        """The reference's own decode selection for its newest token, from the attention it recorded."""
+        n_gen = decode.n_gen
+        attn = rec.maps[0][:, 0].to(seq.mask.device).float()  # [B, L]: the newest token's row
+        visual = torch.cat([decode.visual, torch.zeros_like(seq.mask[:, -n_gen:])], 1)
+        state = DecodeState(attention=attn, visual=visual, mask=seq.mask.clone(), step=n_gen - 1,
+                            layer=decode.select_layer, sample_ids=sample_ids, memory=decode.memory)
+        sel = pruner.decode_select(state)
+        if sel is None:
+            return None
+        sel = sel.to(seq.mask.device).bool() & seq.mask
+        sel[:, -1] = True  # a token always sees itself
+        return sel
 
     @staticmethod
     def _query_rows(queries: str, seq: _Sequence) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,9 +522,10 @@ class DecoderRunner:
         groups: dict[tuple, list[int]] = {}
         for b, (n, n0) in enumerate(zip(n_img.tolist(), n_orig.tolist())):
             grids = view_grids[b] if (view_grids is not None and s == 0) else None
-            groups.setdefault((n, n0, grids), []).append(b)
+            # an adaptive pruner's count differs per sample, and one Reduction holds one count: one sample per call
+            groups.setdefault((n, n0, grids, b if pruner.adaptive else None), []).append(b)
         merges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for (n, n0, grids), members in groups.items():
+        for (n, n0, grids, _), members in groups.items():
             if n == 0:
                 continue  # no visual tokens (a text-only sample): nothing to prune
             rows = torch.tensor(members, device=seq.mask.device)
@@ -399,6 +542,7 @@ class DecoderRunner:
                 text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=gather_seq(after[rows], txt_pos, 1),
                 text_keys=None if keys is None else gather_seq(keys[rows], txt_pos, 1),
                 final_norm=on_input_device(self.model.norm),  # the norm itself unless dispatched
+                protected=None if seq.protected is None else gather_seq(seq.protected[rows], img_pos, 1),
             )
             red = pruner(inputs)
             keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
@@ -417,6 +561,93 @@ class DecoderRunner:
         """``[B, V]`` float logits of the last position, on ``device``."""
         return self.lm_head(self.model.norm(h[:, -1:])).float()[:, 0].to(device)
 
+    # -- decoding: per-layer cached layouts and the decode plan -----------------------------------
+    def decode_plan(self, pruner: TokenPruner | None, stages: tuple[LLMStage, ...]) -> DecodePlan | None:
+        """The pruner's :class:`~tokenprune.pruner.DecodePlan`, checked against this decoder and its
+        stages (one clear line when it does not fit); ``None`` without one."""
+        if pruner is None or not pruner.acts_in(Stage.DECODE):
+            return None
+        n = len(self.layers)
+        plan = pruner.decode_plan(n)
+        if plan is None:
+            return None
+        bad = [layer for layer in plan.cut_layers if not 0 <= layer < n]
+        if bad:
+            raise OptionError(f"{pruner.name} cuts the decode cache of layers {bad}, but this decoder has {n} layers "
+                              f"(0..{n - 1}); set the pruner's layer option to fit")
+        if plan.positions not in ("continue", "cache_length"):
+            raise OptionError(f"{pruner.name}: decode positions must be 'continue' or 'cache_length', got {plan.positions!r}")
+        if plan.select_layer is not None:
+            top = plan.select_layer
+            if not 1 <= top < n:
+                raise OptionError(f"{pruner.name} selects decode attention from layer {top}, but this decoder has {n} "
+                                  f"layers: use a layer in 1..{n - 1}")
+            if any(st.layer >= top for st in stages) or any(c >= top - 1 for c in plan.cut_layers):
+                raise OptionError(f"{pruner.name} selects what layers {top}.. attend to while decoding; layers "
+                                  f"{top - 1}..{n - 1} must share one cached layout, but an in-LLM stage or a cache cut "
+                                  "falls there")
+        return plan
+
+    def _layouts(self, inputs: LLMInputs, records: list[StageRecord], stages: tuple[LLMStage, ...],
+                 plan: DecodePlan | None) -> tuple[list[_Layout], list[int]]:
+        """The cached layouts decoding attends over, and each layer's (index into them).
+
+        Without a plan: one layout per layer group (the layers between two stages cache alike). A plan's
+        ``cut_layers`` get their group's layout cut to the tokens that reach the last layer (matched by
+        ``ids``), one cut layout per group; ``positions="cache_length"`` numbers generated tokens from
+        each layout's real-token count. One host sync per cut group (the packed width), none per step.
+        """
+        n = len(self.layers)
+        starts = [0] + [st.layer for st in stages]
+        group_of = [max(g for g, start in enumerate(starts) if start <= i) for i in range(n)]
+        masks = [inputs.mask] + [r.mask_after for r in records]
+        b, length = inputs.mask.shape
+        ids = [torch.arange(length, device=inputs.mask.device).expand(b, -1)] + [r.ids_after for r in records]
+        visual = [inputs.image_mask & inputs.mask] + [r.image_after for r in records]
+        nexts = [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]
+        by_count = plan is not None and plan.positions == "cache_length"
+        layouts = [_Layout(mask=m, visual=v, next_pos=m.sum(1) if by_count else p) for m, v, p in zip(masks, visual, nexts)]
+        layer_of = list(group_of)
+        made: dict[int, int] = {}
+        for i in sorted(set(plan.cut_layers) if plan is not None else ()):
+            g = group_of[i]
+            if g not in made:
+                survivors = masks[g] & rows_isin(ids[g], ids[-1], masks[-1])
+                index = left_pack(survivors)
+                mask = gather_seq(survivors, index, 1)
+                made[g] = len(layouts)
+                layouts.append(_Layout(mask=mask, visual=gather_seq(visual[g], index, 1) & mask,
+                                       next_pos=mask.sum(1) if by_count else nexts[g], index=index, attend=survivors))
+            layer_of[i] = made[g]
+        return layouts, layer_of
+
+    @staticmethod
+    def _cut_cache(cache: DynamicCache, layouts: list[_Layout], layer_of: list[int]) -> None:
+        """Cut the KV cache of every layer whose layout a decode plan cut (``_Layout.index``), in place."""
+        for i, which in enumerate(layer_of):
+            index = layouts[which].index
+            if index is None:
+                continue
+            layer = cache.layers[i]
+            idx = index.to(layer.keys.device)[:, None, :, None]
+            layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+
+    def _reference_decode(self, layouts: list[_Layout], layer_of: list[int], plan: DecodePlan | None, n_gen: int,
+                          history: list, memory: dict) -> _RefDecode | None:
+        """The no-cache reference's view of ``plan`` for a re-run with ``n_gen`` generated tokens."""
+        if plan is None:
+            return None
+        attend = [layouts[w].attend for w in layer_of]
+        first: dict[int, torch.Tensor | None] = {}
+        for w in set(layer_of):  # cache_length: the prompt entries the generated tokens see there
+            lay = layouts[w]
+            first[w] = ((lay.attend if lay.attend is not None else lay.mask).sum(1)
+                        if plan.positions == "cache_length" else None)
+        visual = layouts[layer_of[plan.select_layer]].visual if plan.select_layer is not None else None
+        return _RefDecode(n_gen=n_gen, attend=attend, first_pos=[first[w] for w in layer_of],
+                          select_layer=plan.select_layer, visual=visual, history=history, memory=memory)
+
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int, pruner: TokenPruner | None = None,
@@ -425,13 +656,17 @@ class DecoderRunner:
 
         With ``use_cache=False`` every step re-runs the whole (pruned) sequence: the reference
         that cached decoding must match. An in-LLM pruner selects once per stage, at prefill; the
-        reference replays those selections (and merges), as the cache does. ``ignore_eos`` always
-        decodes ``max_new_tokens`` (fixed-length latency runs, decoding tests).
-        ``position_policy`` applies to in-LLM stages: ``"compact"`` renumbers after each stage.
+        reference replays those selections (and merges), as the cache does. A decode plan
+        (:meth:`decode_plan`) cuts cached layers after prefill, numbers generated tokens per layer and
+        selects per step what later layers attend to; the reference recomputes every hidden state with
+        the same rule as attention masks and position ids (:meth:`_reference_view`), and selects with its
+        own attention. ``ignore_eos`` always decodes ``max_new_tokens`` (fixed-length latency runs,
+        decoding tests). ``position_policy`` applies to in-LLM stages: ``"compact"`` renumbers after each stage.
         """
         b = inputs.embeds.shape[0]
         device = inputs.embeds.device
         stages = self.schedule(pruner)
+        plan = self.decode_plan(pruner, stages)
         sync = self.synchronizer() if device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         eos = self.eos_ids.to(device) if not ignore_eos else torch.empty(0, dtype=torch.long, device=device)
@@ -441,16 +676,20 @@ class DecoderRunner:
                                                     inputs.view_grids, position_policy, inputs.embeds.shape[1])
         logits = self._logits(h, device)
         first_logits = logits
+        # Each layer decodes over its own cached layout, numbering new tokens from its own next position
+        # (stages that renumber shift it down by the tokens they dropped; a decode plan may cut it).
+        layouts, layer_of = self._layouts(inputs, records, stages, plan)
+        if use_cache:
+            self._cut_cache(cache, layouts, layer_of)
+        cache_tokens = torch.stack([layouts[w].mask.sum(1) for w in layer_of], 1)
         sync()  # timing boundaries only: never inside the decode loop
         t_prefill = time.perf_counter()
         out = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         new_tokens = torch.zeros(b, dtype=torch.long, device=device)
-        # Layer groups between stages: each caches its own layout and numbers new tokens from its
-        # own next position (stages that renumber shift it down by the tokens they dropped).
-        starts = [0] + [st.layer for st in stages]
-        masks = [inputs.mask] + [r.mask_after for r in records]
-        next_pos = [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]
+        select = (pruner, {}, inputs.sample_ids) if plan is not None and plan.select_layer is not None else None
+        history: list = []  # the reference's own decode selections, one per generated token
+        ref_memory: dict = {}
         embeds, full_mask, full_pos = inputs.embeds, inputs.mask, inputs.positions
         for step in range(max_new_tokens):
             token = logits.argmax(-1)
@@ -463,10 +702,12 @@ class DecoderRunner:
             tok_emb = self.embed(token[:, None])
             one = torch.ones(b, 1, dtype=torch.bool, device=device)
             if use_cache:
-                masks = [torch.cat([m, one], 1) for m in masks]
-                h = self._decode_step(tok_emb, step, starts, masks, next_pos, cache, inputs.positions.dim())
+                for lay in layouts:
+                    lay.grow(one[:, 0])
+                h = self._decode_step(tok_emb, step, layouts, layer_of, cache, inputs.positions.dim(),
+                                      plan.select_layer if select else None, select)
             else:
-                pos = self._positions_at(next_pos[0] + step, inputs.positions.dim())
+                pos = self._positions_at(next_positions(inputs.positions, inputs.mask) + step, inputs.positions.dim())
                 embeds = torch.cat([embeds, tok_emb], 1)
                 full_mask = torch.cat([full_mask, one], 1)
                 full_pos = torch.cat([full_pos, pos], -1)
@@ -476,13 +717,17 @@ class DecoderRunner:
                           for r in records]
                 seq = self._initial_sequence(replace(inputs, embeds=embeds, mask=full_mask, positions=full_pos,
                                                      image_mask=torch.cat([inputs.image_mask, ~one.expand(-1, grown)], 1)))
+                ref = self._reference_decode(layouts, layer_of, plan, grown, history, ref_memory)
                 h, _, _, _ = self._run_layers(seq, None, pruner, stages, replay, inputs.sample_ids, None,
-                                              position_policy, embeds.shape[1])
+                                              position_policy, embeds.shape[1], decode=ref)
+                if ref is not None and ref.select_layer is not None:
+                    history = history + [ref.new_selection]
             logits = self._logits(h, device)
         sync()
         t_end = time.perf_counter()
         return DecodeResult(tokens=out, first_logits=first_logits, prefill_tokens=n_tok, visual_tokens=n_vis,
-                            new_tokens=new_tokens, timings={"prefill": t_prefill - t0, "decode": t_end - t_prefill})
+                            new_tokens=new_tokens, timings={"prefill": t_prefill - t0, "decode": t_end - t_prefill},
+                            cache_tokens=cache_tokens)
 
     @torch.no_grad()
     def score(self, inputs: LLMInputs, targets: torch.Tensor, target_mask: torch.Tensor,
@@ -492,7 +737,9 @@ class DecoderRunner:
 
         The prompts are prefilled exactly as :meth:`generate` prefills them (in-LLM stages select
         and cut at prefill); the continuation tokens then go through the KV cache in one cached
-        forward, each layer group over its own cached layout and positions, as generated tokens do.
+        forward, each layer over its own cached layout and positions, as generated tokens do (a decode
+        plan's cut and positions included; a plan that selects per step runs the continuation token
+        by token, as decoding would).
 
         Args:
             inputs: ``U`` prompts.
@@ -513,6 +760,7 @@ class DecoderRunner:
         if targets.shape[1] == 0 or not bool(target_mask[:, 0].all()):
             raise OptionError("every continuation needs at least one token")
         stages = self.schedule(pruner)
+        plan = self.decode_plan(pruner, stages)
         cache = DynamicCache()
         seq = self._initial_sequence(inputs)
         h, n_tok, n_vis, records = self._run_layers(seq, cache, pruner, stages, None, inputs.sample_ids,
@@ -525,33 +773,45 @@ class DecoderRunner:
         logprobs[:, 0] = logp.gather(1, targets[:, :1])[:, 0]
         greedy[:, 0] = logp.argmax(-1) == targets[:, 0]
         if c > 1:
+            layouts, layer_of = self._layouts(inputs, records, stages, plan)
+            self._cut_cache(cache, layouts, layer_of)
             if not torch.equal(rows, torch.arange(u, device=device)):
                 cache.reorder_cache(rows)  # one cached prompt per continuation
-            starts = [0] + [st.layer for st in stages]
-            masks = [m[rows] for m in [inputs.mask] + [r.mask_after for r in records]]
-            next_pos = [p[rows] for p in [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]]
-            h = self._extend(self.embed(targets[:, :-1]), starts, masks, next_pos, cache, inputs.positions.dim(),
-                             target_mask[:, :-1])
+                layouts = [_Layout(mask=lay.mask[rows], visual=lay.visual[rows], next_pos=lay.next_pos[rows])
+                           for lay in layouts]
+            dims = inputs.positions.dim()
+            if plan is not None and plan.select_layer is not None:  # step by step, as decoding selects
+                select = (pruner, {}, [inputs.sample_ids[r] for r in rows.tolist()])
+                hs = []
+                for j in range(c - 1):
+                    for lay in layouts:  # padding continues after a row's last token: it never reaches a real one
+                        lay.grow(torch.ones(b, dtype=torch.bool, device=device))
+                    hs.append(self._decode_step(self.embed(targets[:, j:j + 1]), j, layouts, layer_of, cache, dims,
+                                                plan.select_layer, select))
+                h = torch.cat(hs, 1)
+            else:
+                h = self._extend(self.embed(targets[:, :-1]), layouts, layer_of, cache, dims, target_mask[:, :-1])
             logp = self.lm_head(self.model.norm(h)).float().to(device).log_softmax(-1)  # [B, C-1, V]
             logprobs[:, 1:] = logp.gather(2, targets[:, 1:, None])[..., 0]
             greedy[:, 1:] = logp.argmax(-1) == targets[:, 1:]
         return ScoreResult(logprobs=logprobs.masked_fill(~target_mask, 0.0), greedy=greedy | ~target_mask,
                            first_logits=first, prefill_tokens=n_tok, visual_tokens=n_vis)
 
-    def _extend(self, tok_emb, starts, masks, next_pos, cache, dims, new_mask):
+    def _extend(self, tok_emb, layouts: list[_Layout], layer_of: list[int], cache, dims, new_mask):
         """``q`` new tokens ``[B, q, D]`` through the cache in one forward (causal among themselves):
-        each layer group attends over its cached layout plus the new tokens, numbered from its own
-        next position. ``new_mask`` ``[B, q]`` marks real tokens (padding comes last)."""
+        each layer attends over its cached layout plus the new tokens, numbered from its layout's next
+        position. ``new_mask`` ``[B, q]`` marks real tokens (padding comes last)."""
         q = tok_emb.shape[1]
         offsets = torch.arange(q, device=tok_emb.device)
         h = tok_emb
-        group = -1
+        current = None
         for i, layer in enumerate(self.layers):
-            if group + 1 < len(starts) and i == starts[group + 1]:
-                group += 1
-                pos = next_pos[group][:, None] + offsets  # [B, q]
+            if layer_of[i] != current:
+                current = layer_of[i]
+                lay = layouts[current]
+                pos = lay.next_pos[:, None] + offsets  # [B, q]
                 pe = self.model.rotary_emb(tok_emb, pos.unsqueeze(0).expand(3, -1, -1) if dims == 3 else pos)
-                mask = causal_mask_4d(torch.cat([masks[group], new_mask], 1), q)
+                mask = causal_mask_4d(torch.cat([lay.mask, new_mask], 1), q)
             h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
         return h
 
@@ -571,8 +831,13 @@ class DecoderRunner:
             deep_layers = tuple(inputs.deepstack_layers or range(deep.shape[0]))
             if deep.shape[2] < mask.shape[1]:  # the no-cache reference: generated tokens get no DeepStack
                 deep = torch.cat([deep, deep.new_zeros(*deep.shape[:2], mask.shape[1] - deep.shape[2], deep.shape[3])], 2)
+        protected = inputs.protected
+        if protected is not None and protected.shape[1] < mask.shape[1]:  # the reference: generated tokens appended
+            protected = torch.cat([protected, torch.zeros_like(mask[:, protected.shape[1]:])], 1)
+        ids = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
         return _Sequence(h=inputs.embeds, mask=mask, positions=inputs.positions, image_mask=inputs.image_mask,
-                         after_image=after, chosen=torch.zeros_like(mask), deepstack=deep, deepstack_layers=deep_layers)
+                         after_image=after, chosen=torch.zeros_like(mask), deepstack=deep, deepstack_layers=deep_layers,
+                         protected=protected, ids=ids)
 
     @staticmethod
     def _positions_at(value: torch.Tensor, dims: int) -> torch.Tensor:
@@ -580,14 +845,32 @@ class DecoderRunner:
         pos = value[:, None]
         return pos.unsqueeze(0).expand(3, -1, -1) if dims == 3 else pos
 
-    def _decode_step(self, tok_emb, step, starts, masks, next_pos, cache, dims):
-        """One cached step: each layer group attends over its own cached layout, at its own position."""
+    def _decode_step(self, tok_emb, step, layouts: list[_Layout], layer_of: list[int], cache, dims,
+                     select_layer: int | None = None, select: tuple | None = None):
+        """One cached step: each layer attends over its own cached layout (already grown by the new
+        token), at its own position. ``select`` ``(pruner, memory, sample_ids)`` with ``select_layer``:
+        layer ``select_layer - 1`` records the new token's attention, the pruner picks what layers
+        ``select_layer..`` attend to (:meth:`~tokenprune.pruner.TokenPruner.decode_select`)."""
         h = tok_emb
-        group = -1
+        current = None
         for i, layer in enumerate(self.layers):
-            if group + 1 < len(starts) and i == starts[group + 1]:
-                group += 1
-                pe = self.model.rotary_emb(tok_emb, self._positions_at(next_pos[group] + step, dims))
-                mask = masks[group][:, None, None, :]
+            if layer_of[i] != current:
+                current = layer_of[i]
+                lay = layouts[current]
+                pe = self.model.rotary_emb(tok_emb, self._positions_at(lay.next_pos + step, dims))
+                mask = lay.mask[:, None, None, :]
+            if select_layer is not None and i == select_layer - 1:
+                with record_attention(layer.self_attn, rows="last") as rec:
+                    h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+                pruner, memory, sample_ids = select
+                dev = lay.mask.device
+                state = DecodeState(attention=rec.maps[0][:, 0].to(dev).float(), visual=lay.visual, mask=lay.mask,
+                                    step=step, layer=select_layer, sample_ids=sample_ids, memory=memory)
+                sel = pruner.decode_select(state)
+                if sel is not None:  # layers select_layer.. share this layout (checked in decode_plan)
+                    sel = sel.to(dev).bool() & lay.mask
+                    sel[:, -1] = True  # a token always sees itself
+                    mask = sel[:, None, None, :]
+                continue
             h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
         return h

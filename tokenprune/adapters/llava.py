@@ -93,8 +93,8 @@ class LlavaLVLM(PrunableLVLM):
             raise OptionError(f"LLaVA image features ({n} tokens) do not form a square grid")
         attn = rec.maps[0] if rec is not None else None
         keys = rec.keys[0].mean(1) if rec is not None and needs.vision_keys else None  # [I, T, d]
-        qk = (rec.queries[0][:, :, :prefix].transpose(1, 2).flatten(2), rec.keys[0].transpose(1, 2).flatten(2)) \
-            if rec is not None and needs.vision_qk else (None, None)  # heads concatenated: [I, prefix, H*d], [I, T, H*d]
+        qk = (rec.queries[0].transpose(1, 2).flatten(2), rec.keys[0].transpose(1, 2).flatten(2)) \
+            if rec is not None and needs.vision_qk else (None, None)  # heads concatenated: [I, T, H*d] each
         views = []
         spans = image_spans(batch["input_ids"], cfg.image_token_id, [n] * feats.shape[0])
         for i, (b, j, seq_index) in enumerate(spans):
@@ -121,14 +121,16 @@ class LlavaLVLM(PrunableLVLM):
     def _encode_in_vision(self, batch, pixel_values: torch.Tensor, pruner) -> list[View]:
         """One view per image with ``pruner`` cutting inside the tower: each view's ``tokens`` are the
         ``k`` the tower let through, projected; the image keeps its ``N`` placeholders (``seq_index``),
-        of which the first ``k`` take the tokens. An ``adaptive`` pruner runs image by image."""
+        of which the first ``k`` take the tokens, and the tokens the pruner marked (``vision_protected``).
+        An ``adaptive`` pruner runs image by image."""
         from .vision_blocks import run_tower
 
         cfg = self.model.config
         tower = self.model.model.vision_tower
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
         n_images = pixel_values.shape[0]
-        groups = [[i] for i in range(n_images)] if pruner.adaptive else [list(range(n_images))]
+        alone = pruner.adaptive or pruner.image_by_image
+        groups = [[i] for i in range(n_images)] if alone else [list(range(n_images))]
         runs = {}
         for members in groups:
             run = run_tower(tower, pixel_values[members], pruner, cfg.vision_feature_layer, prefix)
@@ -146,7 +148,8 @@ class LlavaLVLM(PrunableLVLM):
             tokens, run, row = runs[i]
             views.append(View(sample=b, tokens=tokens, grid=(side, side), seq_index=seq_index, vision_prefix=prefix,
                               encoder_seqs=(n + prefix,), image=j, patches=n, vision_origin=run.origin[row],
-                              vision_members=run.members[row], encoder_blocks=tuple(run.blocks)))
+                              vision_members=run.members[row], encoder_blocks=tuple(run.blocks),
+                              vision_protected=None if run.protected is None else run.protected[row]))
         return views
 
     def reference_vision_attention(self, batch, layer: int) -> list[torch.Tensor]:

@@ -7,7 +7,10 @@ s it asked for and applying each :class:`~tokenprune.in_vision.VisionReduction`,
 block (and the projector, and the LLM) sees the shorter sequence. The halves call the block's own
 submodules in the block's own order, so a tower with no cut gives Hugging Face's hidden states bit
 for bit. Blocks past the one whose output the projector reads are not run (Hugging Face runs them
-and throws their output away).
+and throws their output away), unless a hook reads one (MustDrop's key set comes from the CLS attention
+of the tower's last block, one past LLaVA's feature block): then they run on the features, the last
+only up to the hook, and what the pruner marks there (:meth:`~tokenprune.in_vision.VisionReduction.mark`)
+travels with the tokens into the LLM.
 
 Towers: CLIP and SigLIP (``layer_norm1`` / ``self_attn`` / ``layer_norm2`` / ``mlp``) and DINOv2
 (``norm1`` / ``attention`` / ``layer_scale1`` / ``norm2`` / ``mlp`` / ``layer_scale2``). Others are
@@ -16,7 +19,7 @@ refused in one line by the family (:meth:`~tokenprune.adapters.base.PrunableLVLM
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -125,7 +128,10 @@ class TowerRun:
         origin: ``[B, L - prefix]`` the original patch each patch token takes its position from.
         members: ``[B, P]`` each original patch's token among the ``L - prefix`` (``-1``: dropped).
         sizes: ``[B, L - prefix]`` patches each token covers.
-        blocks: per block run, ``(tokens its attention saw, tokens its MLP saw)``.
+        blocks: per block run, ``(tokens its attention saw, tokens its MLP saw)``; a block past the
+            feature block that ran only for a hook's attention reads counts ``(T, 0)``.
+        protected: ``[B, L - prefix]`` bool, the patch tokens the pruner marked
+            (:meth:`~tokenprune.in_vision.VisionReduction.mark`); ``None`` when it marked none.
     """
 
     features: torch.Tensor
@@ -133,6 +139,7 @@ class TowerRun:
     members: torch.Tensor
     sizes: torch.Tensor
     blocks: list[tuple[int, int]] = field(default_factory=list)
+    protected: torch.Tensor | None = None
 
 
 def _union(a: VisionHook | None, b: VisionHook | None) -> VisionHook | None:
@@ -160,7 +167,10 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
         pixel_values: ``[B, 3, H, W]``.
         pruner: an in-vision pruner (its :meth:`~tokenprune.pruner.TokenPruner.vision_hooks`).
         feature_layer: the index into Hugging Face's ``hidden_states`` the projector reads (``-2``:
-            the output of the second-to-last block); blocks after it are not run.
+            the output of the second-to-last block); blocks after it are not run, unless a hook asks
+            for one (a negative ``VisionHook.block``, e.g. MustDrop's last-block CLS attention): then
+            the blocks up to it run on the features, the last of them only up to the hook's point,
+            and what the pruner returns there may only mark tokens, not cut.
         prefix: CLS / register tokens leading the sequence, never cut.
         sample_ids: one id per image, handed to the pruner.
     """
@@ -171,9 +181,11 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
     n_run = feature_layer % (n_all + 1)  # hidden_states[i] is the output of block i - 1
     hooks: dict[tuple[int, str], VisionHook] = {}
     for h in pruner.vision_hooks(n_run):
-        if not 0 <= h.block < n_run:
-            raise OptionError(f"{pruner.name} asked for vision block {h.block}; the tower runs blocks 0..{n_run - 1}")
-        hooks[(h.block, h.point)] = h
+        block = h.block + n_all if h.block < 0 else h.block
+        if not 0 <= block < n_all:
+            raise OptionError(f"{pruner.name} asked for vision block {h.block}; the tower has blocks 0..{n_all - 1}")
+        hooks[(block, h.point)] = replace(h, block=block)
+    n_exec = max([n_run] + [blk + 1 for blk, _ in hooks])  # blocks past n_run run only for a hook's reads
     x = parts.embed(pixel_values)
     b, t, _ = x.shape
     patches = t - prefix
@@ -187,13 +199,15 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
     memory: dict[str, Any] = {}
     merged = False
     counts: list[tuple[int, int]] = []
+    protected: torch.Tensor | None = None
+    features = x
 
     def cut(block_idx: int, point: str, rec) -> None:
-        nonlocal x, sizes, origin, members, merged
+        nonlocal x, sizes, origin, members, merged, protected
         hook = hooks[(block_idx, point)]
         state = VisionState(
             hidden=x, prefix=prefix, grid=grid, block=block_idx, point=point, n_blocks=n_run, target=target,
-            sizes=sizes, origin=origin, sample_ids=sample_ids, memory=memory,
+            sizes=sizes, origin=origin, sample_ids=sample_ids, memory=memory, protected=protected,
             keys=rec.keys[0].mean(1) if rec is not None and hook.keys else None,
             attention=rec.maps[0] if rec is not None and hook.attention != "none" else None,
             values=rec.values[0] if rec is not None and hook.values else None,
@@ -201,16 +215,35 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
         red = pruner.select(state)
         if red is None:
             return
+        marks = protected
+        if red.protect is not None:  # the prefix is never marked
+            new = red.protect.to(dev).bool().clone()
+            new[:, :prefix] = False
+            marks = new if marks is None else marks | new
+        if block_idx >= n_run:  # past the feature block: its output is thrown away, so nothing may be cut
+            if red.length != x.shape[1]:
+                raise OptionError(f"{pruner.name} cut vision block {block_idx}, past the block the projector reads "
+                                  f"({n_run - 1}); there it may only mark tokens (VisionReduction.mark)")
+            protected = marks
+            return
+        if marks is not None:  # a slot is marked if any token merged into it is
+            dest = torch.where(red.slots.to(dev) < 0, red.length, red.slots.to(dev))
+            protected = torch.zeros(b, red.length + 1, dtype=torch.long, device=dev).scatter_reduce(
+                1, dest, marks.long(), reduce="amax")[:, : red.length].bool()
         x, sizes, origin, members = apply_reduction(red, x, sizes, origin, members)
         merged = True
 
-    for i, block in enumerate(parts.blocks[:n_run]):
+    for i, block in enumerate(parts.blocks[:n_exec]):
         bias = None
         if merged and pruner.proportional_attention:  # ToMe: log(size) over the key axis
             bias = sizes.log()[:, None, None, :].to(x.dtype)
         n_attn = x.shape[1]
         with _recording(parts, block, _union(hooks.get((i, "attention")), hooks.get((i, "block"))), prefix) as rec:
             x = parts.attention_half(block, x, bias)
+        if i >= n_run and i == n_exec - 1 and (i, "block") not in hooks:
+            cut(i, "attention", rec)  # the last block run only for its attention reads: no MLP
+            counts.append((n_attn, 0))
+            break
         if (i, "attention") in hooks:
             cut(i, "attention", rec)
         n_mlp = x.shape[1]
@@ -218,5 +251,8 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
         if (i, "block") in hooks:
             cut(i, "block", rec)
         counts.append((n_attn, n_mlp))
-    return TowerRun(features=x, origin=origin[:, prefix:], members=torch.where(members >= 0, members - prefix, -1),
-                    sizes=sizes[:, prefix:], blocks=counts)
+        if i == n_run - 1:
+            features = x
+    return TowerRun(features=features, origin=origin[:, prefix:], members=torch.where(members >= 0, members - prefix, -1),
+                    sizes=sizes[:, prefix:], blocks=counts,
+                    protected=None if protected is None else protected[:, prefix:])
