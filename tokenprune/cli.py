@@ -113,7 +113,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"  needs: {pruner.needs.describe() or 'visual tokens only'}")
     if pruner.extra_stages:
         print(f"  also acts: {', '.join(st.value for st in pruner.extra_stages)}")
-    stages = pruner.needs.schedule()
+    stages = pruner.llm_schedule(args.layers)  # the layers on a decoder of that depth (V2Drop scales them)
     if len(stages) > 1 and not pruner.adaptive:
         counts = pruner.stage_counts(n, args.layers)
         bounds = [st.layer for st in stages] + [args.layers]

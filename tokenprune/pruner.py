@@ -62,12 +62,16 @@ class LLMStage:
             :meth:`TokenPruner.choose_queries` picked once on the layer-0 embeddings, e.g.
             SparseVLM's raters).
         keys: ``True`` for the post-rotary keys of layer ``layer - 1`` (DART).
+        previous_hidden: ``True`` for the hidden states that entered layer ``layer - 1``
+            (``PruningInputs.previous_tokens``), so that ``tokens - previous_tokens`` is what that
+            layer changed (V2Drop's token variation).
     """
 
     layer: int
     attention: Literal["none", "previous", "input"] = "none"
     queries: QueryRows = "last"
     keys: bool = False
+    previous_hidden: bool = False
 
 
 DecodePositions = Literal["continue", "cache_length"]
@@ -198,6 +202,7 @@ class PrunerNeeds:
         for i, st in enumerate(self.schedule()):
             what = [f"{st.attention} attention ({st.queries} rows)"] if st.attention != "none" else []
             what += ["keys"] if st.keys else []
+            what += [f"hidden states entering layer {st.layer - 1}"] if st.previous_hidden else []
             out[f"llm_stage_{i}"] = f"before layer {st.layer}: hidden states" + "".join(f", {w}" for w in what)
         return out
 
@@ -248,6 +253,10 @@ class PruningInputs:
             out; InternVL: tiles then thumbnail); ``tokens`` is their concatenation.
         llm_keys: ``[B, N, H_kv * d]`` post-rotary keys of layer ``layer - 1`` at the visual tokens,
             heads flattened, if the stage asked for ``keys``.
+        previous_tokens: ``[B, N, D]`` in-LLM, if the stage asked for ``previous_hidden``: the hidden
+            states of the same visual tokens as they entered layer ``layer - 1`` (what
+            ``output_hidden_states[layer - 1]`` holds there; on Qwen3-VL ``tokens`` also carries the
+            DeepStack features added after that layer), in the same order as ``tokens``.
         text_tokens: ``[B, T, D]`` the text tokens after the image (the prompt's instruction and the
             assistant prefix), padding first: in-LLM their hidden states, pre-LLM (``needs.text``)
             their input embeddings; ``text_mask`` ``[B, T]`` marks the real ones, ``text_keys``
@@ -296,6 +305,7 @@ class PruningInputs:
     num_original: int = 0
     view_grids: tuple[tuple[int, int], ...] | None = None
     llm_keys: torch.Tensor | None = None
+    previous_tokens: torch.Tensor | None = None
     text_tokens: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
     text_keys: torch.Tensor | None = None
@@ -587,6 +597,12 @@ class TokenPruner(ABC):
         """How many tokens this pruner keeps out of ``n_tokens`` laid out as ``grid`` (in-LLM: at the
         first stage)."""
         return keep_count(self.ratio, n_tokens)
+
+    def llm_schedule(self, n_layers: int) -> tuple[LLMStage, ...]:
+        """The in-LLM prune points on a decoder of ``n_layers`` layers, in layer order. Default:
+        ``needs.schedule()``, the same at every depth; a method whose official layers are fractions of
+        the official model's depth (V2Drop) overrides it to scale them."""
+        return self.needs.schedule()
 
     def stage_counts(self, n_tokens: int, n_layers: int = 0) -> list[int]:
         """Visual tokens kept after each stage of the schedule (one entry for one-stage pruners;

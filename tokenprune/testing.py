@@ -50,6 +50,7 @@ def synthetic_inputs(
         text_keys=torch.randn(batch, n_text, 8, generator=g),
         vision_queries=torch.randn(batch, vision_prefix + n, 8, generator=g),
         vision_keys_full=torch.randn(batch, vision_prefix + n, 8, generator=g),
+        previous_tokens=torch.randn(batch, n, dim, generator=g),  # drawn last: earlier fields keep their values
     )
 
 

@@ -347,8 +347,8 @@ class DecoderRunner:
         """The pruner's in-LLM stages, checked against this decoder (clear error when they do not fit)."""
         if pruner is None:
             return ()
-        stages = pruner.needs.schedule()
         n = len(self.layers)
+        stages = pruner.llm_schedule(n)
         layers = [st.layer for st in stages]
         if any(not 1 <= layer < n for layer in layers) or layers != sorted(set(layers)):
             raise OptionError(
@@ -375,6 +375,7 @@ class DecoderRunner:
         if replay is None and any(st.queries == "chosen" for st in stages):
             seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
         tokens, visual, rec, rec_select, view_key = [], [], None, None, None
+        prev = None  # what layer i - 1 received, kept only when stage i asks for it (previous_hidden)
         for i, layer in enumerate(self.layers):
             if i in at:
                 s = at[i]
@@ -383,7 +384,7 @@ class DecoderRunner:
                     keep, merge = replay[s]
                 else:
                     keep, merge = self._select(pruner, s, stages[s], seq, rec, pe, mask4, n_orig, sample_ids,
-                                               view_grids)
+                                               view_grids, prev)
                 seq = seq.reorder(keep, merge)
                 if policy == "compact":
                     seq = replace(seq, positions=compact_positions(seq.positions, seq.mask))
@@ -402,6 +403,7 @@ class DecoderRunner:
             tokens.append(seq.mask.sum(1))
             visual.append((seq.image_mask & seq.mask).sum(1))
             nxt = stages[at[i + 1]] if replay is None and i + 1 in at else None
+            prev = seq.h if nxt is not None and nxt.previous_hidden else None  # same layout as layer i + 1's input
             if nxt is not None and (nxt.attention == "previous" or nxt.keys):
                 rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" else None
                 with record_attention(layer.self_attn, rows=None if rows is None else rows[0], keys=nxt.keys) as rec:
@@ -502,7 +504,8 @@ class DecoderRunner:
             chosen[rows.unsqueeze(1), txt_pos] = picked
         return chosen & after
 
-    def _select(self, pruner, s, stage: LLMStage, seq: _Sequence, rec, pe, mask4, n_orig, sample_ids, view_grids):
+    def _select(self, pruner, s, stage: LLMStage, seq: _Sequence, rec, pe, mask4, n_orig, sample_ids, view_grids,
+                prev=None):
         """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None)``."""
         attn, qmask = None, None
         dev = seq.mask.device  # recorded on the layer's device: brought to the sequence state's
@@ -511,6 +514,7 @@ class DecoderRunner:
         elif stage.attention == "input":
             rows, qmask = self._query_rows(stage.queries, seq)
             attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows).to(dev)
+        prev = None if prev is None else prev.to(dev)  # [B, L, D]: what layer stage.layer - 1 received
         keys = None
         if stage.keys:
             k = rec.keys[0].to(dev)  # [B, H_kv, L, d]
@@ -539,6 +543,7 @@ class DecoderRunner:
                 llm_query_mask=None if qmask is None else qmask[rows],
                 stage=s, layer=stage.layer, num_layers=len(self.layers), num_original=n0,
                 view_grids=grids, llm_keys=None if keys is None else gather_seq(keys[rows], img_pos, 1),
+                previous_tokens=None if prev is None else gather_seq(prev[rows], img_pos, 1),
                 text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=gather_seq(after[rows], txt_pos, 1),
                 text_keys=None if keys is None else gather_seq(keys[rows], txt_pos, 1),
                 final_norm=on_input_device(self.model.norm),  # the norm itself unless dispatched
