@@ -583,3 +583,21 @@ def test_marks_travel_through_merges_and_late_blocks_only_mark():
     with pytest.raises(OptionError, match="may only mark") as err, torch.no_grad():
         run_tower(tower, px, _MarkThenMerge(cut_late=True), -2, 1)
     assert "\n" not in str(err.value)
+
+
+def test_decode_flops_count_the_cut_caches():
+    """After the KV cut, the filter layers (official 2..14; here 1..3 of 6, TINY) decode against the final set:
+    the stats say what each cache held, and decode FLOPs are counted from it, below what prefill cached."""
+    from tokenprune import cost
+
+    lvlm = _llava()
+    out = lvlm.generate(_images(1), PROMPTS[:1], pruner=_mustdrop(), max_new_tokens=4, ignore_eos=True)
+    st = out.stats[0]
+    final = st.tokens_per_layer[-1]
+    assert st.cache_per_layer[0] == st.tokens_per_layer[0]  # the layer before the first filter keeps its cache
+    assert st.cache_per_layer[1:] == [final] * (len(st.tokens_per_layer) - 1)
+    assert st.tokens_per_layer[1] > final  # the later filters really cut
+    dims = cost.TextDims.from_config(lvlm.model.config)
+    c = cost.sample_cost(lvlm.model.config, lvlm.vision_spec(), st)
+    assert c.decode == 2.0 * cost.decode_macs(dims, st.cache_per_layer, 4)
+    assert c.decode < 2.0 * cost.decode_macs(dims, st.tokens_per_layer, 4)

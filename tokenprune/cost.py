@@ -223,7 +223,8 @@ def sample_cost(config: Any, vision: VisionSpec, stats: Any) -> SampleCost:
         vision=vision_flops(vision, stats.vision_seqs, stats.vision_patches, _projected(stats),
                             getattr(stats, "vision_windows", ()), getattr(stats, "vision_blocks", ())),
         prefill=2.0 * prefill_macs(d, tokens),
-        decode=2.0 * decode_macs(d, tokens, stats.new_tokens),
+        # a decode plan that cut the KV cache after prefill (MustDrop): decoding attends to the cut caches
+        decode=2.0 * decode_macs(d, getattr(stats, "cache_per_layer", None) or tokens, stats.new_tokens),
         lm_head=2.0 * lm_head_macs(d, stats.new_tokens),
         paper=llm_flops(config, tokens, convention="paper"),
     )

@@ -112,6 +112,8 @@ class SampleStats:
     each tower block run (empty: every block of the tower saw the whole sequence);
     ``visual_tokens_projected`` the tokens the projector ran on (fewer than ``visual_tokens_in`` when
     an in-vision pruner cut inside the tower).
+    ``cache_per_layer[i]``: the tokens layer ``i``'s KV cache held when decoding began, where a decode
+    plan cut it after prefill (MustDrop); empty: what prefill cached (``tokens_per_layer``).
     """
 
     visual_tokens_in: int
@@ -125,6 +127,7 @@ class SampleStats:
     vision_windows: list[int] = field(default_factory=list)
     vision_blocks: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     visual_tokens_projected: int | None = None
+    cache_per_layer: list[int] = field(default_factory=list)
 
     @property
     def visual_tokens_avg(self) -> float:
@@ -532,6 +535,12 @@ class PrunableLVLM(ABC):
         sync()
         t2 = time.perf_counter()
 
+        cut_caches = [[] for _ in prompts]  # a decode plan's cut: what each layer's cache held from then on
+        if result.cache_tokens is not None:
+            prefill = result.prefill_tokens.tolist()
+            for i, row in enumerate(result.cache_tokens.tolist()):
+                if row != prefill[i]:
+                    cut_caches[i] = row
         texts = self.tokenizer.batch_decode(
             [row[: int(n)] for row, n in zip(result.tokens.tolist(), result.new_tokens.tolist())],
             skip_special_tokens=True,
@@ -545,7 +554,7 @@ class PrunableLVLM(ABC):
                 tokens_per_layer=result.prefill_tokens[i].tolist(), visual_per_layer=result.visual_tokens[i].tolist(),
                 new_tokens=int(result.new_tokens[i]), vision_patches=patches[i], vision_seqs=seqs[i],
                 vision_windows=windows[i], vision_blocks=blocks[i] if any(blocks[i]) else [],
-                visual_tokens_projected=projected[i],
+                visual_tokens_projected=projected[i], cache_per_layer=cut_caches[i],
             )
             for i in range(len(prompts))
         ]
