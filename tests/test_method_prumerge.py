@@ -661,3 +661,16 @@ def test_siglip_column_mean_is_effivlms(tiny_siglip):
     assert sources[:-1].tolist() == views[0].seq_index[ref_idx[0]].tolist()
     with torch.no_grad():
         torch.testing.assert_close(tokens, tiny_siglip.project_features(ref)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("zoo", ["tiny-llava-next", "tiny-qwen2-vl", "tiny-internvl"])
+def test_families_without_raw_qk_refuse_in_one_line(zoo):
+    """PruMerge's single-head attention needs the raw q / k rows of one view's tower pass: defined on the llava
+    family; elsewhere one line, before anything runs."""
+    from PIL import Image
+
+    lvlm = tp.load(zoo)
+    img = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    with pytest.raises(OptionError, match="raw query / key") as err:
+        lvlm.generate([img], ["what?"], pruner=tp.create_pruner("prumerge_plus"), max_new_tokens=1)
+    assert "\n" not in str(err.value)

@@ -230,6 +230,8 @@ class PrunableLVLM(ABC):
     family: ClassVar[str] = "?"
     model_types: ClassVar[tuple[str, ...]] = ()
     mrope: ClassVar[bool] = False  # 3-D (M-RoPE) position ids
+    # hands pre-LLM pruners the scored vision layer's raw q / k projections (PrunerNeeds.vision_qk)
+    provides_vision_qk: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any):
         self.model = model.eval()
@@ -455,6 +457,10 @@ class PrunableLVLM(ABC):
         needs = needs or PrunerNeeds()
         if needs.in_vision is not None and (refusal := self.in_vision_refusal()) is not None:
             raise OptionError(refusal)
+        if needs.vision_qk and not self.provides_vision_qk:
+            raise OptionError(f"the {self.family} adapter does not hand pruners the vision layer's raw query / key "
+                              "projections (PruMerge's single-head attention); they run on family llava (LLaVA-1.5 "
+                              "style, one grid per image)")
         sync = self._synchronizer()
         t0 = time.perf_counter()
         device = self.device

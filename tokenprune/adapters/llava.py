@@ -68,6 +68,7 @@ class LlavaLVLM(PrunableLVLM):
 
     family = "llava"
     model_types = ("llava",)
+    provides_vision_qk = True
 
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
         """One view per image, images in the processor's order (samples in order, each sample's images

@@ -47,6 +47,7 @@ class LlavaNextLVLM(LlavaLVLM):
 
     family = "llava_next"
     model_types = ("llava_next",)
+    provides_vision_qk = False  # its views stitch crops: no one-to-one q / k rows per view (yet)
 
 
     def in_vision_refusal(self) -> str | None:
