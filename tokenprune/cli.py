@@ -23,7 +23,8 @@ def _pruner_row(entry) -> list[str]:
     cls = entry.obj
     if cls is None:
         return [entry.name, "?", entry.origin, f"failed to load: {entry.error}"]
-    return [entry.name, cls.stage.value, entry.origin, entry.description]
+    stages = "+".join(st.value for st in (cls.stage, *cls.extra_stages))  # dycoke: pre_llm+decode
+    return [entry.name, stages, entry.origin, entry.description]
 
 
 LISTED.append(("pruners", PRUNERS, _pruner_row))
