@@ -234,14 +234,38 @@ def answer_prior(questions: list[tuple[str, str]]) -> dict[str, str]:
     return {t: c.most_common(1)[0][0] for t, c in counts.items()}
 
 
+class ShortAnswerByKind(Task):
+    """A generated task's scoring: a short answer, exact match, accuracy overall and per question kind
+    (``Sample.category`` among :attr:`kinds`); shared by ``shapes_scene`` and ``shapes_video``."""
+
+    kinds: tuple[str, ...] = ()
+
+    def prompt(self, sample):
+        return sample.question + SHORT_ANSWER
+
+    def score(self, prediction, sample):
+        from .metrics import normalize_exact
+
+        return {"accuracy": float(normalize_exact(prediction) == normalize_exact(sample.answers[0]))}
+
+    def aggregate(self, scores, samples):
+        out = {"accuracy": sum(s["accuracy"] for s in scores) / max(len(scores), 1)}
+        for kind in self.kinds:
+            mine = [s["accuracy"] for s, x in zip(scores, samples) if x.category == kind]
+            if mine:
+                out[f"accuracy_{kind}"] = sum(mine) / len(mine)
+        return out
+
+
 @register_task("shapes_scene")
-class ShapesScene(Task):
+class ShapesScene(ShortAnswerByKind):
     """Several small shapes per image; presence, counting, place and relation questions (generated,
     seeded, offline). Exact match; per-kind accuracies are reported beside the headline."""
 
     dataset_path = "generated"
     split = "test"
     headline = "accuracy"
+    kinds = KINDS
     max_new_tokens = 4
 
     def load_rows(self, data_dir=None, config=None, split=None):
@@ -268,18 +292,3 @@ class ShapesScene(Task):
         return Sample(sample_id, image, row["question"], [row["answer"]], category=row["kind"],
                       extra={"scene": row["scene"]})
 
-    def prompt(self, sample):
-        return sample.question + SHORT_ANSWER
-
-    def score(self, prediction, sample):
-        from .metrics import normalize_exact
-
-        return {"accuracy": float(normalize_exact(prediction) == normalize_exact(sample.answers[0]))}
-
-    def aggregate(self, scores, samples):
-        out = {"accuracy": sum(s["accuracy"] for s in scores) / max(len(scores), 1)}
-        for kind in KINDS:
-            mine = [s["accuracy"] for s, x in zip(scores, samples) if x.category == kind]
-            if mine:
-                out[f"accuracy_{kind}"] = sum(mine) / len(mine)
-        return out

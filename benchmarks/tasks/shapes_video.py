@@ -58,7 +58,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...errors import OptionError
-from .base import SHORT_ANSWER, Sample, Task, register_task
+from .base import Sample, register_task
+from .shapes_scene import ShortAnswerByKind
 
 SIZE = 224  # default frame side (the demo's DINOv2-small)
 FRAMES = 16
@@ -627,7 +628,7 @@ def blind_answer(question: str, prior: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------------------------------
 @register_task("shapes_video")
-class ShapesVideo(Task):
+class ShapesVideo(ShortAnswerByKind):
     """Small shapes that move, flash and change colour under static clutter; six question kinds
     (generated, seeded, offline). Exact match; per-kind accuracies beside the headline.
 
@@ -643,6 +644,7 @@ class ShapesVideo(Task):
     dataset_path = "generated"
     split = "test"
     headline = "accuracy"
+    kinds = KINDS
     max_new_tokens = 4
     until = ("\n",)
 
@@ -691,21 +693,6 @@ class ShapesVideo(Task):
                       extra={"scene": row["scene"], "targets": list(row["targets"]), "size": self.size,
                              "frame_indices": list(range(self.frames))})
 
-    def prompt(self, sample):
-        return sample.question + SHORT_ANSWER
-
-    def score(self, prediction, sample):
-        from .metrics import normalize_exact
-
-        return {"accuracy": float(normalize_exact(prediction) == normalize_exact(sample.answers[0]))}
-
-    def aggregate(self, scores, samples):
-        out = {"accuracy": sum(s["accuracy"] for s in scores) / max(len(scores), 1)}
-        for kind in KINDS:
-            mine = [s["accuracy"] for s, x in zip(scores, samples) if x.category == kind]
-            if mine:
-                out[f"accuracy_{kind}"] = sum(mine) / len(mine)
-        return out
 
 
 __all__ = ["Actor", "Clutter", "KINDS", "Question", "ShapesVideo", "VideoScene", "actor_box", "actor_mask",
