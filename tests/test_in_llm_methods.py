@@ -183,7 +183,8 @@ def test_sparsevlm_equals_official_rule_on_random_inputs(seed):
 
 def official_dart(hidden_normed, keys, text_keys, text_hidden_normed, ratio, pivots=4):
     """ZichenWen1/DART modeling_llama_self.py / LightCompress dart.py get_retained_image_token, batch 1, on the
-    image span followed by the text after it; the pivot set iterated in sorted order (see docs/methods.md)."""
+    image span followed by the text after it; the pivot set iterated in sorted order, i.e. ``pivot_order=
+    "sequence"`` (the official ``list(set(...))`` order, the default, is tested in test_method_dart.py)."""
     n = keys.shape[1]
     topk = math.ceil((n * ratio) // (pivots + pivots))
     img = torch.norm(keys[0], p=1, dim=-1).topk(pivots).indices.tolist()
@@ -211,7 +212,7 @@ def test_dart_equals_official_rule_on_random_inputs(seed, ratio):
     keys, text_keys = torch.randn(1, n, 24, generator=g), torch.randn(1, n_text, 24, generator=g)
     norm = torch.nn.RMSNorm(d)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5, generator=g)
-    red = tp.create_pruner("dart", ratio=ratio)(PruningInputs(
+    red = tp.create_pruner("dart", ratio=ratio, pivot_order="sequence")(PruningInputs(
         tokens=hidden, grid=(8, 9), llm_keys=keys, text_tokens=text, text_keys=text_keys,
         text_mask=torch.ones(1, n_text, dtype=torch.bool), final_norm=norm))
     with torch.no_grad():

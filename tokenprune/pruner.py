@@ -283,6 +283,17 @@ class PruningInputs:
             to be kept by every later stage (MustDrop's key set, chosen inside the vision tower with
             :meth:`~tokenprune.in_vision.VisionReduction.mark`), carried with the tokens through
             every cut; ``None`` when nothing was marked. The pruner itself decides what the mark means.
+        seq_index: ``[B, N]`` long, in-LLM: each visual token's index in its sample's input sequence,
+            padding not counted (``0`` = the sample's first real token): the "absolute position" the
+            official batch-1 codes index with (DART's ``image_token_start_index + i`` for the ``i``-th
+            image token). At a pruner's first stage it equals the 1-D position id of the same prompt
+            unpadded (not Qwen's M-RoPE ids, which do not count tokens). Built as the token's column in
+            the forward's input minus that of the sample's first real token: exact at a pruner's first
+            stage; at a later one too while that first token survives (only a prompt opening with an
+            image token can lose it), and a token an earlier stage merged has no index of its own (its
+            value is past the input's length). ``None`` pre-LLM.
+        text_seq_index: ``[B, T]`` long, in-LLM: the same index for ``text_tokens``; ``-1`` where
+            ``text_mask`` is ``False``. (Not :attr:`Reduction.positions`, which names position ids.)
     """
 
     tokens: torch.Tensor
@@ -318,6 +329,8 @@ class PruningInputs:
     view_attention: torch.Tensor | None = None
     view_scores: torch.Tensor | None = None
     protected: torch.Tensor | None = None
+    seq_index: torch.Tensor | None = None
+    text_seq_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:

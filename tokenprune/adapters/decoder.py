@@ -523,6 +523,10 @@ class DecoderRunner:
         after = seq.after_image & seq.mask
         keep = seq.mask & ~seq.image_mask
         n_img = img.sum(1)
+        # Each token's index in its sample's unpadded input (PruningInputs.seq_index): its input column
+        # minus that of the sample's first real token.
+        ids = seq.ids if seq.ids is not None else torch.arange(seq.mask.shape[1], device=dev).expand(seq.mask.shape[0], -1)
+        seq_index = ids - torch.where(seq.mask, ids, ids.amax() + 1).amin(1, keepdim=True)
         groups: dict[tuple, list[int]] = {}
         for b, (n, n0) in enumerate(zip(n_img.tolist(), n_orig.tolist())):
             grids = view_grids[b] if (view_grids is not None and s == 0) else None
@@ -535,6 +539,7 @@ class DecoderRunner:
             rows = torch.tensor(members, device=seq.mask.device)
             img_pos = left_pack(img[rows])  # [b, n] positions of the visual tokens, in order
             txt_pos = left_pack(after[rows])
+            text_mask = gather_seq(after[rows], txt_pos, 1)
             grid = grids[0] if grids is not None and len(grids) == 1 else (1, n)
             inputs = PruningInputs(
                 tokens=gather_seq(seq.h[rows], img_pos, 1), grid=grid,
@@ -544,10 +549,12 @@ class DecoderRunner:
                 stage=s, layer=stage.layer, num_layers=len(self.layers), num_original=n0,
                 view_grids=grids, llm_keys=None if keys is None else gather_seq(keys[rows], img_pos, 1),
                 previous_tokens=None if prev is None else gather_seq(prev[rows], img_pos, 1),
-                text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=gather_seq(after[rows], txt_pos, 1),
+                text_tokens=gather_seq(seq.h[rows], txt_pos, 1), text_mask=text_mask,
                 text_keys=None if keys is None else gather_seq(keys[rows], txt_pos, 1),
                 final_norm=on_input_device(self.model.norm),  # the norm itself unless dispatched
                 protected=None if seq.protected is None else gather_seq(seq.protected[rows], img_pos, 1),
+                seq_index=gather_seq(seq_index[rows], img_pos, 1),
+                text_seq_index=gather_seq(seq_index[rows], txt_pos, 1).masked_fill(~text_mask, -1),
             )
             red = pruner(inputs)
             keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
