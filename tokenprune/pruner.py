@@ -65,6 +65,12 @@ class LLMStage:
         previous_hidden: ``True`` for the hidden states that entered layer ``layer - 1``
             (``PruningInputs.previous_tokens``), so that ``tokens - previous_tokens`` is what that
             layer changed (V2Drop's token variation).
+        heads: how the attention's heads become one map: ``"mean"`` (every method so far) or ``"max"``
+            (the largest probability any head gives; PruneVid).
+        rotary: ``False`` (with ``attention="previous"``): the probabilities of layer ``layer - 1``'s queries
+            and keys *before* the rotary embedding, over every real key of the sequence (no causal mask), as
+            PruneVid's official ``attn_weights_wo_pos``; computed from the hidden states that entered that
+            layer with its own input norm and q/k projections (and q/k norms where it has them).
     """
 
     layer: int
@@ -72,6 +78,8 @@ class LLMStage:
     queries: QueryRows = "last"
     keys: bool = False
     previous_hidden: bool = False
+    heads: Literal["mean", "max"] = "mean"
+    rotary: bool = True
 
 
 DecodePositions = Literal["continue", "cache_length"]
@@ -200,7 +208,8 @@ class PrunerNeeds:
         if self.in_vision is not None:
             out.update(in_vision=repr(self.in_vision))
         for i, st in enumerate(self.schedule()):
-            what = [f"{st.attention} attention ({st.queries} rows)"] if st.attention != "none" else []
+            kind = st.attention + ("" if st.rotary else " un-rotated, unmasked") + ("" if st.heads == "mean" else f", {st.heads} over heads")
+            what = [f"{kind} attention ({st.queries} rows)"] if st.attention != "none" else []
             what += ["keys"] if st.keys else []
             what += [f"hidden states entering layer {st.layer - 1}"] if st.previous_hidden else []
             out[f"llm_stage_{i}"] = f"before layer {st.layer}: hidden states" + "".join(f", {w}" for w in what)
@@ -522,6 +531,10 @@ class TokenPruner(ABC):
             sweeps may override it for ablations.
         position_policy_mrope: the convention on M-RoPE models (Qwen2-VL / 2.5-VL), where the
             official ports of most pre-LLM methods keep the original positions; ``None``: as above.
+        llm_position_policy: for a pruner acting before *and* inside the LLM, its convention at the in-LLM
+            stages when it differs from the one its pre-LLM output is placed with (PruneVid: ``"compact"``
+            before the LLM, ``"keep"`` at its layer-10 cut); ``None``: the same. A call's explicit
+            ``position_policy`` applies to both.
         views: pre-LLM, the method's default :attr:`scope`: ``"per_view"`` (scope ``"frame"``) or
             ``"global"`` (scope ``"clip"``).
         scopes: the scopes the method is defined at (``("frame",)`` for methods whose rule needs a
@@ -549,6 +562,7 @@ class TokenPruner(ABC):
     quantised: ClassVar[bool] = False
     position_policy: ClassVar[str] = "keep"
     position_policy_mrope: ClassVar[str | None] = None
+    llm_position_policy: ClassVar[str | None] = None
     views: ClassVar[str] = "per_view"
     scopes: ClassVar[tuple[str, ...]] = SCOPES
     clip_inputs: ClassVar[bool] = False

@@ -35,16 +35,19 @@ class _ConfigView:
         return getattr(self._config, name)
 
 
-def head_mean_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def head_mean_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    heads: str = "mean") -> torch.Tensor:
     """Head-averaged ``softmax(q k^T * scale + mask)`` in fp32: ``[B, H, Q, d]``, ``[B, H_kv, L, d]``
     -> ``[B, Q, L]``. GQA key heads are repeated to their query heads (``repeat_kv``), which the
-    official PyramidDrop and SparseVLM code omit. ``mask`` is ``[B, 1, Q, L]``, boolean or additive."""
+    official PyramidDrop and SparseVLM code omit. ``mask`` is ``[B, 1, Q, L]``, boolean or additive.
+    ``heads="max"``: the largest probability over heads instead of the mean."""
     groups = query.shape[1] // key.shape[1]  # GQA: query heads per key head
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale  # [B, H, Q, L]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    return scores.softmax(dim=-1).mean(dim=1)
+    probs = scores.softmax(dim=-1)
+    return probs.amax(dim=1) if heads == "max" else probs.mean(dim=1)
 
 
 def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,13 +84,16 @@ def _record_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         else:
             mask = None
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        rec.maps.append(head_mean_probs(q, key, mask, scale))  # [B, rows, Lk], head-averaged
+        rec.maps.append(head_mean_probs(q, key, mask, scale, rec.heads))  # [B, rows, Lk], head-averaged (or max)
     return rec.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-def input_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                    mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def input_attention(layer: nn.Module, hidden: torch.Tensor,
+                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+                    mask: torch.Tensor, rows: torch.Tensor, heads: str = "mean") -> torch.Tensor:
     """The attention ``layer`` would compute on ``hidden``, for query ``rows`` only: ``[B, Q, L]``.
+    ``position_embeddings=None``: without the rotary embedding (PruneVid's scores); ``heads``: as
+    :func:`head_mean_probs`.
 
     Used where a method scores with the *next* layer's attention before that layer runs on the
     reduced sequence (PyramidDrop). Runs the layer's own input norm, ``q_proj`` on the ``Q`` rows
@@ -105,12 +111,13 @@ def input_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings:
     if rotary is None or not hasattr(attn, "q_proj"):
         raise NotImplementedError(f"input attention is not supported for {type(attn).__name__}")
     # Only tensors go through the hook (it moves anything with a ``.to``, modules included).
-    return run_as(layer, lambda *t: _input_attention(layer, rotary, *t), hidden, position_embeddings, mask, rows)
+    return run_as(layer, lambda *t: _input_attention(layer, rotary, *t, heads=heads), hidden, position_embeddings,
+                  mask, rows)
 
 
 def _input_attention(layer: nn.Module, rotary: Callable, hidden: torch.Tensor,
-                     position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                     rows: torch.Tensor) -> torch.Tensor:
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor,
+                     rows: torch.Tensor, heads: str = "mean") -> torch.Tensor:
     """:func:`input_attention`'s arithmetic, every tensor on the layer's device."""
     attn = layer.self_attn
     b, length, _ = hidden.shape
@@ -122,13 +129,14 @@ def _input_attention(layer: nn.Module, rotary: Callable, hidden: torch.Tensor,
     if getattr(attn, "q_norm", None) is not None:  # Qwen3(-VL): per-head RMSNorm of q and k before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = position_embeddings
-    cos_q = cos.gather(-2, rows[..., None].expand(-1, -1, cos.shape[-1]).expand(cos.shape[0], -1, -1))
-    sin_q = sin.gather(-2, rows[..., None].expand(-1, -1, sin.shape[-1]).expand(sin.shape[0], -1, -1))
-    q, _ = rotary(q, q, cos_q, sin_q)
-    k, _ = rotary(k, k, cos, sin)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        cos_q = cos.gather(-2, rows[..., None].expand(-1, -1, cos.shape[-1]).expand(cos.shape[0], -1, -1))
+        sin_q = sin.gather(-2, rows[..., None].expand(-1, -1, sin.shape[-1]).expand(sin.shape[0], -1, -1))
+        q, _ = rotary(q, q, cos_q, sin_q)
+        k, _ = rotary(k, k, cos, sin)
     row_mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, length))
-    return head_mean_probs(q, k, row_mask, attn.scaling)
+    return head_mean_probs(q, k, row_mask, attn.scaling, heads)
 
 
 AttentionInterface.register(RECORDING_IMPL, _record_forward)
@@ -144,8 +152,9 @@ class AttentionRecorder:
     """
 
     def __init__(self, rows: Rows | torch.Tensor | None, n_prefix: int, inner: Callable, keep_keys: bool = False,
-                 keep_values: bool = False, n_queries: int = 0):
+                 keep_values: bool = False, n_queries: int = 0, heads: str = "mean"):
         self.rows = rows
+        self.heads = heads
         self.n_prefix = n_prefix
         self.inner = inner
         self.keep_keys = keep_keys
@@ -160,7 +169,8 @@ class AttentionRecorder:
 
 @contextlib.contextmanager
 def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all", n_prefix: int = 1,
-                     keys: bool = False, values: bool = False, queries: int = 0) -> Iterator[AttentionRecorder]:
+                     keys: bool = False, values: bool = False, queries: int = 0,
+                     heads: str = "mean") -> Iterator[AttentionRecorder]:
     """Record the head-averaged attention probabilities of ``module`` while the block runs.
 
     Args:
@@ -171,6 +181,7 @@ def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all"
         keys: also keep the post-rotary keys the module computed.
         values: also keep its values.
         queries: also keep its first ``queries`` query rows (``-1``: every row), before any scaling.
+        heads: ``"mean"`` (head-averaged maps) or ``"max"`` (the largest probability over heads).
     """
     config = module.config
     impl = config._attn_implementation or "sdpa"
@@ -180,7 +191,8 @@ def record_attention(module: nn.Module, rows: Rows | torch.Tensor | None = "all"
         inner = ALL_ATTENTION_FUNCTIONS[impl]
     else:  # "eager" is each modeling file's own function, not a registered one
         inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
-    recorder = AttentionRecorder(rows, n_prefix, inner, keep_keys=keys, keep_values=values, n_queries=queries)
+    recorder = AttentionRecorder(rows, n_prefix, inner, keep_keys=keys, keep_values=values, n_queries=queries,
+                                 heads=heads)
     module.config = _ConfigView(config, RECORDING_IMPL)
     module._tokenprune_recorder = recorder
     try:

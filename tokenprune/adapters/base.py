@@ -408,6 +408,15 @@ class PrunableLVLM(ABC):
                               "3-D (M-RoPE), where it is undefined: use position_policy='keep'")
         return requested
 
+    def _stage_policy(self, requested: str | None, pruner: TokenPruner | None, visuals: Sequence[Any]) -> str:
+        """The position policy the decoder applies at the pruner's in-LLM stages: the call's (:meth:`_position_policy`),
+        unless the call asked for none and the pruner's own convention there differs
+        (:attr:`~tokenprune.pruner.TokenPruner.llm_position_policy`: PruneVid renumbers before the LLM and keeps
+        positions at its layer-10 cut). On M-RoPE models the pruner's M-RoPE convention holds throughout."""
+        if requested is None and pruner is not None and pruner.llm_position_policy is not None and not self.mrope:
+            return pruner.llm_position_policy
+        return self._position_policy(requested, pruner, visuals)
+
     # -- the shared pipeline ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -519,6 +528,7 @@ class PrunableLVLM(ABC):
                               "images or video per prompt")
         if max_new_tokens < 1:
             raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        llm_policy = self._stage_policy(position_policy, pruner, images)
         position_policy = self._position_policy(position_policy, pruner, images)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         needs = self.vision_needs(pruner)
@@ -537,7 +547,7 @@ class PrunableLVLM(ABC):
         llm_inputs, n_in, n_kept, patches, (seqs, windows, blocks, projected) = self._assemble(
             batch, views, pruner, self._assembly_policy(pruner, position_policy), ids, prompts)
         result = self.runner.generate(llm_inputs, max_new_tokens, pruner=in_llm, use_cache=use_cache,
-                                     ignore_eos=ignore_eos, position_policy=position_policy)
+                                     ignore_eos=ignore_eos, position_policy=llm_policy)
         sync()
         t2 = time.perf_counter()
 
@@ -603,6 +613,7 @@ class PrunableLVLM(ABC):
         if not len(images) == len(prompts) == len(continuations):
             raise OptionError(f"got {len(images)} images, {len(prompts)} prompts and {len(continuations)} continuations; "
                               "give one of each per pair")
+        llm_policy = self._stage_policy(position_policy, pruner, images)
         position_policy = self._position_policy(position_policy, pruner, images)
         ids = [str(s) for s in sample_ids] if sample_ids is not None else [str(i) for i in range(len(prompts))]
         token_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
@@ -627,7 +638,7 @@ class PrunableLVLM(ABC):
         for i, t in enumerate(token_ids):
             targets[i, : len(t)] = torch.tensor(t, device=device)
             mask[i, : len(t)] = True
-        result = self.runner.score(llm_inputs, targets, mask, pruner=in_llm, position_policy=position_policy,
+        result = self.runner.score(llm_inputs, targets, mask, pruner=in_llm, position_policy=llm_policy,
                                    rows=torch.tensor(rows, device=device))
         text_tokens = (llm_inputs.mask & ~llm_inputs.image_mask).sum(1).tolist()
         stats = []
@@ -715,9 +726,12 @@ class PrunableLVLM(ABC):
         if position_policy == "compact":
             new_pos = self.compact_positions(new_pos, new_mask)
         view_grids: list[tuple[tuple[int, int], ...]] = [()] * b
-        for v in prunable:  # encode_images returns views in sequence order
-            # a view cut inside the tower is no longer a grid: its k tokens as one row
-            view_grids[v.sample] += (v.grid if v.vision_origin is None else (1, v.tokens.shape[0]),)
+        for v, (s, *_) in zip(views, kept_views):  # encode_images returns views in sequence order
+            if v.prunable:
+                # a view cut inside the tower or before the LLM (by a pruner that also acts inside it) is no longer
+                # a grid: its k tokens as one row (at scope clip the first view holds the clip's k, the others 0)
+                cut = v.vision_origin is not None or (pre is not None and s.shape[0] != v.seq_index.shape[0])
+                view_grids[v.sample] += ((1, s.shape[0]) if cut else v.grid,)
         return (
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
                       sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask,

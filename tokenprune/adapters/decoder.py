@@ -403,10 +403,13 @@ class DecoderRunner:
             tokens.append(seq.mask.sum(1))
             visual.append((seq.image_mask & seq.mask).sum(1))
             nxt = stages[at[i + 1]] if replay is None and i + 1 in at else None
-            prev = seq.h if nxt is not None and nxt.previous_hidden else None  # same layout as layer i + 1's input
-            if nxt is not None and (nxt.attention == "previous" or nxt.keys):
-                rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" else None
-                with record_attention(layer.self_attn, rows=None if rows is None else rows[0], keys=nxt.keys) as rec:
+            # un-rotated scores are computed from what enters layer i (in _select), not recorded while it runs
+            raw = nxt is not None and nxt.attention == "previous" and not nxt.rotary
+            prev = seq.h if nxt is not None and (nxt.previous_hidden or raw) else None  # same layout as layer i + 1's input
+            if nxt is not None and ((nxt.attention == "previous" and not raw) or nxt.keys):
+                rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" and not raw else None
+                with record_attention(layer.self_attn, rows=None if rows is None else rows[0], keys=nxt.keys,
+                                      heads=nxt.heads) as rec:
                     h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
                               use_cache=cache is not None)
                 rec.query_mask = None if rows is None else rows[1]
@@ -509,12 +512,17 @@ class DecoderRunner:
         """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None)``."""
         attn, qmask = None, None
         dev = seq.mask.device  # recorded on the layer's device: brought to the sequence state's
-        if stage.attention == "previous":
+        if stage.attention == "previous" and not stage.rotary:  # from what layer stage.layer - 1 received
+            rows, qmask = self._query_rows(stage.queries, seq)
+            length = seq.mask.shape[1]
+            every_key = seq.mask[:, None, None, :].expand(-1, 1, length, -1)  # padding masked, no causal mask
+            attn = input_attention(self.layers[stage.layer - 1], prev, None, every_key, rows, heads=stage.heads).to(dev)
+        elif stage.attention == "previous":
             attn, qmask = rec.maps[0].to(dev), rec.query_mask
         elif stage.attention == "input":
             rows, qmask = self._query_rows(stage.queries, seq)
-            attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows).to(dev)
-        prev = None if prev is None else prev.to(dev)  # [B, L, D]: what layer stage.layer - 1 received
+            attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows, heads=stage.heads).to(dev)
+        prev = None if prev is None or not stage.previous_hidden else prev.to(dev)  # [B, L, D]: what layer stage.layer - 1 received
         keys = None
         if stage.keys:
             k = rec.keys[0].to(dev)  # [B, H_kv, L, d]
