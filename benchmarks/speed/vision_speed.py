@@ -1,11 +1,13 @@
 """Does pruning inside the vision tower cut the tower's time as its FLOPs say? Prints ratios.
 
-    python benchmarks/speed/vision_speed.py [--runs 10] [--budgets 192,128,64] [--methods tome,flowcut]
+    python benchmarks/speed/vision_speed.py [--runs 10] [--budgets 192,128,64] [--methods tome,flowcut,mustdrop:layers=2,6,10]
                                             [--device cpu|cuda] [--dtype float32|bfloat16]
 
 On ``mid-llava`` (CLIP-B/14 at 336 px: 576 patches, 12 blocks; a 12-layer LLM), for each budget of
 visual tokens reaching the LLM (192 / 128 / 64 of 576, i.e. ``ratio = budget / 576``) and each
-in-vision method, next to ``fastervlm`` (which prunes after the whole tower) at the same count:
+method that cuts in the tower, next to ``fastervlm`` (which prunes after the whole tower) at the same
+count (MustDrop's count is adaptive: its ``ratio`` picks the official threshold pair named for that
+budget, and the ``kept`` column says what it kept):
 
 * vision: processor outputs -> tower -> projector (``encode_images``), time and FLOPs, each as a
   ratio to the unpruned tower;
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 
 import tokenprune as tp
+from tokenprune.benchmarks.sweep_config import split_methods
 from tokenprune.cost import sample_cost
 
 try:
@@ -38,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--budgets", default="192,128,64")
-    parser.add_argument("--methods", default="tome,flowcut", help="in-vision methods (fastervlm is always the reference)")
+    parser.add_argument("--methods", default="tome,flowcut,mustdrop:layers=2,6,10",
+                        help="pruner specs that cut in the vision tower (fastervlm is always the reference)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
@@ -54,8 +58,8 @@ def main() -> None:
     variants = [("none", None, n)]
     for budget in (int(b) for b in args.budgets.split(",")):
         ratio = budget / n
-        for name in ["fastervlm", *[m for m in args.methods.split(",") if m]]:
-            variants.append((name, tp.create_pruner(name, ratio=ratio), budget))
+        for name in ["fastervlm", *split_methods(args.methods)]:  # specs may hold commas (layers=2,6,10)
+            variants.append((name, tp.pruner_from_spec(name, ratio=ratio), budget))
 
     spec = lvlm.vision_spec()
     vision_calls, prefill_calls, costs = [], [], []
