@@ -32,7 +32,8 @@ import torch
 
 import tokenprune as tp
 from tokenprune.benchmarks.tasks import get_task
-from tokenprune.pruner import PruningInputs, Reduction
+from tokenprune.pruner import PruningInputs
+from tokenprune.testing import recording
 
 
 def official_get_retained_image_token(last_layer_state, any_states, image_token_start_index, image_token_length,
@@ -62,20 +63,6 @@ def official_get_retained_image_token(last_layer_state, any_states, image_token_
     indices_set.difference_update(query_indices)
     retained_image_tokens_index = torch.tensor(list(indices_set), device=device)
     return retained_image_tokens_index
-
-
-def recording(pruner) -> list[tuple[PruningInputs, Reduction]]:
-    """Make ``pruner`` remember every (inputs, reduction) it sees."""
-    calls: list[tuple[PruningInputs, Reduction]] = []
-    select = pruner.select
-
-    def wrapped(inputs):
-        out = select(inputs)
-        calls.append((inputs, out))
-        return out
-
-    pruner.select = wrapped
-    return calls
 
 
 def kept_alone(lvlm, image, prompt, sid, **options) -> tuple[list[int], PruningInputs]:

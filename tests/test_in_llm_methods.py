@@ -16,26 +16,13 @@ import tokenprune as tp
 from tokenprune.methods.pdrop import layer_average
 from tokenprune.methods.sparsevlm import dpc_knn_weights
 from tokenprune.pruner import LLMStage, PrunerNeeds, PruningInputs, Reduction, Stage, TokenPruner
+from tokenprune.testing import recording  # noqa: F401  (test_method_v2drop imports it from here)
 
 from test_adapters import FAMILIES, PROMPTS, images, lvlm_for  # one cache of tiny models for both files
 
 # Tiny decoders have 4 layers: each method's schedule scaled down to fit.
 SPECS = ["pdrop:layers=1,2,3", "sparsevlm:layers=0,1,2", "dart", "dart:budget=exact"]
 NEW_TOKENS = 6
-
-
-def recording(pruner: TokenPruner) -> list[tuple[PruningInputs, Reduction]]:
-    """Make ``pruner`` remember every (inputs, reduction) it sees."""
-    calls: list[tuple[PruningInputs, Reduction]] = []
-    select = pruner.select
-
-    def wrapped(inputs):
-        out = select(inputs)
-        calls.append((inputs, out))
-        return out
-
-    pruner.select = wrapped
-    return calls
 
 
 # -- hand-computed selections ------------------------------------------------------------------------

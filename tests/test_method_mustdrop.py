@@ -21,6 +21,7 @@ from tokenprune.errors import OptionError
 from tokenprune.in_vision import VisionState
 from tokenprune.methods.mustdrop import dual_attention_filter, setting_for_ratio, window_scores
 from tokenprune.pruner import PruningInputs, Stage
+from tokenprune.testing import recording
 from tokenprune.zoo.tiny import tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -207,20 +208,6 @@ def _apply(red, hidden):
     b, t, _ = hidden.shape
     members = (torch.arange(t - 1) + 1).expand(b, -1).clone()
     return apply_reduction(red, hidden, torch.ones(b, t), (torch.arange(t) - 1).clamp_min(-1).expand(b, -1).clone(), members)
-
-
-def _recording(pruner):
-    """Make ``pruner`` remember every (inputs, reduction) of each stage."""
-    calls = []
-    select = pruner.select
-
-    def wrapped(inputs):
-        out = select(inputs)
-        calls.append((inputs, out))
-        return out
-
-    pruner.select = wrapped
-    return calls
 
 
 @functools.lru_cache(maxsize=None)
@@ -419,7 +406,7 @@ def test_blocks_and_layers_receive_the_schedule():
     hooks += [layer.register_forward_pre_hook(functools.partial(count, i), with_kwargs=True)
               for i, layer in enumerate(lvlm.runner.layers)]
     p = _mustdrop()
-    calls = _recording(p)
+    calls = recording(p)
     try:
         out = lvlm.generate(_images(1), PROMPTS[:1], pruner=p, max_new_tokens=1)
     finally:
@@ -453,7 +440,7 @@ def test_kv_trim_equals_the_official_cache_composition():
         return cut
 
     p, full = _mustdrop(), _mustdrop(kv_trim=False)
-    calls = _recording(p)
+    calls = recording(p)
     original = type(lvlm.runner)._cut_cache
     try:
         lvlm.runner._cut_cache = grab("cut", original)

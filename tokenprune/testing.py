@@ -5,6 +5,8 @@ suite runs it on every pruner that ``list_pruners()`` returns, plugins included.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .pruner import PruningInputs, Reduction, TokenPruner, keep_count
@@ -162,3 +164,18 @@ def check_in_vision_contract(pruner: TokenPruner, n_blocks: int = 3, grid: tuple
         assert one.features.shape[1] == run.features.shape[1]
         torch.testing.assert_close(one.features[0], run.features[i], rtol=1e-4, atol=1e-5)
         assert torch.equal(one.members[0], run.members[i])
+
+
+def recording(pruner: TokenPruner) -> list[tuple[Any, Any]]:
+    """Make ``pruner`` remember every ``(inputs, reduction)`` its ``select`` sees, in call order (each
+    in-LLM stage, each in-vision hook); returns the list it appends to. Shadows ``select`` on the instance."""
+    calls: list[tuple[Any, Any]] = []
+    select = pruner.select
+
+    def wrapped(inputs):
+        out = select(inputs)
+        calls.append((inputs, out))
+        return out
+
+    pruner.select = wrapped
+    return calls
