@@ -40,6 +40,7 @@ Options:
 | option | official default | what it does |
 | --- | --- | --- |
 | ``ratio`` | ``128/576`` (``flowcut(model, target_num=128)``) | ``keep_count(ratio, P)`` patches reach the projector |
+| ``llm_cut`` | ``True`` (installed for ``anyres``) | LLaVA-NeXT's cut after LLM layer 1 and its decode positions |
 
 The EMA weight (0.5), the cut schedule (even ``rpl``) and the ``sqrt(rpl)`` / entropy law are
 hard-coded in the official code and here.
@@ -64,8 +65,16 @@ Deliberate differences: (1) top-k ties go to the lower index (``topk_indices``; 
 is unspecified). (2) The entropy uses ``0 log 0 = 0`` (``xlogy``): the official ``p * log(p)`` is NaN at
 an exactly-zero attention weight (fp16 underflow) and ``int(nan)`` raises. (3) Scores in float32 (the
 official: the tower's dtype, fp16 for LLaVA). (4) A cut that drops nothing (``prune_num = 0``) returns
-``None`` (the official gathers every token, the identity). LLaVA-NeXT's second cut at LLM layer 1 is
-not part of this pruner (see docs/methods.md).
+``None`` (the official gathers every token, the identity).
+
+LLaVA-NeXT (``flowcut/main.py`` ``flowcut`` for ``anyres``; ``flowcut/llava_arch.py``;
+``flowcut/modeling_llama_flowcut.py`` ``LlamaModel_forward`` / ``LlamaSdpaAttention_forward``): every view of an
+image keeps ``int(target_num / 2)`` patches in the tower (:meth:`FlowCutPruner.vision_view_target`), the crops'
+survivors go back to the stitched grid with no row newlines (the adapter), and after LLM layer 1 the visual
+tokens are cut to ``target_num`` by :func:`llm_scores` (``extra_stages``: ``in_llm`` at layer 2, and a
+``DecodePlan(positions="final")`` shifting every layer's decode positions by the cut, as the official
+``position_ids -= visual_token_num - target_num``). On LLaVA-1.5 the tower already brings ``target_num``, and the
+LLM cut keeps everything (the official installs it for ``anyres`` only). ``llm_cut=False``: the tower stage alone.
 """
 from __future__ import annotations
 
@@ -73,10 +82,12 @@ import torch
 
 from ..errors import OptionError
 from ..in_vision import VisionHook, VisionReduction, VisionState
-from ..pruner import Stage, TokenPruner, register_pruner, topk_indices, validate_int, validate_ratio
+from ..pruner import (DecodePlan, LLMStage, PrunerNeeds, PruningInputs, Reduction, Stage, TokenPruner, keep_count,
+                      register_pruner, topk_indices, validate_int, validate_ratio)
 
 MEMORY_KEY = "flowcut_cumulative"  # VisionState.memory: [B, N_cur] EMA of the scores of the current patches
 EMA = 0.5  # official: cumulative_scores = 0.5 * cumulative_scores + 0.5 * scores
+LLM_PRUNE_LAYER = 1  # official NeXT: model.model.prune_layer = 1 (the cut follows layer 1; layer 2 sees target_num)
 
 
 def final_cut_block(n_blocks: int) -> int:
@@ -119,6 +130,30 @@ def flow_scores(cls_attention: torch.Tensor, semantic: torch.Tensor, values: tor
     return (relation + semantic) * torch.norm(values, p=1, dim=-1)
 
 
+def llm_scores(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, text_value: torch.Tensor) -> torch.Tensor:
+    """FlowCut's score at LLM layer 1 (official ``LlamaSdpaAttention_forward``, the ``prune_kwargs`` branch).
+
+    Args:
+        query: ``[B, H, d]`` the last prompt token's post-rotary query.
+        keys: ``[B, N, H_kv, d]`` the visual tokens' post-rotary keys.
+        values: ``[B, N, H_kv, d]`` their values.
+        text_value: ``[B, H_kv, d]`` the last prompt token's value.
+
+    Returns:
+        ``[B, N]``: ``compute_score(relation, semantic, mean_h v)`` with ``relation = mean_h softmax_j(q k_j /
+        sqrt d)`` and ``semantic = mean_h softmax_j(v_last v_j / sqrt d)``, both softmaxes over the visual tokens
+        only, GQA key/value heads repeated to the query heads (``repeat_kv``), float32.
+    """
+    groups = query.shape[1] // keys.shape[2]
+    k = keys.float().repeat_interleave(groups, dim=2)  # [B, N, H, d]
+    v = values.float().repeat_interleave(groups, dim=2)
+    tv = text_value.float().repeat_interleave(groups, dim=1)  # [B, H, d]
+    scale = query.shape[-1] ** -0.5
+    relation = (torch.einsum("bhd,bnhd->bhn", query.float(), k) * scale).softmax(-1).mean(1)  # [B, N]
+    semantic = (torch.einsum("bhd,bnhd->bhn", tv, v) * scale).softmax(-1).mean(1)
+    return flow_scores(relation, semantic, v.mean(dim=2))
+
+
 def prune_count(cls_attention: torch.Tensor, rpl: int, target: int) -> int:
     """Official ``adaptive_prune_ratio``: patches to drop at a cut with ``rpl > 0`` remaining prune layers.
 
@@ -145,15 +180,67 @@ class FlowCutPruner(TokenPruner):
     position_policy = "compact"  # official LLaVA: the kept tokens renumbered
     position_policy_mrope = "keep"  # official Qwen2-VL port: original M-RoPE positions
 
-    def __init__(self, ratio: float = 128 / 576):
+    extra_stages = (Stage.IN_LLM, Stage.DECODE)  # LLaVA-NeXT's second cut after LLM layer 1 and its decode positions
+
+    def __init__(self, ratio: float = 128 / 576, llm_cut: bool = True):
         self.ratio = validate_ratio(ratio)
+        if not isinstance(llm_cut, bool):
+            raise OptionError(f"llm_cut must be true or false, got {llm_cut!r}")
+        self.llm_cut = llm_cut
+
+    def vision_view_target(self, patches: int, image_tokens: int, n_views: int) -> int:
+        """Official ``flowcut(model, target_num)``: one view keeps ``target_num`` patches; an anyres image's
+        views keep ``int(target_num / 2)`` each (``target_num = keep_count(ratio, image_tokens)``, the image's
+        visual tokens: base view + unpadded crops), and the LLM layer-1 cut brings the image to ``target_num``."""
+        if n_views <= 1:
+            return keep_count(self.ratio, patches)
+        return keep_count(self.ratio, image_tokens) // 2
+
+    @property
+    def needs(self) -> PrunerNeeds:
+        """The LLM cut: layer 1's last-row query, keys and values, the cut seen from layer 2 on."""
+        if not self.llm_cut:
+            return PrunerNeeds()
+        return PrunerNeeds(llm_stages=(LLMStage(layer=LLM_PRUNE_LAYER + 1, queries="last", qkv=True),))
+
+    def stage_counts(self, n_tokens: int, n_layers: int = 0) -> list[int]:
+        """``[target_num]``: the LLM cut keeps ``keep_count(ratio, N)`` of the image's ``N`` tokens."""
+        return [keep_count(self.ratio, n_tokens)] if self.llm_cut else []
+
+    def decode_plan(self, n_layers: int) -> DecodePlan | None:
+        """Every layer's decode positions shifted by what the LLM cut removed (``position_ids -= visual_token_num
+        - target_num``), the full caches of layers 0-1 included."""
+        return DecodePlan(positions="final") if self.llm_cut else None
 
     def vision_hooks(self, n_blocks: int) -> tuple[VisionHook, ...]:
         """After each block ``0 .. max(n_blocks - 2, 0)``: its CLS attention row and its per-head values."""
         return tuple(VisionHook(block=i, point="block", attention="prefix", values=True)
                      for i in range(final_cut_block(n_blocks) + 1))
 
-    def select(self, state: VisionState) -> VisionReduction | None:
+    def select(self, state):
+        """A tower step (:class:`~tokenprune.in_vision.VisionState`) or the LLM cut
+        (:class:`~tokenprune.pruner.PruningInputs`)."""
+        if isinstance(state, PruningInputs):
+            return self._llm_cut(state)
+        return self._tower_step(state)
+
+    def _llm_cut(self, inputs: PruningInputs) -> Reduction:
+        """After LLM layer 1: keep the top ``target_num = keep_count(ratio, num_placeholders)`` visual tokens by
+        :func:`llm_scores`, in sequence order; every token when the tower already brought no more (LLaVA-1.5:
+        the official runs no LLM cut there, and ``visual_token_num <= target_num`` skips it)."""
+        n = inputs.num_tokens
+        b = inputs.batch_size
+        dev = inputs.tokens.device
+        target = keep_count(self.ratio, inputs.num_placeholders or n)
+        if n <= target:
+            return Reduction(indices=torch.arange(n, device=dev).expand(b, -1))
+        if inputs.llm_queries is None or inputs.llm_values is None or inputs.llm_keys is None:
+            raise ValueError("flowcut's LLM cut needs layer 1's query, keys and values (LLMStage qkv)")
+        keys = inputs.llm_keys.unflatten(2, inputs.llm_values.shape[2:])  # [B, N, H_kv, d]
+        scores = llm_scores(inputs.llm_queries[:, -1], keys, inputs.llm_values, inputs.text_values[:, -1])
+        return Reduction(indices=topk_indices(scores, target), scores=scores)
+
+    def _tower_step(self, state: VisionState) -> VisionReduction | None:
         """One FlowCut step after block ``state.block``: update the EMA; at an even ``rpl`` keep the top patches.
 
         Reads ``state.attention`` ``[B, prefix, T]`` (row 0: the CLS) and ``state.values`` ``[B, H, T, d]``.

@@ -540,3 +540,178 @@ def test_a_tower_without_cls_is_refused():
     with pytest.raises(OptionError, match="no CLS") as info:
         create_pruner("flowcut", ratio=0.5).select(siglip)
     assert "\n" not in str(info.value)
+
+
+# -- LLaVA-NeXT: int(target/2) per view in the tower, the crops back on the grid, the cut after LLM layer 1 ----------
+
+def official_llm_prune_branch(query_states, key_states, value_states, visual_token_pos, visual_token_num,
+                              last_instruct_pos, target_num, head_dim):
+    """flowcut/modeling_llama_flowcut.py `LlamaSdpaAttention_forward`, the `if "prune" in prune_kwargs` branch
+    (L246-286), verbatim but for the signature; ``key_states`` / ``value_states`` already `repeat_kv`-ed."""
+    bsz = query_states.shape[0]
+    keep_indices = []
+    for b in range(bsz):
+        if visual_token_num[b] <= target_num:
+            continue
+
+        start = visual_token_pos[b]
+        end = start + visual_token_num[b]
+        # vis_k: [head, vis_len, d]
+        vis_k = key_states[b,:,start:end]
+        # vis_v: [head, vis_len, d]
+        vis_v = value_states[b,:,start:end]
+
+        text_q = query_states[b,:,last_instruct_pos[b]-1:last_instruct_pos[b]]
+        text_v = value_states[b,:,last_instruct_pos[b]-1:last_instruct_pos[b]]
+
+        relation_weight = torch.bmm(text_q,vis_k.transpose(1,2))/math.sqrt(head_dim)
+        relation_attn = nn.functional.softmax(relation_weight, dim=-1, dtype=torch.float32).to(query_states.dtype).mean(0)
+
+        semantic_weight = torch.bmm(text_v, vis_v.transpose(1,2))/math.sqrt(head_dim)  # se_attn: [1,vis_len]
+        semantic_attn = nn.functional.softmax(semantic_weight, dim=-1, dtype=torch.float32).to(query_states.dtype).mean(0)
+
+        score = compute_score(relation_attn, semantic_attn, vis_v.mean(0))   # score: [1, vis_len]
+
+        keep_index = torch.topk(score, target_num, dim=1).indices
+        keep_indices.append(keep_index.sort().values)
+    return torch.cat(keep_indices, dim=0) if keep_indices else None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_llm_cut_matches_the_official_branch(seed):
+    """Random layer-1 q / k / v (GQA 8 query heads over 2 kv heads), a 40-token prompt with 24 visual tokens
+    at 5..28: the pruner's cut (through PruningInputs as the decoder builds them) == the official indices."""
+    g = torch.Generator().manual_seed(seed)
+    heads, kv, d, length, start, n_vis, target = 8, 2, 16, 40, 5, 24, 9
+    q = torch.randn(1, heads, length, d, generator=g)
+    k = torch.randn(1, kv, length, d, generator=g)
+    v = torch.randn(1, kv, length, d, generator=g)
+    official = official_llm_prune_branch(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), [start], [n_vis],
+                                         [length], target, d)
+    from tokenprune.pruner import PruningInputs
+
+    vis = slice(start, start + n_vis)
+    inputs = PruningInputs(tokens=torch.zeros(1, n_vis, 4), grid=(1, n_vis), llm_queries=q[:, :, -1:].transpose(1, 2),
+                           llm_keys=k[:, :, vis].transpose(1, 2).flatten(2), llm_values=v[:, :, vis].transpose(1, 2),
+                           text_values=v[:, :, start + n_vis:].transpose(1, 2), num_placeholders=n_vis * 4,
+                           text_tokens=torch.zeros(1, length - start - n_vis, 4), layer=2, stage=0)
+    pruner = create_pruner("flowcut", ratio=target / (n_vis * 4))
+    red = pruner.select(inputs)
+    assert red.indices.tolist() == official.tolist()
+
+
+def test_llm_cut_hand_computed():
+    """One head, d = 1, three visual tokens: q = 1, k = (0, 1, 2), v = (1, -2, 3), v_last = 1 ->
+    relation = softmax(0, 1, 2), semantic = softmax(1, -2, 3); score = (relation + semantic) * |v|;
+    relation = (0.0900, 0.2447, 0.6652), semantic = (2.718, 0.135, 20.09) / 22.94 = (0.1185, 0.0059, 0.8756);
+    token 0: (0.0900 + 0.1185) * 1 = 0.2085, token 1: (0.2447 + 0.0059) * 2 = 0.5012, token 2: (0.6652 + 0.8756) * 3
+    = 4.6225
+    -> keep 2 of 3: tokens 1 and 2."""
+    from tokenprune.pruner import PruningInputs
+
+    inputs = PruningInputs(tokens=torch.zeros(1, 3, 2), grid=(1, 3), llm_queries=torch.ones(1, 1, 1, 1),
+                           llm_keys=torch.tensor([[[0.0], [1.0], [2.0]]]),
+                           llm_values=torch.tensor([[[[1.0]], [[-2.0]], [[3.0]]]]),
+                           text_values=torch.ones(1, 1, 1, 1), num_placeholders=6, text_tokens=torch.zeros(1, 1, 2))
+    red = create_pruner("flowcut", ratio=2 / 6).select(inputs)
+    assert red.indices.tolist() == [[1, 2]]
+    assert red.scores[0].tolist() == pytest.approx([0.2085, 0.5012, 4.6225], abs=2e-4)
+    assert create_pruner("flowcut", ratio=0.5).select(inputs).indices.tolist() == [[0, 1, 2]]  # 3 <= target: no cut
+
+
+def _next_images():
+    import numpy as np
+    from PIL import Image
+
+    return [Image.fromarray(np.random.RandomState(i).randint(0, 255, (h, w, 3), dtype=np.uint8))
+            for i, (h, w) in enumerate([(40, 70), (64, 64)])]
+
+
+@pytest.fixture(scope="module")
+def next_lvlm():
+    import tokenprune as tp
+
+    torch.manual_seed(0)
+    return tp.load("tiny-llava-next")
+
+
+def test_next_counts_by_pre_hooks(next_lvlm):
+    """tiny-llava-next (4x4 patches per view, 5 views per image here, 4 LLM layers). Image 1 (64 x 64): 16 base +
+    64 high-res tokens = 80 -> target_num = 20 at ratio 0.25, 10 patches per view leave the tower (+ CLS), and
+    after LLM layer 1 the 20 best of those placed; layers 0-1 see no row newlines."""
+    lvlm = next_lvlm
+    tower = lvlm.model.model.vision_tower
+    blocks: list[int] = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: blocks.append(a[0].shape[:2]))  # the runner calls the halves
+             for layer in tower.encoder.layers]
+    llm: list[int] = []
+    hooks += [layer.register_forward_pre_hook(
+        lambda m, a, k: llm.append((k["hidden_states"] if "hidden_states" in k else a[0]).shape[1]), with_kwargs=True)
+        for layer in lvlm.decoder()[0].layers]
+    images, prompts = _next_images()[1:], ["Which colour?"]
+    try:
+        ref = lvlm.generate(images, prompts, max_new_tokens=1)
+        llm.clear()
+        blocks.clear()
+        out = lvlm.generate(images, prompts, pruner=create_pruner("flowcut", ratio=0.25), max_new_tokens=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    st, un = out.stats[0], ref.stats[0]
+    text = un.tokens_per_layer[0] - 80 - 8  # 8 rows of high-res tokens, each ending in a newline
+    assert st.visual_tokens_in == 80 and st.visual_tokens_kept == 20
+    # the 2 tower blocks LLaVA reads (feature layer -2 of 3), the 5 views in one pass: the cut after block 0
+    assert blocks == [(5, 17), (5, 11)]
+    placed = st.visual_per_layer[0]
+    assert 20 < placed <= 10 + 4 * 10 and llm == [text + placed] * 2 + [text + 20] * 2
+    assert st.visual_per_layer == [placed, placed, 20, 20]
+
+
+def test_next_ratio_one_is_the_official_layout_without_newlines(next_lvlm):
+    """At ratio 1.0 with 5 views, int(80 / 2) = 40 >= 16 patches per view: nothing cut in the tower nor after layer 1,
+    but the official multi-crop branch appends no newlines: the logits equal HF's own image features with the
+    newline rows removed, run through the LLM with contiguous positions."""
+    lvlm = next_lvlm
+    model = lvlm.model
+    images, prompts = _next_images()[1:], ["Which colour?"]
+    out = lvlm.generate(images, prompts, pruner=create_pruner("flowcut", ratio=1.0), max_new_tokens=1)
+    batch = lvlm.prepare(images, prompts)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        feats = torch.cat(list(feats))  # [16 + 8 * (8 + 1), D]: base, then 8 rows of 8 tokens + a newline
+        keep = torch.ones(feats.shape[0], dtype=torch.bool)
+        keep[16 + 8::9] = False
+        ids = batch["input_ids"][0]
+        image = ids == model.config.image_token_id
+        embeds = model.get_input_embeddings()(ids)
+        pos = image.nonzero().flatten()
+        seq = torch.cat([embeds[: pos[0]], feats[keep], embeds[pos[-1] + 1:]])[None]
+        logits = model(inputs_embeds=seq).logits[0, -1]
+    assert out.stats[0].visual_per_layer == [80] * 4
+    torch.testing.assert_close(out.first_logits[0], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_next_cached_matches_uncached_and_batch_matches_alone(next_lvlm):
+    lvlm = next_lvlm
+    images, prompts = _next_images(), ["What is it?", "Which colour?"]
+    for ratio in (0.5, 0.25):
+        pruner = create_pruner("flowcut", ratio=ratio)
+        cached = lvlm.generate(images, prompts, pruner=pruner, max_new_tokens=4, ignore_eos=True)
+        uncached = lvlm.generate(images, prompts, pruner=pruner, max_new_tokens=4, ignore_eos=True, use_cache=False)
+        assert torch.equal(cached.token_ids, uncached.token_ids)
+        for i in range(2):
+            alone = lvlm.generate(images[i:i + 1], prompts[i:i + 1], pruner=pruner, max_new_tokens=4, ignore_eos=True)
+            assert torch.equal(alone.token_ids[0], cached.token_ids[i])
+            torch.testing.assert_close(alone.first_logits[0], cached.first_logits[i], rtol=1e-5, atol=1e-5)
+
+
+def test_next_decode_positions_shift_every_layer():
+    """The official decode step subtracts ``visual_token_num - target_num`` from the position at every layer: a
+    'final' plan gives layers 0-1 (full cache) the same next position as layers 2+ (the cut layout)."""
+    pruner = create_pruner("flowcut", ratio=0.25)
+    assert pruner.decode_plan(4).positions == "final"
+    assert create_pruner("flowcut", ratio=0.25, llm_cut=False).decode_plan(4) is None
+    assert pruner.acts_in(Stage.IN_LLM) and pruner.acts_in(Stage.DECODE)
+    assert pruner.vision_view_target(576, 2880, 5) == keep_count(0.25, 2880) // 2  # official int(target_num / 2)
+    assert pruner.vision_view_target(576, 576, 1) == 144

@@ -67,6 +67,10 @@ class LLMStage:
             layer changed (V2Drop's token variation).
         heads: how the attention's heads become one map: ``"mean"`` (every method so far) or ``"max"``
             (the largest probability any head gives; PruneVid).
+        qkv: ``True`` for layer ``layer - 1``'s own post-rotary query rows (of ``queries``), keys and values,
+            per head (``PruningInputs.llm_queries`` / ``llm_values`` / ``text_values``, and ``llm_keys``),
+            recorded while that layer runs, for a method that scores with its own attention variant
+            (FlowCut's relation and semantic scores, softmaxes over the visual keys only).
         rotary: ``False`` (with ``attention="previous"``): the probabilities of layer ``layer - 1``'s queries
             and keys *before* the rotary embedding, over every real key of the sequence (no causal mask), as
             PruneVid's official ``attn_weights_wo_pos``; computed from the hidden states that entered that
@@ -80,9 +84,10 @@ class LLMStage:
     previous_hidden: bool = False
     heads: Literal["mean", "max"] = "mean"
     rotary: bool = True
+    qkv: bool = False
 
 
-DecodePositions = Literal["continue", "cache_length"]
+DecodePositions = Literal["continue", "cache_length", "final"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,10 @@ class DecodePlan:
             largest position of its layer's cached layout, then +1 per step (what decoding does without
             a plan); ``"cache_length"`` -- the number of (real) tokens that layer's cache holds when the
             token arrives (MustDrop's attention reads ``past_key_value.get_usable_length(...)``: layers
-            with their full cache continue from the full length, cut layers from the cut length).
+            with their full cache continue from the full length, cut layers from the cut length);
+            ``"final"`` -- at every layer, the position the last layer's layout continues from (FlowCut's
+            LLaVA-NeXT port shifts every layer's decode positions by the tokens its layer-1 cut removed,
+            ``position_ids -= visual_token_num - target_num``, the early layers' full caches included).
         select_layer: ``None``, or a layer ``L >= 1`` from which on (layers ``L..n-1``) each decode step
             attends only to the cache entries :meth:`TokenPruner.decode_select` picks (DyCoke's
             decode-time pruning); the cache itself keeps everything. The pruner reads the head-averaged
@@ -303,6 +311,14 @@ class PruningInputs:
             value is past the input's length). ``None`` pre-LLM.
         text_seq_index: ``[B, T]`` long, in-LLM: the same index for ``text_tokens``; ``-1`` where
             ``text_mask`` is ``False``. (Not :attr:`Reduction.positions`, which names position ids.)
+        llm_queries: ``[B, Q, H, d]`` in-LLM with ``LLMStage.qkv``: layer ``layer - 1``'s post-rotary query
+            rows (the stage's ``queries``), unscaled; ``llm_query_mask`` marks the real ones.
+        llm_values: ``[B, N, H_kv, d]`` with ``LLMStage.qkv``: that layer's values at the visual tokens
+            (``llm_keys`` then holds its post-rotary keys, ``[B, N, H_kv * d]``); ``text_values``
+            ``[B, T, H_kv, d]`` the same for ``text_tokens``.
+        num_placeholders: in-LLM, the visual placeholders the sample's prompt held before any cut -- the
+            image's own token count, which an in-vision stage may already have cut below
+            ``num_original`` (the tokens the LLM received).
     """
 
     tokens: torch.Tensor
@@ -340,6 +356,10 @@ class PruningInputs:
     protected: torch.Tensor | None = None
     seq_index: torch.Tensor | None = None
     text_seq_index: torch.Tensor | None = None
+    llm_queries: torch.Tensor | None = None
+    llm_values: torch.Tensor | None = None
+    text_values: torch.Tensor | None = None
+    num_placeholders: int = 0
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -659,6 +679,13 @@ class TokenPruner(ABC):
         """In-vision pruners: where in a tower that runs ``n_blocks`` blocks (through the block whose
         output the projector reads) the pruner acts, and what it reads there, in block order."""
         return ()
+
+    def vision_view_target(self, patches: int, image_tokens: int, n_views: int) -> int:
+        """In-vision pruners: patch tokens one view of an image brings to the projector, for a view of
+        ``patches`` patches of an image of ``image_tokens`` visual tokens in ``n_views`` views (LLaVA-NeXT:
+        a base view and high-res crops). Default: the view's own share, ``keep_count(ratio, patches)``;
+        a method whose official code splits one image budget over the views (FlowCut) overrides it."""
+        return keep_count(getattr(self, "ratio", 1.0), patches)
 
     @property
     def proportional_attention(self) -> bool:

@@ -43,13 +43,13 @@ def mid_qwen2_vl():
     return model, processor, 336
 
 
-def mid_onevision():
-    """``(model, processor, frame side)``: a mid-size LLaVA-OneVision (SigLIP at 384 px)."""
+def mid_onevision(side: int = 384):
+    """``(model, processor, frame side)``: a mid-size LLaVA-OneVision (SigLIP at ``side`` px, default 384)."""
     from tokenprune.zoo.tiny_llava_onevision import tiny_llava_onevision
 
-    model, processor = tiny_llava_onevision(crop_size=384, patch_size=14, vision=dict(
+    model, processor = tiny_llava_onevision(crop_size=side, patch_size=14, vision=dict(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12), text=MID_TEXT)
-    return model, processor, 384
+    return model, processor, side
 
 
 @torch.no_grad()

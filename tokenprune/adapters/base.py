@@ -452,8 +452,8 @@ class PrunableLVLM(ABC):
     def in_vision_refusal(self) -> str | None:
         """Why this family cannot run an in-vision pruner (one line), or ``None`` if it can (families
         that run their tower through :mod:`tokenprune.adapters.vision_blocks` override it)."""
-        return (f"the {self.family} adapter cannot prune inside its vision tower; in-vision methods (tome, flowcut) "
-                "run on LLaVA-1.5-style models (CLIP, SigLIP or DINOv2 tower, one grid per image)")
+        return (f"the {self.family} adapter cannot prune inside its vision tower; in-vision methods (tome, flowcut, "
+                "mustdrop) run on LLaVA-1.5-style models (CLIP, SigLIP or DINOv2 tower; flowcut also on LLaVA-NeXT)")
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any], prompts: Sequence[str], needs: PrunerNeeds | None = None,
@@ -698,6 +698,10 @@ class PrunableLVLM(ABC):
             rows_all = torch.cat([torch.full_like(v.seq_index, v.sample) for v in prunable])
             image_mask[rows_all, torch.cat([v.seq_index for v in prunable])] = True
             keep &= ~image_mask
+        if len(prunable) < len(views):  # structural slots leave too unless placed (FlowCut's NeXT drops newlines)
+            fixed = [v for v in views if not v.prunable]
+            keep[torch.cat([torch.full_like(v.seq_index, v.sample) for v in fixed]),
+                 torch.cat([v.seq_index for v in fixed])] = False
         if views:
             rows = torch.cat([torch.full_like(s, v.sample) for v, (s, *_) in zip(views, kept_views)])
             cols = torch.cat([s for s, *_ in kept_views])
@@ -736,7 +740,8 @@ class PrunableLVLM(ABC):
             LLMInputs(embeds=gather_seq(embeds, index, 1), mask=new_mask, positions=new_pos, image_mask=new_image,
                       sample_ids=ids, view_grids=view_grids, image_span=gather_seq(image_span, index, 1) & new_mask,
                       deepstack=None if deepstack is None else gather_seq(deepstack, index, 2),
-                      protected=None if protected is None else gather_seq(protected, index, 1) & new_mask),
+                      protected=None if protected is None else gather_seq(protected, index, 1) & new_mask,
+                      visual_in=torch.tensor(n_in, device=mask.device)),
             n_in, n_kept, patches, (seqs, windows, blocks, projected),
         )
 

@@ -52,6 +52,9 @@ class LLMInputs:
         protected: ``[B, L]`` bool, visual tokens an earlier stage of the pruner marked to keep (an
             in-vision stage's :meth:`~tokenprune.in_vision.VisionReduction.mark`); in-LLM stages receive
             them as ``PruningInputs.protected``. ``None``: none marked.
+        visual_in: ``[B]`` long, the visual placeholders of each prompt before any cut (an in-vision
+            stage places fewer tokens than the image had); in-LLM stages receive it as
+            ``PruningInputs.num_placeholders``. ``None``: the visual tokens placed.
     """
 
     embeds: torch.Tensor
@@ -64,6 +67,7 @@ class LLMInputs:
     deepstack: torch.Tensor | None = None
     deepstack_layers: tuple[int, ...] | None = None
     protected: torch.Tensor | None = None
+    visual_in: torch.Tensor | None = None
 
 
 @dataclass
@@ -185,6 +189,7 @@ class _Sequence:
     deepstack_layers: tuple[int, ...] = ()
     protected: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    visual_in: torch.Tensor | None = None  # [B] placeholders before any cut (LLMInputs.visual_in); read at stage 0 only
 
     def reorder(self, keep: torch.Tensor, merge: torch.Tensor | None) -> "_Sequence":
         """Keep the ``keep`` tokens and insert ``merge @ h`` right after each sample's last kept
@@ -372,6 +377,7 @@ class DecoderRunner:
         at = {st.layer: i for i, st in enumerate(stages)}
         records: list[StageRecord] = []
         n_orig = (seq.image_mask & seq.mask).sum(1)
+        n_orig = (n_orig, n_orig if seq.visual_in is None else seq.visual_in.to(n_orig.device))  # (placed, placeholders)
         if replay is None and any(st.queries == "chosen" for st in stages):
             seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
         tokens, visual, rec, rec_select, view_key = [], [], None, None, None
@@ -406,9 +412,10 @@ class DecoderRunner:
             # un-rotated scores are computed from what enters layer i (in _select), not recorded while it runs
             raw = nxt is not None and nxt.attention == "previous" and not nxt.rotary
             prev = seq.h if nxt is not None and (nxt.previous_hidden or raw) else None  # same layout as layer i + 1's input
-            if nxt is not None and ((nxt.attention == "previous" and not raw) or nxt.keys):
+            if nxt is not None and ((nxt.attention == "previous" and not raw) or nxt.keys or nxt.qkv):
                 rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" and not raw else None
-                with record_attention(layer.self_attn, rows=None if rows is None else rows[0], keys=nxt.keys,
+                with record_attention(layer.self_attn, rows=None if rows is None else rows[0],
+                                      keys=nxt.keys or nxt.qkv, values=nxt.qkv, queries=-1 if nxt.qkv else 0,
                                       heads=nxt.heads) as rec:
                     h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
                               use_cache=cache is not None)
@@ -523,25 +530,31 @@ class DecoderRunner:
             rows, qmask = self._query_rows(stage.queries, seq)
             attn = input_attention(self.layers[stage.layer], seq.h, pe, mask4, rows, heads=stage.heads).to(dev)
         prev = None if prev is None or not stage.previous_hidden else prev.to(dev)  # [B, L, D]: what layer stage.layer - 1 received
-        keys = None
-        if stage.keys:
+        keys = values = queries = None
+        if stage.keys or stage.qkv:
             k = rec.keys[0].to(dev)  # [B, H_kv, L, d]
             keys = k.transpose(1, 2).flatten(2)  # [B, L, H_kv * d]
+        if stage.qkv:
+            values = rec.values[0].to(dev).transpose(1, 2)  # [B, L, H_kv, d]
+            q_rows, qmask = self._query_rows(stage.queries, seq)
+            queries = rec.queries[0].to(dev).transpose(1, 2)  # [B, L, H, d]
+            queries = queries.gather(1, q_rows[..., None, None].expand(-1, -1, *queries.shape[2:]))  # [B, Q, H, d]
         img = seq.image_mask & seq.mask
         after = seq.after_image & seq.mask
         keep = seq.mask & ~seq.image_mask
         n_img = img.sum(1)
+        n_orig, n_held = n_orig
         # Each token's index in its sample's unpadded input (PruningInputs.seq_index): its input column
         # minus that of the sample's first real token.
         ids = seq.ids if seq.ids is not None else torch.arange(seq.mask.shape[1], device=dev).expand(seq.mask.shape[0], -1)
         seq_index = ids - torch.where(seq.mask, ids, ids.amax() + 1).amin(1, keepdim=True)
         groups: dict[tuple, list[int]] = {}
-        for b, (n, n0) in enumerate(zip(n_img.tolist(), n_orig.tolist())):
+        for b, (n, n0, p0) in enumerate(zip(n_img.tolist(), n_orig.tolist(), n_held.tolist())):
             grids = view_grids[b] if (view_grids is not None and s == 0) else None
             # an adaptive pruner's count differs per sample, and one Reduction holds one count: one sample per call
-            groups.setdefault((n, n0, grids, b if pruner.adaptive else None), []).append(b)
+            groups.setdefault((n, n0, p0, grids, b if pruner.adaptive else None), []).append(b)
         merges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for (n, n0, grids, _), members in groups.items():
+        for (n, n0, p0, grids, _), members in groups.items():
             if n == 0:
                 continue  # no visual tokens (a text-only sample): nothing to prune
             rows = torch.tensor(members, device=seq.mask.device)
@@ -563,6 +576,10 @@ class DecoderRunner:
                 protected=None if seq.protected is None else gather_seq(seq.protected[rows], img_pos, 1),
                 seq_index=gather_seq(seq_index[rows], img_pos, 1),
                 text_seq_index=gather_seq(seq_index[rows], txt_pos, 1).masked_fill(~text_mask, -1),
+                llm_queries=None if queries is None else queries[rows],
+                llm_values=None if values is None else gather_seq(values[rows].flatten(2), img_pos, 1).unflatten(2, values.shape[2:]),
+                text_values=None if values is None else gather_seq(values[rows].flatten(2), txt_pos, 1).unflatten(2, values.shape[2:]),
+                num_placeholders=p0,
             )
             red = pruner(inputs)
             keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
@@ -595,8 +612,9 @@ class DecoderRunner:
         if bad:
             raise OptionError(f"{pruner.name} cuts the decode cache of layers {bad}, but this decoder has {n} layers "
                               f"(0..{n - 1}); set the pruner's layer option to fit")
-        if plan.positions not in ("continue", "cache_length"):
-            raise OptionError(f"{pruner.name}: decode positions must be 'continue' or 'cache_length', got {plan.positions!r}")
+        if plan.positions not in ("continue", "cache_length", "final"):
+            raise OptionError(f"{pruner.name}: decode positions must be 'continue', 'cache_length' or 'final', "
+                              f"got {plan.positions!r}")
         if plan.select_layer is not None:
             top = plan.select_layer
             if not 1 <= top < n:
@@ -626,6 +644,8 @@ class DecoderRunner:
         visual = [inputs.image_mask & inputs.mask] + [r.image_after for r in records]
         nexts = [next_positions(inputs.positions, inputs.mask)] + [r.next_position for r in records]
         by_count = plan is not None and plan.positions == "cache_length"
+        if plan is not None and plan.positions == "final":  # every layer continues where the last one does
+            nexts = [nexts[-1]] * len(nexts)
         layouts = [_Layout(mask=m, visual=v, next_pos=m.sum(1) if by_count else p) for m, v, p in zip(masks, visual, nexts)]
         layer_of = list(group_of)
         made: dict[int, int] = {}
@@ -662,8 +682,11 @@ class DecoderRunner:
         first: dict[int, torch.Tensor | None] = {}
         for w in set(layer_of):  # cache_length: the prompt entries the generated tokens see there
             lay = layouts[w]
-            first[w] = ((lay.attend if lay.attend is not None else lay.mask).sum(1)
-                        if plan.positions == "cache_length" else None)
+            if plan.positions == "final":
+                first[w] = lay.next_pos
+            else:
+                first[w] = ((lay.attend if lay.attend is not None else lay.mask).sum(1)
+                            if plan.positions == "cache_length" else None)
         visual = layouts[layer_of[plan.select_layer]].visual if plan.select_layer is not None else None
         return _RefDecode(n_gen=n_gen, attend=attend, first_pos=[first[w] for w in layer_of],
                           select_layer=plan.select_layer, visual=visual, history=history, memory=memory)
@@ -857,7 +880,7 @@ class DecoderRunner:
         ids = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
         return _Sequence(h=inputs.embeds, mask=mask, positions=inputs.positions, image_mask=inputs.image_mask,
                          after_image=after, chosen=torch.zeros_like(mask), deepstack=deep, deepstack_layers=deep_layers,
-                         protected=protected, ids=ids)
+                         protected=protected, ids=ids, visual_in=inputs.visual_in)
 
     @staticmethod
     def _positions_at(value: torch.Tensor, dims: int) -> torch.Tensor:

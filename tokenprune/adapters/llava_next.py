@@ -49,13 +49,12 @@ class LlavaNextLVLM(LlavaLVLM):
     model_types = ("llava_next",)
     provides_vision_qk = False  # its views stitch crops: no one-to-one q / k rows per view (yet)
 
-
     def in_vision_refusal(self) -> str | None:
-        """One line: the crops are stitched and unpadded on the full patch grid after the tower, which a
-        cut inside the tower no longer has (FlowCut's official NeXT port runs a "flat" layout instead)."""
-        return (f"the {self.family} adapter cannot prune inside its vision tower: its crops are stitched and unpadded "
-                "on the full patch grid after the tower; in-vision methods (tome, flowcut) run on LLaVA-1.5-style "
-                "models (family llava)")
+        """``None`` for a CLIP / SigLIP / DINOv2 tower: every view (base and crops) runs block by block, and
+        each crop's surviving patches are scattered back to the stitched grid (:meth:`_encode_in_vision`).
+        A pruner that merges inside the tower is refused in one line there: a merged token has no single
+        cell of the stitched grid to return to."""
+        return super().in_vision_refusal()
 
     def encode_images(self, batch, needs: PrunerNeeds) -> list[View]:
         """Per image, in the processor's order (samples in order, each sample's images in prompt order):
@@ -77,6 +76,8 @@ class LlavaNextLVLM(LlavaLVLM):
         sizes = batch["image_sizes"]
         n_crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
         pixels = torch.cat([p[:n] for p, n in zip(batch["pixel_values"], n_crops)]).to(tower.dtype)
+        if needs.in_vision is not None:
+            return self._encode_in_vision(batch, pixels, n_crops, needs.in_vision)
         with vision_recorder(tower, needs, all_rows=True) as rec:  # block composition needs every row
             out = tower(pixels, output_hidden_states=True, return_dict=True)
         prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
@@ -139,6 +140,78 @@ class LlavaNextLVLM(LlavaLVLM):
                 views.append(View(sample=b, tokens=newline[None].expand(h, -1), grid=(h, 1),
                                   seq_index=hi_seq[:, w], prunable=False, image=j))
             start += crops
+        return views
+
+    def _hires_layout(self, size, crops: int, side: int, device) -> torch.Tensor:
+        """``[H', W']``: the stitched-crop token index (``crop * side^2 + patch``, crops after the base view)
+        of each cell the model's ``unpad_image`` keeps, for an image of ``size`` in ``crops`` views."""
+        cfg = self.model.config
+        nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        n = side * side
+        index = torch.arange((crops - 1) * n, device=device, dtype=torch.float32)[:, None]
+        return unpad_image(_stitch(index.view(crops - 1, n, 1), nph, npw, side), size)[0].long()
+
+    def _encode_in_vision(self, batch, pixels: torch.Tensor, n_crops: list[int], pruner) -> list[View]:
+        """Views of every image with ``pruner`` cutting inside the tower (FlowCut's official NeXT port,
+        ``flowcut/llava_arch.py`` ``prepare_inputs_labels_for_multimodal_flowcut``).
+
+        Each image's views (base + crops) share one tower pass, each bringing
+        :meth:`~tokenprune.pruner.TokenPruner.vision_view_target` patches to the projector. The base view
+        keeps its survivors in the order the tower left them; each crop's survivors are scattered back
+        to the stitched grid (``restore_image_features_sorted``), the unpadded cells kept (the model's
+        own ``unpad_image`` layout, which the official ``unpad_mask`` recomputes) and read in raster
+        order -- with **no** row newlines (the official multi-crop branch appends none): the newline
+        slots leave the sequence. Only the tokens placed are projected.
+        """
+        from .vision_blocks import run_tower
+
+        cfg = self.model.config
+        inner = self.model.model
+        tower = inner.vision_tower
+        prefix = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        if prefix == 0 and cfg.vision_feature_select_strategy != "full":
+            raise OptionError(f"unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        n = side * side
+        home = batch["input_ids"].device
+        sizes = batch["image_sizes"]
+        layouts = [self._hires_layout(size, crops, side, home) for size, crops in zip(sizes, n_crops)]
+        counts = [n + lay.shape[0] * (lay.shape[1] + 1) for lay in layouts]
+        views, start = [], 0
+        for (b, j, seq), crops, lay in zip(image_spans(batch["input_ids"], cfg.image_token_id, counts), n_crops, layouts):
+            image_tokens = n + lay.numel()
+            target = pruner.vision_view_target(n, image_tokens, crops)
+            run = run_tower(tower, pixels[start:start + crops], pruner, cfg.vision_feature_layer, prefix, target=target)
+            start += crops
+            if bool((run.sizes > 1).any()):
+                raise OptionError(f"{pruner.name} merges tokens inside the vision tower, and LLaVA-NeXT scatters each "
+                                  "crop's tokens back to the stitched grid, where a merged token has no single cell; "
+                                  "run it on family llava, or use a method that only drops (flowcut)")
+            k = run.features.shape[1] - prefix
+            members = run.members.to(home)  # [crops, n]: each patch's token among the view's k, -1 dropped
+            cell = lay.flatten()  # [h*w] stitched index, raster order of the unpadded grid
+            crop, patch = cell // n, cell % n
+            token = members[1 + crop, patch]  # [h*w]
+            alive = token >= 0
+            rows = torch.cat([torch.zeros(k, dtype=torch.long, device=home), (1 + crop)[alive]])
+            cols = torch.cat([torch.arange(k, device=home), token[alive]])
+            feats = inner.multi_modal_projector(run.features[:, prefix:].to(home)[rows, cols])  # [k + m, D]
+            h, w = lay.shape
+            hi_seq = seq[n:].view(h, w + 1)
+            blocks = tuple(run.blocks)
+            protected = None if run.protected is None else run.protected.to(home)
+            views.append(View(sample=b, tokens=feats[:k], grid=(side, side), seq_index=seq[:n], vision_prefix=prefix,
+                              encoder_seqs=(n + prefix,), image=j, patches=n, vision_origin=run.origin[0].to(home),
+                              vision_members=members[0], encoder_blocks=blocks,
+                              vision_protected=None if protected is None else protected[0]))
+            views.append(View(sample=b, tokens=feats[k:], grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
+                              vision_prefix=prefix, encoder_seqs=(n + prefix,) * (crops - 1), image=j,
+                              patches=(crops - 1) * n, vision_origin=alive.nonzero().flatten(),
+                              vision_members=torch.where(alive, alive.cumsum(0) - 1, -1), encoder_blocks=blocks,
+                              vision_protected=None if protected is None else protected[1 + crop, token][alive]))
+            # the newline slots: placed nowhere (no tokens), so they leave the sequence
+            views.append(View(sample=b, tokens=feats[:0], grid=(h, 1), seq_index=hi_seq[:, w], prunable=False,
+                              image=j, vision_origin=hi_seq.new_zeros(0)))
         return views
 
     @staticmethod

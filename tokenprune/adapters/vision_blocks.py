@@ -159,7 +159,7 @@ def _recording(parts: TowerParts, block: nn.Module, hook: VisionHook | None, pre
 
 
 def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner, feature_layer: int, prefix: int,
-              sample_ids: Sequence[Any] | None = None) -> TowerRun:
+              sample_ids: Sequence[Any] | None = None, target: int | None = None) -> TowerRun:
     """The tower's features at ``feature_layer`` with ``pruner`` cutting between blocks.
 
     Args:
@@ -173,6 +173,9 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
             and what the pruner returns there may only mark tokens, not cut.
         prefix: CLS / register tokens leading the sequence, never cut.
         sample_ids: one id per image, handed to the pruner.
+        target: patch tokens each image must bring to the projector (``VisionState.target``); ``None``:
+            ``keep_count(pruner.ratio, patches)``. A family whose views share one image's budget sets it
+            (:meth:`~tokenprune.pruner.TokenPruner.vision_view_target`).
     """
     parts = tower_parts(tower)
     n_all = len(parts.blocks)
@@ -195,7 +198,8 @@ def run_tower(tower: nn.Module, pixel_values: torch.Tensor, pruner: TokenPruner,
     sizes = torch.ones(b, t, dtype=torch.float32, device=dev)
     origin = (torch.arange(t, device=dev) - prefix).clamp_min(-1).expand(b, -1).clone()
     members = (torch.arange(patches, device=dev) + prefix).expand(b, -1).clone()
-    target = keep_count(getattr(pruner, "ratio", 1.0), patches)
+    if target is None:
+        target = keep_count(getattr(pruner, "ratio", 1.0), patches)
     memory: dict[str, Any] = {}
     merged = False
     counts: list[tuple[int, int]] = []
