@@ -371,3 +371,22 @@ def test_trained_demo_reads_scenes():
     prior = answer_prior([(q, a) for i in range(1000) for _, q, a in scene_questions("train", i)[1]])
     blind = sum(blind_answer(s.question, prior) == s.answers[0] for s in samples) / len(samples)
     assert acc >= blind + 0.15, (acc, blind)
+
+
+def test_demo_is_a_hugging_face_checkpoint():
+    """The assembled demo is saved once as a plain checkpoint: ``from_pretrained`` gives the same weights, buffers
+    and processor, and the zoo loads it from there (no build, no random init) -- other tools can load it too."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokenprune.zoo import demo
+
+    folder = demo.demo_checkpoint()
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    plain = LlavaForConditionalGeneration.from_pretrained(str(folder))
+    ours = tp.load("tokenprune-demo").model
+    state = ours.state_dict()
+    assert set(plain.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert torch.equal(plain.model.language_model.rotary_emb.inv_freq, ours.model.language_model.rotary_emb.inv_freq)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    assert processor.image_processor.size == {"shortest_edge": 224} and "<image>" in processor.tokenizer.get_vocab()

@@ -6,8 +6,10 @@ The projector and LoRA are trained by us on easy-VQA (``tokenprune.zoo.train_dem
 ``tokenprune/zoo/weights``; the LoRA is merged into the LLM's weights at load time. 224 px images give a 16 x 16 = 256-token grid.
 
 First use converts the two packages' weights and caches them as safetensors under
-``$TOKENPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/tokenprune`` or ``~/.cache/tokenprune``); later
-loads read the cache.
+``$TOKENPRUNE_CACHE`` (default ``$XDG_CACHE_HOME/tokenprune`` or ``~/.cache/tokenprune``), assembles the
+model with the shipped trained weights merged in, and saves it there as a plain Hugging Face checkpoint
+(:func:`demo_checkpoint`): later loads are ``LlavaForConditionalGeneration.from_pretrained`` of it, and so
+can any other tool's (lmms-eval's ``llava_hf``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,73 @@ def cache_dir() -> Path:
         return Path(os.environ["TOKENPRUNE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "tokenprune"
+
+
+def checkpoint_dir(projector: Path = WEIGHTS, cache: Path | None = None) -> Path:
+    """Where the assembled demo lives as a Hugging Face checkpoint: one folder per shipped weights file
+    (named by its content hash, so new weights never meet an old checkpoint)."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(projector).read_bytes()).hexdigest()[:16]
+    return (cache or cache_dir() / "demo-v1") / f"hf-{digest}"
+
+
+def demo_checkpoint() -> Path:
+    """The demo as a Hugging Face checkpoint folder (assembled and saved on first use): config,
+    ``model.safetensors``, tokenizer and processor, loadable with
+    ``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``."""
+    folder = checkpoint_dir()
+    if not (folder / "config.json").exists():
+        build_demo()
+    return folder
+
+
+def _quiet_hub():
+    """Loading / saving progress bars off for the call: a user cannot act on them."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
+def _load_checkpoint(folder: Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with _quiet_hub():
+        model = LlavaForConditionalGeneration.from_pretrained(str(folder))
+        processor = AutoProcessor.from_pretrained(str(folder))
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def _save_checkpoint(model, processor, folder: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then one rename: an interrupted save leaves no half
+    checkpoint that a later load would trust."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        with _quiet_hub():
+            model.save_pretrained(str(tmp))
+            processor.save_pretrained(str(tmp))
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
 
 
 def build_processor(tokenizer):
@@ -95,7 +164,9 @@ def load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
 def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     """The demo ``LlavaForConditionalGeneration`` and its processor.
 
-    ``projector``: trained projector weights (``None``: untrained, for training from scratch).
+    ``projector``: trained projector weights (``None``: untrained, for training from scratch). With trained
+    weights the assembled model is read from (or, the first time, saved to) its Hugging Face checkpoint
+    (:func:`checkpoint_dir`).
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -103,6 +174,10 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     from .convert import dinov2_config
 
     folder = cache or cache_dir() / "demo-v1"
+    if projector is not None and Path(projector).exists():
+        checkpoint = checkpoint_dir(projector, cache)
+        if (checkpoint / "config.json").exists():
+            return _load_checkpoint(checkpoint)
     if not (folder / "smollm2.safetensors").exists():
         _convert_to_cache(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -141,4 +216,6 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
         model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if projector is not None:
+        _save_checkpoint(model, processor, checkpoint_dir(projector, cache))
     return model.eval(), processor
