@@ -9,3 +9,6 @@ from . import mustdrop  # noqa: F401  (MustDrop: in the tower, in the LLM and on
 from . import v2drop  # noqa: F401  (V2Drop: variation-ranked drops inside the LLM)
 from . import dycoke  # noqa: F401  (DyCoke: temporal merging before the LLM, per-step selection while decoding)
 from . import prunevid  # noqa: F401  (PruneVid: temporal merging before the LLM, a cut and KV cut inside it)
+from . import hiprune, hired  # noqa: F401  (HiPrune: anchors + buffers + registers; HiRED: LLaVA-NeXT view budgets)
+from . import framefusion, holitom  # noqa: F401  (FrameFusion: merges and a cut inside the LLM; HoliTom: temporal merges before it, a merge inside it)
+from . import vtw, downsample  # noqa: F401  (VTW: every visual token withdrawn at layer K; VTC-Bench downsample: the image shrunk)

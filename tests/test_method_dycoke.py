@@ -432,7 +432,8 @@ class DecodeMasks:
     def _hook(self, i, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[1] == 1:
-            self.masks[i].append(kwargs["attention_mask"][:, 0, 0].bool().clone())
+            mask = kwargs.get("attention_mask")  # None: an unpadded layout, every entry visible (as HF decodes)
+            self.masks[i].append(None if mask is None else mask[:, 0, 0].bool().clone())
 
     def close(self):
         for h in self.handles:
@@ -506,9 +507,11 @@ def test_on_every_video_family(family):
     for step, (_, sel, moved, visual, _) in enumerate(spy.calls):
         entries = n_text + expected + step + 1
         for i in range(layers):
-            m = masks.masks[i][step][0]
-            assert int(m.sum()) == (entries if i < 3 or not moved[0] else entries - expected + keep)
+            m = masks.masks[i][step]
+            m = None if m is None else m[0]
+            assert (entries if m is None else int(m.sum())) == (entries if i < 3 or not moved[0] else entries - expected + keep)
             if i >= 3:
+                assert m is not None
                 assert torch.equal(m, sel[0])
         assert int((sel[0] & visual[0]).sum()) == (keep if moved[0] else expected)
     assert spy.calls[0][2].item()  # step 0 always selects

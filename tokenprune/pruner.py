@@ -75,6 +75,17 @@ class LLMStage:
             and keys *before* the rotary embedding, over every real key of the sequence (no causal mask), as
             PruneVid's official ``attn_weights_wo_pos``; computed from the hidden states that entered that
             layer with its own input norm and q/k projections (and q/k norms where it has them).
+        after_attention: ``True``: the stage acts *inside* layer ``layer - 1``, between its attention block
+            and its MLP block (FrameFusion, whose official decoder layer merges and prunes the residual
+            stream right after ``hidden_states = residual + attn_output``). ``tokens`` are then that
+            post-attention residual stream; layer ``layer - 1``'s attention and KV cache keep the unreduced
+            sequence, its MLP and layers ``layer ..`` see the reduced one (the MLP acting per token, a cut there
+            equals a cut before layer ``layer``; an in-place merge does not). Needs decoder layers of the
+            pre-norm ``input_layernorm -> self_attn -> post_attention_layernorm -> mlp`` shape.
+
+    ``layer = 0`` (a stage before the first decoder layer, on the input embeddings) is allowed for a stage
+    that reads nothing of the decoder (``attention="none"``, no keys, no previous hidden states, not
+    ``after_attention``): FrameFusion's merge before layer 0's attention.
     """
 
     layer: int
@@ -85,6 +96,7 @@ class LLMStage:
     heads: Literal["mean", "max"] = "mean"
     rotary: bool = True
     qkv: bool = False
+    after_attention: bool = False
 
 
 DecodePositions = Literal["continue", "cache_length", "final"]
@@ -161,6 +173,10 @@ class PrunerNeeds:
             whose head-averaged attention probabilities the pruner needs, or ``None``.
         vision_attention_rows: ``"all"`` (the whole map) or ``"prefix"`` (only the rows of the
             CLS/prefix tokens, e.g. for CLS-attention scoring), so the adapter can skip the rest.
+        vision_attention_layer2: a second vision layer (Python-style index) whose attention the pruner
+            needs too, with the same rows, handed as ``PruningInputs.vision_attention2`` (and
+            ``vision_received2``) in the very layout of ``vision_attention`` (HiPrune's object layer,
+            HiRED's layer 0). The adapter encodes the views once more for it (one more tower pass).
         vision_features: pre-LLM, the features the projector reads (``PruningInputs.vision_features``),
             and those of the CLS/prefix tokens where the projector can take them.
         vision_keys: pre-LLM, the keys of vision layer ``vision_attention_layer``, averaged over heads
@@ -183,6 +199,7 @@ class PrunerNeeds:
 
     vision_attention_layer: int | None = None
     vision_attention_rows: Literal["all", "prefix"] = "all"
+    vision_attention_layer2: int | None = None
     vision_features: bool = False
     vision_keys: bool = False
     vision_qk: bool = False
@@ -205,6 +222,8 @@ class PrunerNeeds:
         out: dict[str, object] = {}
         if self.vision_attention_layer is not None:
             out.update(vision_attention_layer=self.vision_attention_layer, vision_attention_rows=self.vision_attention_rows)
+        if self.vision_attention_layer2 is not None:
+            out.update(vision_attention_layer2=self.vision_attention_layer2)
         if self.vision_features:
             out.update(vision_features=True)
         if self.vision_keys:
@@ -220,7 +239,8 @@ class PrunerNeeds:
             what = [f"{kind} attention ({st.queries} rows)"] if st.attention != "none" else []
             what += ["keys"] if st.keys else []
             what += [f"hidden states entering layer {st.layer - 1}"] if st.previous_hidden else []
-            out[f"llm_stage_{i}"] = f"before layer {st.layer}: hidden states" + "".join(f", {w}" for w in what)
+            where = f"inside layer {st.layer - 1}, after its attention" if st.after_attention else f"before layer {st.layer}"
+            out[f"llm_stage_{i}"] = f"{where}: hidden states" + "".join(f", {w}" for w in what)
         return out
 
 
@@ -258,6 +278,18 @@ class PruningInputs:
             (LLaVA-OneVision / NeXT-Video video frames) and all rows of vision attention were asked:
             each patch's attention received, averaged over every query of the unpooled map, pooled
             as the tokens are (``None`` elsewhere: there it is ``vision_attention``'s column mean).
+        vision_attention2, vision_received2: the same as ``vision_attention`` / ``vision_received``, of
+            vision layer ``needs.vision_attention_layer2`` (``None`` unless asked).
+        crop_attention: ``[B, C, R, T]`` for LLaVA-NeXT's high-res view: its ``C`` crops' own maps of the
+            vision layer (``R`` = the rows asked), before stitching and unpadding: every cell of a crop,
+            padded ones included (``vision_attention`` composes the unpadded cells only).
+        crop_layout: ``[B, N]`` long, with ``crop_attention``: each token's crop and cell in it,
+            ``crop * s^2 + cell`` (``s^2`` patches per crop, cell in the crop's raster order).
+        view_inputs: pre-LLM at scope ``"clip"`` for a :attr:`TokenPruner.clip_inputs` pruner that sets
+            ``view_inputs = True``: per batch entry, each of its prunable views' own inputs (a batch of 1
+            each: tokens, grid, maps of both layers, crop layout) in the clip's view order, so that a rule
+            coupling views of different shapes (HiRED: LLaVA-NeXT's base view sets each crop's budget)
+            sees every one of them.
         llm_attention: ``[B, Q, N]`` head-averaged attention from ``Q`` query rows to the visual
             tokens, at the stage's layer (see :class:`LLMStage`).
         llm_query_mask: ``[B, Q]`` bool, ``True`` for real query rows (``False``: padding).
@@ -319,6 +351,10 @@ class PruningInputs:
         num_placeholders: in-LLM, the visual placeholders the sample's prompt held before any cut -- the
             image's own token count, which an in-vision stage may already have cut below
             ``num_original`` (the tokens the LLM received).
+        memory: in-LLM, one ``dict`` per batch entry that the decoder carries from stage to stage of one
+            prefill (new for every forward), for methods whose later stages depend on what earlier ones
+            decided (FrameFusion's per-layer merge ratios, each kept token's patch). ``None`` outside the
+            decoder (a bare call): a pruner that needs it starts afresh.
     """
 
     tokens: torch.Tensor
@@ -333,6 +369,11 @@ class PruningInputs:
     vision_queries: torch.Tensor | None = None
     vision_keys_full: torch.Tensor | None = None
     vision_received: torch.Tensor | None = None
+    vision_attention2: torch.Tensor | None = None
+    vision_received2: torch.Tensor | None = None
+    crop_attention: torch.Tensor | None = None
+    crop_layout: torch.Tensor | None = None
+    view_inputs: Sequence[Sequence["PruningInputs"]] | None = None
     llm_attention: torch.Tensor | None = None
     llm_query_mask: torch.Tensor | None = None
     stage: int = 0
@@ -360,6 +401,7 @@ class PruningInputs:
     llm_values: torch.Tensor | None = None
     text_values: torch.Tensor | None = None
     num_placeholders: int = 0
+    memory: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 3:
@@ -399,6 +441,10 @@ class PruningInputs:
             out["sample_ids"] = [self.sample_ids[index]]
         if self.prompts is not None:
             out["prompts"] = [self.prompts[index]]
+        if self.view_inputs is not None:
+            out["view_inputs"] = [self.view_inputs[index]]
+        if self.memory is not None:
+            out["memory"] = [self.memory[index]]
         return PruningInputs(**out)
 
 
@@ -431,6 +477,15 @@ class Reduction:
         scores: optional ``[B, N]``, the per-token score the method ranked by (higher = more
             likely kept): FoPru's significance, CLS attention, FastV's attention at layer K-1, ...
             Never used to prune; ``tokenprune show`` draws it as the method's heatmap.
+        merge_into: in-LLM only, ``[B, N]`` long: merges *in place* (FrameFusion, HoliTom): for each input
+            token the slot ``j`` (``0..k-1``, into ``indices``) of the kept token it is merged into, or
+            ``-1``. A slot that some token names becomes ``sum(merge_into_weights[b, i] * tokens[b, i])``
+            over the tokens ``i`` naming it (the kept token itself among them when it names its own slot);
+            it keeps its place in the sequence and its position id, so causal order is untouched (unlike
+            ``merge_weights``, which appends). A kept token no one names stays as it was. One slot per
+            source token: a sparse ``[B, k, N]`` map, which the no-cache reference replays.
+        merge_into_weights: ``[B, N]`` float with ``merge_into``: each token's weight in its slot's sum
+            (ignored where ``merge_into`` is ``-1``).
     """
 
     indices: torch.Tensor
@@ -441,6 +496,8 @@ class Reduction:
     feature_weights: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    merge_into: torch.Tensor | None = None
+    merge_into_weights: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
@@ -449,9 +506,25 @@ class Reduction:
     def apply(self, tokens: torch.Tensor) -> torch.Tensor:
         """The reduced tokens ``[B, k (+ M), D]`` from the full ``[B, N, D]`` ones."""
         out = self.tokens if self.tokens is not None else gather_tokens(tokens, self.indices)
+        if self.merge_into is not None:
+            out = merge_in_place(out, tokens, self.merge_into, self.merge_into_weights)
         if self.merge_weights is not None:
             out = torch.cat([out, self.merge_weights.to(tokens.dtype) @ tokens], dim=1)
         return out
+
+
+def merge_in_place(kept: torch.Tensor, tokens: torch.Tensor, into: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:attr:`Reduction.merge_into` applied: ``kept`` ``[B, k, D]`` with every slot that some token names
+    replaced by the weighted sum of the ``tokens`` ``[B, N, D]`` naming it (``into`` ``[B, N]``: slot or ``-1``;
+    ``weights`` ``[B, N]``). Sums in float32, returned in ``kept``'s dtype."""
+    b, k, d = kept.shape
+    named = into >= 0
+    slot = into.clamp_min(0)
+    w = torch.where(named, weights.float(), 0.0)
+    acc = torch.zeros(b, k, d, dtype=torch.float32, device=kept.device)
+    acc.scatter_add_(1, slot[..., None].expand(-1, -1, d), tokens.float() * w[..., None])
+    hit = torch.zeros(b, k, dtype=torch.int32, device=kept.device).scatter_add_(1, slot, named.int()) > 0
+    return torch.where(hit[..., None], acc.to(kept.dtype), kept)
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -571,6 +644,9 @@ class TokenPruner(ABC):
             ``PruningInputs.view_attention`` beside the concatenated tokens, instead of being ranked
             view by view through :meth:`token_scores`. One that scores each view with
             :meth:`view_scores` gets those scores (``PruningInputs.view_scores``) instead of the maps.
+        view_inputs: with :attr:`clip_inputs`, the clip call gets every view's own inputs
+            (``PruningInputs.view_inputs``: maps of both layers, grids, LLaVA-NeXT's crop layout) instead of
+            per-view scores or stacked maps, for a rule that couples views of different shapes (HiRED).
 
     Every pre-LLM pruner also takes ``scope`` (through :func:`create_pruner` or a spec,
     ``fopru_rank:scope=clip``), whether or not its ``__init__`` names it; see :attr:`scope`.
@@ -586,6 +662,7 @@ class TokenPruner(ABC):
     views: ClassVar[str] = "per_view"
     scopes: ClassVar[tuple[str, ...]] = SCOPES
     clip_inputs: ClassVar[bool] = False
+    view_inputs: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False
     image_by_image: ClassVar[bool] = False
     ratio: float

@@ -52,7 +52,8 @@ def synthetic_inputs(
         text_keys=torch.randn(batch, n_text, 8, generator=g),
         vision_queries=torch.randn(batch, vision_prefix + n, 8, generator=g),
         vision_keys_full=torch.randn(batch, vision_prefix + n, 8, generator=g),
-        previous_tokens=torch.randn(batch, n, dim, generator=g),  # drawn last: earlier fields keep their values
+        previous_tokens=torch.randn(batch, n, dim, generator=g),  # drawn late: earlier fields keep their values
+        vision_attention2=(3 * torch.randn(batch, t, t, generator=g)).softmax(-1),  # a second vision layer (HiPrune)
     )
 
 
@@ -73,8 +74,10 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
         assert k <= pruner.num_kept(n, inputs.grid), f"adaptive count {k} above the pruner's bound"
     elif not pruner.quantised:
         assert k == keep_count(pruner.ratio, n), f"k={k} breaks the ratio rule for r={pruner.ratio}, N={n}"
-    assert 1 <= k <= n
-    assert int(idx.min()) >= 0 and int(idx.max()) < n, "indices out of range"
+    # k = 0 only for a pruner that withdraws every visual token (VTW: num_kept is 0)
+    assert (0 if pruner.num_kept(n, inputs.grid) == 0 else 1) <= k <= n
+    if k:
+        assert int(idx.min()) >= 0 and int(idx.max()) < n, "indices out of range"
     assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be unique and in original order"
     if reduction.tokens is not None:
         assert reduction.tokens.shape == (b, k, d), f"merged tokens shape {tuple(reduction.tokens.shape)}"
@@ -95,6 +98,15 @@ def check_reduction(pruner: TokenPruner, inputs: PruningInputs, reduction: Reduc
         assert bool(((sums - 1).abs() < 1e-4).logical_or(sums == 0).all()), "each merge row must sum to 1 (or be all zeros: padding)"
         kept = torch.zeros(b, n, dtype=torch.bool).scatter(1, idx.cpu(), True)
         assert not bool(((w.cpu() > 0) & kept[:, None, :]).any()), "merged tokens must come from dropped tokens"
+    if reduction.merge_into is not None:  # in-place merges: one kept slot (or -1) per token, weights with it
+        into, w = reduction.merge_into, reduction.merge_into_weights
+        assert w is not None and into.shape == (b, n) and w.shape == (b, n), "merge_into and its weights are [B, N]"
+        assert into.dtype == torch.long and int(into.min()) >= -1 and int(into.max()) < k, "merge_into slots in -1..k-1"
+        assert bool((w[into >= 0] >= 0).all()), "in-place merge weights must be non-negative"
+        slot = into.clamp_min(0)
+        sums = torch.zeros(b, k, dtype=torch.float32).scatter_add_(1, slot.cpu(), torch.where(into >= 0, w, 0.0).float().cpu())
+        named = torch.zeros(b, k, dtype=torch.int32).scatter_add_(1, slot.cpu(), (into >= 0).int().cpu()) > 0
+        assert bool(((sums - 1).abs() < 1e-4)[named].all()), "the weights naming a kept slot must sum to 1"
     if reduction.feature_weights is not None:
         prefix = 0 if inputs.vision_prefix_features is None else inputs.vision_prefix_features.shape[1]
         assert reduction.feature_weights.shape == (b, k, prefix + n), "feature weights must be [B, k, prefix + N]"

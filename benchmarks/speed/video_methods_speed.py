@@ -127,6 +127,9 @@ def bench(label: str, build, frames: int, ratio: float, runs: int, new_tokens: i
                 prefill = out.timings["llm"] - out.timings["decode"]  # placing the tokens + the decoder's prefill
                 samples[name].append((prefill, out.timings["decode"] / max(new_tokens - 1, 1),
                                       timed[name].seconds if name in timed else 0.0))
+    if not samples.get("none"):
+        print(f"  {label}: the unpruned model did not run (see above): no ratios to print; try fewer --frames")
+        return
     d = TextDims.from_config(lvlm.model.config)
     full = stats["none"]
     full_prefill = prefill_macs(d, full.tokens_per_layer)

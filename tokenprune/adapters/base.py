@@ -21,6 +21,7 @@ from ..pruner import PrunerNeeds, Stage, TokenPruner, validate_choice
 from .decoder import DecoderRunner, LLMInputs, compact_positions, gather_seq, left_pack
 from .devices import model_devices, synchronizer
 from .pre_llm import prune_views, text_after_images
+from .visuals import transform_visuals
 
 POSITION_POLICIES = ("keep", "compact")
 
@@ -44,6 +45,11 @@ class View:
             LLaVA-NeXT-Video frames), with all rows of vision attention asked: the attention each
             patch receives averaged over every query of the unpooled map, then pooled as the tokens
             are -- what a column mean of the pooled ``vision_attention`` cannot give back.
+        vision_attention2 / vision_received2: the same, of the pruner's second vision layer
+            (``PrunerNeeds.vision_attention_layer2``), if asked.
+        crop_attention: ``[C, R, T]`` LLaVA-NeXT's high-res view, with vision attention asked: its crops'
+            own maps (every cell, padded ones included; rows as asked), before stitching and unpadding.
+        crop_layout: ``[N]`` long, with ``crop_attention``: each token's ``crop * s^2 + cell``.
         vision_prefix: CLS/register tokens leading the vision sequence.
         patch_merge: vision patches per token, patches in merge order.
         encoder_seqs: lengths of the vision-encoder sequences this view cost (FLOPs accounting).
@@ -84,6 +90,10 @@ class View:
     vision_queries: torch.Tensor | None = None
     vision_keys_full: torch.Tensor | None = None
     vision_received: torch.Tensor | None = None
+    vision_attention2: torch.Tensor | None = None
+    vision_received2: torch.Tensor | None = None
+    crop_attention: torch.Tensor | None = None
+    crop_layout: torch.Tensor | None = None
     vision_prefix: int = 0
     patch_merge: int = 1
     prunable: bool = True
@@ -473,11 +483,21 @@ class PrunableLVLM(ABC):
         sync = self._synchronizer()
         t0 = time.perf_counter()
         device = self.device
+        # An image-level method (downsample) changes the visuals themselves, before the processor.
+        images = transform_visuals(images, needs)
         # The keyword only when off: an adapter overriding prepare(images, prompts) keeps working.
         raw = self.prepare(images, prompts) if chat_template else self.prepare(images, prompts, chat_template=False)
         self.check_context(raw)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in raw.items()}
-        views = self._views_to(self.encode_images(batch, needs), device)
+        views = self.encode_images(batch, needs)
+        if needs.vision_attention_layer2 is not None:
+            # A second layer's map in the very layout of the first (crops composed, windows undone, frames
+            # pooled): the family's own encode_images once more, asked for that layer's attention alone.
+            second = self.encode_images(batch, PrunerNeeds(vision_attention_layer=needs.vision_attention_layer2,
+                                                           vision_attention_rows=needs.vision_attention_rows))
+            views = [replace(v, vision_attention2=s.vision_attention, vision_received2=s.vision_received)
+                     for v, s in zip(views, second)]
+        views = self._views_to(views, device)
         sync()
         return EncodedImages(batch=batch, views=views, needs=needs, seconds=time.perf_counter() - t0)
 

@@ -15,6 +15,7 @@ and position ids (:meth:`DecoderRunner._reference_view`).
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import OptionError
-from ..pruner import DecodePlan, DecodeState, LLMStage, PruningInputs, Stage, TokenPruner
+from ..pruner import DecodePlan, DecodeState, LLMStage, PruningInputs, Stage, TokenPruner, merge_in_place
 from .attention import input_attention, record_attention
 from .devices import execution_device, model_devices, on_input_device, synchronizer
 
@@ -191,6 +192,21 @@ class _Sequence:
     ids: torch.Tensor | None = None
     visual_in: torch.Tensor | None = None  # [B] placeholders before any cut (LLMInputs.visual_in); read at stage 0 only
 
+    def merged_in_place(self, into: torch.Tensor | None, weights: torch.Tensor | None, hidden: bool = True) -> "_Sequence":
+        """The sequence with in-place merges applied (:attr:`~tokenprune.pruner.Reduction.merge_into` over the
+        sequence): ``into`` ``[B, L]`` the column each token is merged into (``-1``: none), ``weights`` ``[B, L]``.
+        Every named column becomes the weighted sum of the columns naming it, at its own place and position;
+        DeepStack features still to come are merged alike. ``hidden=False`` leaves ``h`` alone (a stage inside a
+        layer merged the residual stream itself). ``into=None``: unchanged."""
+        if into is None:
+            return self
+        h, deep = self.h, self.deepstack
+        if hidden:
+            h = merge_in_place(h, h, into.to(h.device), weights.to(h.device))
+        if deep is not None:  # [levels, B, L, D]
+            deep = torch.stack([merge_in_place(x, x, into.to(x.device), weights.to(x.device)) for x in deep])
+        return replace(self, h=h, deepstack=deep)
+
     def reorder(self, keep: torch.Tensor, merge: torch.Tensor | None) -> "_Sequence":
         """Keep the ``keep`` tokens and insert ``merge @ h`` right after each sample's last kept
         visual token; left-pack the result. ``keep`` ``[B, L]``; ``merge`` ``[B, M, L]`` or ``None``.
@@ -242,6 +258,7 @@ class StageRecord:
     ``mask_after`` ``[B, L_out]`` the layout the stage's layers cache; ``next_position`` ``[B]``
     the position a first generated token takes in those layers; ``ids_after`` ``[B, L_out]`` which
     prefill token each entry of that layout is (see ``_Sequence.ids``) and ``image_after`` its visual ones.
+    ``into`` / ``into_weights`` ``[B, L_in]``: the stage's in-place merges (``_Sequence.merged_in_place``), or ``None``.
     """
 
     keep: torch.Tensor
@@ -250,6 +267,21 @@ class StageRecord:
     next_position: torch.Tensor
     ids_after: torch.Tensor | None = None
     image_after: torch.Tensor | None = None
+    into: torch.Tensor | None = None
+    into_weights: torch.Tensor | None = None
+
+
+def _replayed(entry: tuple) -> tuple:
+    """A replay entry as ``(keep, merge, into, into_weights)`` (older callers give ``(keep, merge)``)."""
+    return tuple(entry) + (None,) * (4 - len(entry))
+
+
+def _check_mid_layer(layer: nn.Module, name: str, index: int) -> None:
+    """An ``after_attention`` stage splits layer ``index`` at its post-attention norm: it must have one."""
+    parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    if not all(isinstance(getattr(layer, p, None), nn.Module) for p in parts):
+        raise OptionError(f"{name} acts inside decoder layer {index}, between its attention and its MLP, which needs "
+                          f"a pre-norm layer ({' -> '.join(parts)}); {type(layer).__name__} is not one")
 
 
 @dataclass
@@ -268,6 +300,7 @@ class _Layout:
     next_pos: torch.Tensor
     index: torch.Tensor | None = None
     attend: torch.Tensor | None = None
+    full: bool = False  # no padding at all: decode steps hand attention no mask (SDPA attends to every entry)
 
     def grow(self, real: torch.Tensor) -> None:
         """Append one generated token (``real`` ``[B]`` bool) to the layout."""
@@ -334,6 +367,18 @@ class DecoderRunner:
         self.layers = list(text_model.layers)
         self.pad_id = pad_id
         self.eos_ids = torch.tensor(sorted(set(eos_ids)))
+        # transformers >= 5.2x names a decoder layer's cache argument ``cache`` (``past_key_values`` is deprecated,
+        # with a FutureWarning per call, and goes in 5.40); earlier releases only take ``past_key_values``.
+        params = inspect.signature(type(self.layers[0]).forward).parameters if self.layers else {}
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def implicit_causal(self) -> bool:
+        """Whether the layers' attention kernel applies the causal mask itself when handed none (SDPA,
+        FlashAttention; eager needs it spelled out). Read per call: a user may switch the implementation."""
+        attn = getattr(self.layers[0], "self_attn", None) if self.layers else None
+        impl = getattr(getattr(attn, "config", None), "_attn_implementation", None) or "sdpa"
+        return impl in ("sdpa", "flash_attention_2", "flash_attention_3")
 
     @property
     def device(self) -> torch.device:
@@ -353,12 +398,22 @@ class DecoderRunner:
         if pruner is None:
             return ()
         n = len(self.layers)
+        bind = getattr(pruner, "bind_decoder", None)
+        if bind is not None:  # a schedule that depends on the model's weights (VTW's calibrated K, stored per model)
+            bind(self.model)
         stages = pruner.llm_schedule(n)
         layers = [st.layer for st in stages]
-        if any(not 1 <= layer < n for layer in layers) or layers != sorted(set(layers)):
+        # layer 0: a stage on the input embeddings, which reads nothing of the decoder (LLMStage's docstring)
+        lowest = [0 if (st.attention == "none" and not (st.keys or st.previous_hidden or st.after_attention
+                                                        or getattr(st, "qkv", False))) else 1 for st in stages]
+        if any(not lo <= layer < n for lo, layer in zip(lowest, layers)) or layers != sorted(set(layers)):
             raise OptionError(
                 f"{pruner.name} prunes before decoder layers {layers}, but this decoder has {n} layers (0..{n - 1}): "
-                f"stages need increasing layers in 1..{n - 1}; set the pruner's layer option to fit")
+                f"stages need increasing layers in 1..{n - 1} (0: a stage on the input embeddings that reads nothing "
+                "of the decoder); set the pruner's layer option to fit")
+        for st in stages:
+            if st.after_attention:
+                _check_mid_layer(self.layers[st.layer - 1], pruner.name, st.layer - 1)
         return stages
 
     # -- one forward over a (part of a) sequence ------------------------------------------------
@@ -368,12 +423,18 @@ class DecoderRunner:
 
         ``seq`` describes the keys of this forward. At each stage's layer, the pruner selects (or
         ``replay`` -- records of an earlier prefill, extended over new tokens -- repeats its choice)
-        and the sequence is cut, merged and, under ``policy="compact"``, renumbered. ``decode`` (the
+        and the sequence is merged in place, cut, merged and, under ``policy="compact"``, renumbered (a stage
+        with ``after_attention`` does so inside the layer before its own, between that layer's attention and
+        MLP: :meth:`_split_layer`); the pruner's stages share one ``memory`` dict per sample. ``decode`` (the
         no-cache reference of a decode plan) masks what the generated tokens at the end of ``seq`` see
         at each layer and sets their positions there (:meth:`_reference_view`).
         """
         pe = self.model.rotary_emb(seq.h, seq.positions[..., -q_len:] if q_len < seq.positions.shape[-1] else seq.positions)
         mask4 = causal_mask_4d(seq.mask, q_len)
+        # A whole unpadded sequence under a plain causal mask: the layers get no mask and SDPA runs causal (its
+        # fastest path, what Hugging Face passes); stages still score with mask4. One host sync per forward/stage.
+        implicit = self.implicit_causal
+        plain = implicit and decode is None and q_len == seq.mask.shape[1] and bool(seq.mask.all())
         at = {st.layer: i for i, st in enumerate(stages)}
         records: list[StageRecord] = []
         n_orig = (seq.image_mask & seq.mask).sum(1)
@@ -382,22 +443,33 @@ class DecoderRunner:
             seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
         tokens, visual, rec, rec_select, view_key = [], [], None, None, None
         prev = None  # what layer i - 1 received, kept only when stage i asks for it (previous_hidden)
+        # one dict per sample, carried from stage to stage of this forward (PruningInputs.memory)
+        memory = [{} for _ in range(seq.mask.shape[0])] if replay is None else None
+
+        def decide(s: int, state: _Sequence, rec_s) -> tuple:
+            """Stage ``s``'s ``(keep, merge, into, into_weights)`` on ``state``: the pruner's, or the replayed one."""
+            if replay is not None:
+                return _replayed(replay[s])
+            return self._select(pruner, s, stages[s], state, rec_s, pe, mask4, n_orig, sample_ids, view_grids, prev,
+                                memory)
+
+        def finish(s: int, state: _Sequence, keep, merge, into, into_w):
+            """Cut (and renumber) ``state`` after stage ``s``'s in-place merges; record it; new rotary and mask."""
+            state = state.reorder(keep, merge)
+            if policy == "compact":
+                state = replace(state, positions=compact_positions(state.positions, state.mask))
+            records.append(StageRecord(keep, merge, state.mask, next_positions(state.positions, state.mask),
+                                       ids_after=state.ids, image_after=state.image_mask & state.mask,
+                                       into=into, into_weights=into_w))
+            return state, self.model.rotary_emb(state.h, state.positions), causal_mask_4d(state.mask, state.h.shape[1])
+
         for i, layer in enumerate(self.layers):
-            if i in at:
+            if i in at and not stages[at[i]].after_attention:  # (an after_attention stage ran inside layer i - 1)
                 s = at[i]
                 seq = replace(seq, h=seq.h.to(seq.mask.device))  # the stage runs where the sequence state is
-                if replay is not None:
-                    keep, merge = replay[s]
-                else:
-                    keep, merge = self._select(pruner, s, stages[s], seq, rec, pe, mask4, n_orig, sample_ids,
-                                               view_grids, prev)
-                seq = seq.reorder(keep, merge)
-                if policy == "compact":
-                    seq = replace(seq, positions=compact_positions(seq.positions, seq.mask))
-                records.append(StageRecord(keep, merge, seq.mask, next_positions(seq.positions, seq.mask),
-                                           ids_after=seq.ids, image_after=seq.image_mask & seq.mask))
-                pe = self.model.rotary_emb(seq.h, seq.positions)
-                mask4 = causal_mask_4d(seq.mask, seq.h.shape[1])
+                keep, merge, into, into_w = decide(s, seq, rec)
+                seq, pe, mask4 = finish(s, seq.merged_in_place(into, into_w), keep, merge, into, into_w)
+                plain = implicit and decode is None and bool(seq.mask.all())
             if decode is not None:
                 selecting = decode.select_layer is not None and i >= decode.select_layer
                 if selecting and i == decode.select_layer:
@@ -412,21 +484,38 @@ class DecoderRunner:
             # un-rotated scores are computed from what enters layer i (in _select), not recorded while it runs
             raw = nxt is not None and nxt.attention == "previous" and not nxt.rotary
             prev = seq.h if nxt is not None and (nxt.previous_hidden or raw) else None  # same layout as layer i + 1's input
-            if nxt is not None and ((nxt.attention == "previous" and not raw) or nxt.keys or nxt.qkv):
-                rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" and not raw else None
-                with record_attention(layer.self_attn, rows=None if rows is None else rows[0],
-                                      keys=nxt.keys or nxt.qkv, values=nxt.qkv, queries=-1 if nxt.qkv else 0,
-                                      heads=nxt.heads) as rec:
-                    h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
+            mid = at[i + 1] if i + 1 in at and stages[at[i + 1]].after_attention else None
+            split = None if mid is None else self._split_layer(layer, mid, seq, lambda st, r: decide(mid, st, r))
+            try:
+                if nxt is not None and ((nxt.attention == "previous" and not raw) or nxt.keys or nxt.qkv):
+                    rows = self._query_rows(nxt.queries, seq) if nxt.attention == "previous" and not raw else None
+                    with record_attention(layer.self_attn, rows=None if rows is None else rows[0],
+                                          keys=nxt.keys or nxt.qkv, values=nxt.qkv, queries=-1 if nxt.qkv else 0,
+                                          heads=nxt.heads) as rec:
+                        rec.query_mask = None if rows is None else rows[1]  # (read by an after_attention stage inside)
+                        if split is not None:
+                            split["rec"] = rec
+                        h = layer(seq.h, attention_mask=None if plain else mask4, position_embeddings=pe, **{self.cache_kw: cache},
+                                  use_cache=cache is not None)
+                    rec.query_mask = None if rows is None else rows[1]
+                elif decode is not None and decode.select_layer is not None and i == decode.select_layer - 1:
+                    with record_attention(layer.self_attn, rows="last") as rec_select:  # the newest token's row
+                        h = layer(seq.h, attention_mask=None if plain else mask4, position_embeddings=pe, **{self.cache_kw: cache},
+                                  use_cache=cache is not None)
+                else:
+                    h = layer(seq.h, attention_mask=None if plain else mask4, position_embeddings=pe, **{self.cache_kw: cache},
                               use_cache=cache is not None)
-                rec.query_mask = None if rows is None else rows[1]
-            elif decode is not None and decode.select_layer is not None and i == decode.select_layer - 1:
-                with record_attention(layer.self_attn, rows="last") as rec_select:  # the newest token's row
-                    h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
-                              use_cache=cache is not None)
-            else:
-                h = layer(seq.h, attention_mask=mask4, position_embeddings=pe, past_key_values=cache,
-                          use_cache=cache is not None)
+            finally:  # never leave the hook on the model (an error in the layer or in the stage)
+                if split is not None:
+                    split["hook"].remove()
+            if split is not None:  # stage `mid` ran inside this layer: the cut (and the merges' residual) after it
+                keep, merge, into, into_w = split["decision"]
+                if into is not None:  # out = r + MLP(norm(r')) -> r' + MLP(norm(r')): exact outside merged columns
+                    h = h + (split["merged"] - split["residual"]).to(h.device, h.dtype)
+                seq = replace(seq, h=h.to(seq.mask.device)).merged_in_place(into, into_w, hidden=False)
+                seq, pe, mask4 = finish(mid, seq, keep, merge, into, into_w)
+                plain = implicit and decode is None and bool(seq.mask.all())
+                h = seq.h
             if seq.deepstack is not None and i in seq.deepstack_layers:
                 # DeepStack (Qwen3-VL's _deepstack_process): level j joins the output of its layer, at the
                 # (kept, merged) visual tokens; elsewhere the features are zero, so adding is exact there.
@@ -436,6 +525,30 @@ class DecoderRunner:
                     seq = replace(seq, deepstack=None)
             seq = replace(seq, h=h)
         return seq.h, torch.stack(tokens, 1), torch.stack(visual, 1), records
+
+    @staticmethod
+    def _split_layer(layer: nn.Module, s: int, seq: _Sequence, decide) -> dict:
+        """Arm an ``after_attention`` stage ``s`` inside ``layer``: a forward pre-hook on its post-attention norm
+        takes the residual stream ``r`` right after the attention block, lets ``decide(state, rec)`` choose on it
+        (the attention the layer just recorded is ``split["rec"]``), and hands the norm (so the MLP) ``r'`` with
+        the stage's in-place merges applied. The caller removes ``split["hook"]`` after the layer and turns its
+        output ``r + MLP(norm(r'))`` into ``r' + MLP(norm(r'))`` before cutting. The layer itself is called as
+        usual (its own forward, forward hooks and device hooks run)."""
+        split: dict = {"rec": None}
+
+        def hook(module, args):
+            r = args[0]
+            state = replace(seq, h=r.to(seq.mask.device))
+            keep, merge, into, into_w = decide(state, split["rec"])
+            if merge is not None:
+                raise OptionError("a stage inside a decoder layer (after_attention) merges in place "
+                                  "(Reduction.merge_into), not by appending merge_weights")
+            merged = state.merged_in_place(into, into_w).h if into is not None else state.h
+            split.update(decision=(keep, merge, into, into_w), residual=state.h, merged=merged)
+            return (merged.to(r.device, r.dtype),) + tuple(args[1:])
+
+        split["hook"] = layer.post_attention_layernorm.register_forward_pre_hook(hook)
+        return split
 
     def _reference_view(self, seq: _Sequence, decode: _RefDecode, i: int, selecting: bool):
         """``(mask4, position embeddings)`` of layer ``i`` in the no-cache reference of a decode plan.
@@ -515,8 +628,9 @@ class DecoderRunner:
         return chosen & after
 
     def _select(self, pruner, s, stage: LLMStage, seq: _Sequence, rec, pe, mask4, n_orig, sample_ids, view_grids,
-                prev=None):
-        """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None)``."""
+                prev=None, memory: list[dict] | None = None):
+        """Run stage ``s`` of the pruner; ``([B, L] keep, [B, M, L] merge weights or None, [B, L] in-place merge
+        column or None, [B, L] its weights or None)`` (``Reduction.merge_into`` as sequence columns)."""
         attn, qmask = None, None
         dev = seq.mask.device  # recorded on the layer's device: brought to the sequence state's
         if stage.attention == "previous" and not stage.rotary:  # from what layer stage.layer - 1 received
@@ -554,6 +668,7 @@ class DecoderRunner:
             # an adaptive pruner's count differs per sample, and one Reduction holds one count: one sample per call
             groups.setdefault((n, n0, p0, grids, b if pruner.adaptive else None), []).append(b)
         merges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        into = into_w = None
         for (n, n0, p0, grids, _), members in groups.items():
             if n == 0:
                 continue  # no visual tokens (a text-only sample): nothing to prune
@@ -580,19 +695,28 @@ class DecoderRunner:
                 llm_values=None if values is None else gather_seq(values[rows].flatten(2), img_pos, 1).unflatten(2, values.shape[2:]),
                 text_values=None if values is None else gather_seq(values[rows].flatten(2), txt_pos, 1).unflatten(2, values.shape[2:]),
                 num_placeholders=p0,
+                memory=None if memory is None else [memory[r] for r in members],
             )
             red = pruner(inputs)
             keep[rows.unsqueeze(1), img_pos.gather(1, red.indices)] = True
             if red.merge_weights is not None and red.merge_weights.shape[1] > 0:
                 merges.append((rows, img_pos, red.merge_weights))
+            if red.merge_into is not None:  # slots into `indices` -> the kept tokens' sequence columns
+                if into is None:
+                    into = torch.full_like(keep, -1, dtype=torch.long)
+                    into_w = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+                slot = red.merge_into.to(keep.device)
+                col = img_pos.gather(1, red.indices.to(keep.device).gather(1, slot.clamp_min(0)))
+                into[rows.unsqueeze(1), img_pos] = torch.where(slot >= 0, col, -1)
+                into_w[rows.unsqueeze(1), img_pos] = red.merge_into_weights.to(keep.device).float()
         if not merges:
-            return keep, None
+            return keep, None, into, into_w
         m = max(w.shape[1] for _, _, w in merges)
         merge = torch.zeros(*keep.shape[:1], m, keep.shape[1], dtype=torch.float32, device=keep.device)
         for rows, img_pos, w in merges:
             slot = torch.arange(w.shape[1], device=keep.device)
             merge[rows[:, None, None], slot[None, :, None], img_pos[:, None, :]] = w.float()
-        return keep, merge
+        return keep, merge, into, into_w
 
     def _logits(self, h: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``[B, V]`` float logits of the last position, on ``device``."""
@@ -724,6 +848,8 @@ class DecoderRunner:
         layouts, layer_of = self._layouts(inputs, records, stages, plan)
         if use_cache:
             self._cut_cache(cache, layouts, layer_of)
+            for lay in layouts:  # one host sync per layout, once: generated tokens are always real (grow(ones))
+                lay.full = bool(lay.mask.all())
         cache_tokens = torch.stack([layouts[w].mask.sum(1) for w in layer_of], 1)
         sync()  # timing boundaries only: never inside the decode loop
         t_prefill = time.perf_counter()
@@ -756,7 +882,9 @@ class DecoderRunner:
                 full_pos = torch.cat([full_pos, pos], -1)
                 grown = embeds.shape[1] - inputs.embeds.shape[1]
                 replay = [(torch.cat([r.keep, one.expand(-1, grown)], 1),
-                           None if r.merge is None else torch.cat([r.merge, r.merge.new_zeros(b, r.merge.shape[1], grown)], 2))
+                           None if r.merge is None else torch.cat([r.merge, r.merge.new_zeros(b, r.merge.shape[1], grown)], 2),
+                           None if r.into is None else torch.cat([r.into, r.into.new_full((b, grown), -1)], 1),
+                           None if r.into is None else torch.cat([r.into_weights, r.into_weights.new_zeros(b, grown)], 1))
                           for r in records]
                 seq = self._initial_sequence(replace(inputs, embeds=embeds, mask=full_mask, positions=full_pos,
                                                      image_mask=torch.cat([inputs.image_mask, ~one.expand(-1, grown)], 1)))
@@ -855,7 +983,7 @@ class DecoderRunner:
                 pos = lay.next_pos[:, None] + offsets  # [B, q]
                 pe = self.model.rotary_emb(tok_emb, pos.unsqueeze(0).expand(3, -1, -1) if dims == 3 else pos)
                 mask = causal_mask_4d(torch.cat([lay.mask, new_mask], 1), q)
-            h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            h = layer(h, attention_mask=mask, position_embeddings=pe, **{self.cache_kw: cache}, use_cache=True)
         return h
 
     @staticmethod
@@ -901,10 +1029,11 @@ class DecoderRunner:
                 current = layer_of[i]
                 lay = layouts[current]
                 pe = self.model.rotary_emb(tok_emb, self._positions_at(lay.next_pos + step, dims))
-                mask = lay.mask[:, None, None, :]
+                # unpadded: no mask at all, as Hugging Face decodes (SDPA's fastest path); else padding hidden
+                mask = None if lay.full else lay.mask[:, None, None, :]
             if select_layer is not None and i == select_layer - 1:
                 with record_attention(layer.self_attn, rows="last") as rec:
-                    h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+                    h = layer(h, attention_mask=mask, position_embeddings=pe, **{self.cache_kw: cache}, use_cache=True)
                 pruner, memory, sample_ids = select
                 dev = lay.mask.device
                 state = DecodeState(attention=rec.maps[0][:, 0].to(dev).float(), visual=lay.visual, mask=lay.mask,
@@ -915,5 +1044,5 @@ class DecoderRunner:
                     sel[:, -1] = True  # a token always sees itself
                     mask = sel[:, None, None, :]
                 continue
-            h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            h = layer(h, attention_mask=mask, position_embeddings=pe, **{self.cache_kw: cache}, use_cache=True)
         return h

@@ -130,8 +130,11 @@ class LlavaNextLVLM(LlavaLVLM):
                 attn = None
                 if m is not None:
                     attn = self._compose(m[1:], kept.flatten(), prefix)
+                # the crops' own maps, every cell (HiRED ranks a crop's padded cells too, then unpads)
+                crop_attn = None if m is None else (m[1:, :prefix] if needs.vision_attention_rows == "prefix" else m[1:])
                 views.append(View(sample=b, tokens=tokens, grid=(h, w), seq_index=hi_seq[:, :w].flatten(),
                                   vision_attention=attn, vision_prefix=prefix, encoder_seqs=(seq_len,) * (crops - 1),
+                                  crop_attention=crop_attn, crop_layout=None if m is None else kept.flatten(),
                                   vision_features=None if r is None else r[1:].reshape((crops - 1) * n, -1)[kept.flatten()],
                                   # one prefix row for the crops' CLS tokens, as in the attention map
                                   vision_keys=None if k is None else torch.cat(

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 # the positions whose ids they take, their DeepStack features [levels, k, D] or None).
 Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 PER_VIEW_FIELDS = ("vision_attention", "vision_features", "vision_prefix_features", "vision_keys", "vision_queries",
-                   "vision_keys_full", "vision_received")
+                   "vision_keys_full", "vision_received", "vision_attention2", "vision_received2", "crop_attention",
+                   "crop_layout")
 
 
 def text_after_images(embeds: torch.Tensor, mask: torch.Tensor, views: list["View"], input_ids: torch.Tensor
@@ -102,7 +103,8 @@ def _alike_groups(views: list["View"], alone: bool = False) -> dict[tuple, list[
     groups: dict[tuple, list[int]] = {}
     for i, v in enumerate(views):
         if v.prunable:
-            shapes = tuple(None if getattr(v, f) is None else tuple(getattr(v, f).shape) for f in PER_VIEW_FIELDS)
+            # getattr with a default: fields a View class may not have (the second layer's map, the crop layout)
+            shapes = tuple(None if getattr(v, f, None) is None else tuple(getattr(v, f).shape) for f in PER_VIEW_FIELDS)
             groups.setdefault((v.grid, v.patch_merge, v.vision_prefix, shapes, i if alone else None), []).append(i)
     return groups
 
@@ -236,7 +238,12 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
     pruners); clips alike in layout share a batch."""
     per_sample = _clip_members(views)
     scored = None  # per-view scores of a clip pruner that scores each view itself (views of any shapes)
-    if pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
+    own: dict[int, PruningInputs] | None = None  # each view's own inputs, for a rule coupling views (HiRED)
+    if pruner.clip_inputs and getattr(pruner, "view_inputs", False):
+        numbers = _view_numbers(views)
+        own = {members[0]: _view_inputs(views, members, key, ids, numbers, text)
+               for key, members in _alike_groups(views, alone=True).items()}
+    elif pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
         scored = _scores_per_view(views, pruner, ids, text)
     groups: dict[tuple, list[int]] = {}
     for sample, members in per_sample.items():
@@ -261,6 +268,10 @@ def _prune_clips(views: list["View"], pruner: TokenPruner, ids: list[str], out: 
             first = views[per_sample[samples[0]][0]]
             first_view_layout = dict(view_scores=torch.stack([torch.cat([scored[i] for i in per_sample[s]])
                                                               for s in samples]),
+                                     vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
+        elif own is not None:
+            first = views[per_sample[samples[0]][0]]
+            first_view_layout = dict(view_inputs=[[own[i] for i in per_sample[s]] for s in samples],
                                      vision_prefix=first.vision_prefix, patch_merge=first.patch_merge)
         elif pruner.clip_inputs and pruner.needs.vision_attention_layer is not None:
             first = views[per_sample[samples[0]][0]]  # the maps' layout: CLS prefix, patches per token

@@ -10,6 +10,8 @@ placeholders are and how its processor takes videos (see ``PrunableLVLM.video_in
 """
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -127,3 +129,63 @@ def render(processor: Any, prompt: str, template: str | None, visuals: SampleVis
     extra = {} if template is None else {"chat_template": template}
     return processor.apply_chat_template([{"role": "user", "content": user_content(prompt, visuals)}],
                                          add_generation_prompt=True, tokenize=False, **extra)
+
+
+# -- image-level methods: the visual itself changed before the processor --------------------------------
+def shrink_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """``(w, h)`` shrunk by ``factor`` as VTC-Bench does (``(w // r, h // r)``; a non-integer ``factor``:
+    ``floor(w / r)``), at least 1 pixel a side."""
+    w, h = size
+    if float(factor).is_integer():
+        r = int(factor)
+        return max(1, w // r), max(1, h // r)
+    return max(1, math.floor(w / factor)), max(1, math.floor(h / factor))
+
+
+def jpeg_roundtrip(image: Image.Image, quality: int = 75) -> Image.Image:
+    """``image`` saved as JPEG (PIL's default quality 75, as VTC-Bench's ``save(buffer, format="JPEG")``) and
+    decoded again as RGB (qwen_vl_utils ``fetch_image``'s ``Image.open(BytesIO(data)).convert("RGB")``)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def shrink_image(image: Image.Image, factor: float, jpeg: bool = True, quality: int = 75) -> Image.Image:
+    """VTC-Bench's Downsample of one image (``Qwen2_VL.generate_until``): ``resize(shrink_size, BICUBIC)`` when
+    ``factor > 1`` (``factor == 1``: the image as is), then the JPEG round trip when ``jpeg`` (official: always,
+    ``factor == 1`` included)."""
+    if factor > 1:
+        image = image.resize(shrink_size(image.size, factor), resample=Image.BICUBIC)
+    return jpeg_roundtrip(image, quality) if jpeg else image
+
+
+def shrink_visual(visual: Visual, factor: float, jpeg: bool = True, quality: int = 75, video: bool = True) -> Visual:
+    """One sample's visual shrunk before the processor: an image, each image of a list, or (``video``) each
+    frame of a :class:`tokenprune.media.Video` (resized only: VTC-Bench leaves videos untouched, so neither a
+    resize nor a JPEG round trip is official there)."""
+    if isinstance(visual, Image.Image):
+        return shrink_image(visual, factor, jpeg, quality)
+    if isinstance(visual, (list, tuple)):
+        return [shrink_image(v, factor, jpeg, quality) for v in visual]
+    if _is_video(visual):
+        if not video or factor <= 1:
+            return visual
+        import dataclasses
+
+        import numpy as np
+
+        frames = [np.asarray(f.resize(shrink_size(f.size, factor), resample=Image.BICUBIC))
+                  for f in visual.pil_frames()]
+        return dataclasses.replace(visual, frames=np.stack(frames))
+    return visual
+
+
+def transform_visuals(visuals: Sequence[Visual], needs: Any) -> Sequence[Visual]:
+    """``visuals`` as an image-level method wants them before the processor: ``needs.transform_visual`` applied
+    to each (the :class:`~tokenprune.pruner.PrunerNeeds` of ``downsample``), or ``visuals`` unchanged when
+    ``needs`` has none (every token-level method)."""
+    fn = getattr(needs, "transform_visual", None)
+    if fn is None:
+        return visuals
+    return [fn(v) for v in visuals]

@@ -322,6 +322,8 @@ def _selection(red: Reduction, row: int, size: int) -> tuple[np.ndarray, np.ndar
             merged[:] = True
     if red.merge_weights is not None:  # SparseVLM's recycled tokens
         merged |= (red.merge_weights[row] > 0).any(0).cpu().numpy()
+    if red.merge_into is not None:  # in-place merges (FrameFusion, HoliTom): every token merged into a kept one
+        merged |= (red.merge_into[row] >= 0).cpu().numpy()
     scores = None if red.scores is None else red.scores[row].float().cpu().numpy()[:size]
     return kept, merged & ~kept, scores
 

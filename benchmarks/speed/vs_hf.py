@@ -1,0 +1,110 @@
+"""Is tokenprune's decoder loop ever slower than the Hugging Face path it replaces? Prints time ratios.
+
+    python benchmarks/speed/vs_hf.py [--model tokenprune-demo|mid-llava] [--batches 1,8] [--pairs 10] \
+        [--new-tokens 16] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+On the same model, the same prepared inputs (our processor call, chat template included) and the same greedy
+decoding, unpruned:
+
+* **ours**: ``PrunableLVLM.generate`` (vision tower, placing the image tokens, our decoder loop);
+* **HF**: ``model.generate(**inputs)`` of the very same ``LlavaForConditionalGeneration``.
+
+Both generate exactly ``--new-tokens`` tokens (EOS ignored: ``ignore_eos=True`` / ``eos_token_id=None``) and
+the script checks that they are the same tokens. ``prefill`` is a one-token generation (vision + prefill + first
+logits), ``decode`` the per-token time of the rest, ``(t(N) - t(1)) / (N - 1)``, measured the same way on both
+sides. Each pair runs both calls back to back, the order alternating from pair to pair, so that machine drift
+hits both alike; the script prints the median of the per-pair ratios ours / HF with their min and max.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tokenprune as tp
+
+PROMPT = "what shape is in the image? answer with one word"
+
+
+def _images(n: int, side: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _timer(device: torch.device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
+    return timed
+
+
+@torch.no_grad()
+def compare(lvlm, batch: int, pairs: int, new_tokens: int, side: int) -> None:
+    model = lvlm.model
+    images, prompts = _images(batch, side), [PROMPT] * batch
+    inputs = {k: v.to(lvlm.device) if torch.is_tensor(v) else v for k, v in lvlm.prepare(images, prompts).items()}
+    timed = _timer(lvlm.device)
+
+    def ours(n):
+        return lvlm.generate(images, prompts, max_new_tokens=n, ignore_eos=True).token_ids
+
+    def hf(n):
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=None,
+                             pad_token_id=lvlm.runner.pad_id)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    a, b = ours(new_tokens), hf(new_tokens)  # warm-up, and the same answers
+    same = torch.equal(a.cpu(), b.cpu())
+    ours(1), hf(1)
+    ratios = {"prefill": [], "decode": [], "total": []}
+    abs_t = {"ours": [], "hf": []}
+    for i in range(pairs):
+        order = (("ours", ours), ("hf", hf)) if i % 2 == 0 else (("hf", hf), ("ours", ours))
+        t = {}
+        for name, fn in order:
+            t1, _ = timed(lambda: fn(1))
+            tn, _ = timed(lambda: fn(new_tokens))
+            t[name] = (t1, (tn - t1) / (new_tokens - 1), tn)
+        for j, key in enumerate(("prefill", "decode", "total")):
+            ratios[key].append(t["ours"][j] / t["hf"][j])
+        abs_t["ours"].append(t["ours"])
+        abs_t["hf"].append(t["hf"])
+    med = {k: [statistics.median(x[j] for x in v) for j in range(3)] for k, v in abs_t.items()}
+    print(f"batch {batch}: same tokens: {same}; ours prefill {med['ours'][0] * 1e3:.1f} ms, decode "
+          f"{med['ours'][1] * 1e3:.1f} ms/token; HF prefill {med['hf'][0] * 1e3:.1f} ms, decode {med['hf'][1] * 1e3:.1f} ms/token")
+    for key, vals in ratios.items():
+        print(f"  ours / HF {key:<8} median {statistics.median(vals):.3f}  [min {min(vals):.3f}, max {max(vals):.3f}]"
+              f"  ({pairs} pairs)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tokenprune-demo")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lvlm = tp.load(args.model, dtype=getattr(torch, args.dtype))
+    lvlm.model.to(args.device)
+    side = getattr(lvlm.model.config.vision_config, "image_size", 224)
+    print(f"{args.model} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"attention={lvlm.model.config._attn_implementation} new_tokens={args.new_tokens}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        compare(lvlm, batch, args.pairs, args.new_tokens, side)
+
+
+if __name__ == "__main__":
+    main()
