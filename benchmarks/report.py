@@ -20,12 +20,34 @@ import numpy as np
 
 from .results import ADAPTIVE, ratio_key, ratio_label
 from .stats import bootstrap_ci, paired_test, pareto_front
+from .difficult import add_difficult, difficult_section
 
 SUMMARY_COLUMNS = [
     "model", "task", "method", "ratio", "n", "n_skipped", "score", "score_ci_low", "score_ci_high", "tflops",
     "tflops_paper", "tflops_vision", "flops_ratio", "prefill_ms", "latency_ms", "visual_tokens_in",
     "visual_tokens_kept", "visual_tokens_avg", "test_vs_none", "p_vs_none",
+    # costs measured from outside the model (tokenprune.profiling); empty for rows an older tokenprune wrote
+    "decode_ms_per_token", "pruner_ms", "kv_bytes", "cuda_peak_alloc_mb", "cpu_peak_rss_delta_mb",
+    # the difficult subset (right unpruned, wrong by `downsample` at the matching ratio): see difficult.py
+    "difficult_score", "difficult_ci_low", "difficult_ci_high", "n_difficult",
 ]
+
+# Columns measured on the machine (wall clock, memory): they differ between two runs of the same sweep;
+# every other column is a function of the samples' results.
+MEASURED_COLUMNS = frozenset({"prefill_ms", "latency_ms", "decode_ms_per_token", "pruner_ms", "cuda_peak_alloc_mb",
+                              "cpu_peak_rss_delta_mb"})
+
+
+def _mean_of(rows: list[dict], key: str) -> float:
+    """Mean of ``key`` over the rows that have a value for it (NaN if none: older rows, another device)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _max_of(rows: list[dict], key: str) -> float:
+    """Largest ``key`` over the rows that have one (a peak over the run's batches), NaN if none."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(max(values)) if values else math.nan
 
 
 def _sample_metric(task, rows: list[dict]) -> str:
@@ -75,7 +97,12 @@ def summarise(cfg, tasks: dict, rows: list[dict], skipped: dict[str, int]) -> li
                 "visual_tokens_in": mean("visual_tokens_in"), "visual_tokens_kept": mean("visual_tokens_kept"),
                 "visual_tokens_avg": mean("visual_tokens_avg") if all("visual_tokens_avg" in r for r in g) else math.nan,
                 "test_vs_none": test, "p_vs_none": p,
+                "decode_ms_per_token": _mean_of(g, "decode_ms_per_token"), "pruner_ms": _mean_of(g, "pruner_ms"),
+                "kv_bytes": _mean_of(g, "kv_bytes"),
+                "cuda_peak_alloc_mb": _max_of(g, "cuda_peak_alloc_mb"),
+                "cpu_peak_rss_delta_mb": _max_of(g, "cpu_peak_rss_delta_mb"),
             })
+    add_difficult(cfg, tasks, rows, out)
     return out
 
 
@@ -264,6 +291,13 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
                                 for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
         report.append(f"![{task_name}](pareto_{task_name}.png)\n")
     report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
+    report += costs_section(summary, rows)
+    report += difficult_section(cfg, tasks, summary, rows)
+    stability = out / "stability.csv"
+    if stability.exists():  # `tokenprune stability --output DIR` on this sweep's folder
+        from ..stability import stability_section
+
+        report += stability_section(stability)
     pngs: list[Path] = []
     if gallery:
         from ..errors import TokenpruneError
@@ -288,6 +322,62 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
         log_wandb(cfg, out, summary, front, tasks, pngs)
     table = _text_table(summary, shown)
     return f"\n{table}\n\nresults: {out}/summary.csv, pareto.csv, report.md, pareto_<task>.png, samples.jsonl"
+
+
+def _kv_groups_text(rows: list[dict]) -> str:
+    """The run's KV cache per layer group, averaged over its samples: ``0-1: 612 tok, 1.2 MB; ...``
+    (groups as the first sample's; tokens and bytes are means over the samples with the same groups)."""
+    groups = [r["kv_groups"] for r in rows if r.get("kv_groups")]
+    if not groups:
+        return ""
+    shape = [(g[0], g[1]) for g in groups[0]]
+    same = [gs for gs in groups if [(g[0], g[1]) for g in gs] == shape]
+    parts = []
+    for j, (first, last) in enumerate(shape):
+        tok = np.mean([gs[j][2] for gs in same])
+        mb = np.mean([gs[j][3] for gs in same]) / 2**20
+        parts.append(f"{first}" + (f"-{last}" if last != first else "") + f": {tok:.4g} tok, {mb:.3g} MiB")
+    note = f" ({len(same)} of {len(groups)} samples)" if len(same) < len(groups) else ""
+    return "; ".join(parts) + note
+
+
+def costs_section(summary: list[dict[str, Any]], rows: list[dict]) -> list[str]:
+    """Markdown: per run, the measured costs (prefill, per-token decode, the pruner's own time, the KV
+    cache at the end of prefill per layer group, peak memory named by what it is)."""
+    if not any(not math.isnan(r.get("kv_bytes", math.nan)) or not math.isnan(r.get("pruner_ms", math.nan))
+               for r in summary):
+        return []
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"], ratio_key(r["ratio"]))].append(r)
+    cuda = any(not math.isnan(r.get("cuda_peak_alloc_mb", math.nan)) for r in summary)
+    peak_col = "peak CUDA allocated (MiB)" if cuda else "peak RSS increase (MiB, CPU)"
+    peak_key = "cuda_peak_alloc_mb" if cuda else "cpu_peak_rss_delta_mb"
+    lines = [
+        "## Costs\n",
+        "Per sample, mean over the run's samples; times are wall clock per sample (batch time / batch size), "
+        "warm-up excluded, CUDA-synchronised at their boundaries on a GPU. `prefill_ms`: the LLM's prefill and "
+        "first logits (in-LLM pruning included; a pre-LLM pruner's selection is placed before it); "
+        "`decode_ms_per_token`: one decode step of the batch / batch size; `pruner_ms`: time inside the "
+        "pruner's own calls (scoring and selection; the forwards whose attention it reads are the model's). "
+        "KV cache: bytes the layers' caches hold for the sample's real tokens at the end of prefill, read from "
+        "the cache tensors (padding of a batch not counted; a decode plan's later cut not included), per "
+        "layer group. Peak memory: "
+        + ("CUDA's `max_memory_allocated` over the LLM part of a batch (weights included), the largest batch."
+           if cuda else "on CPU, the process's peak resident set over the LLM part of a batch minus its resident "
+           "set at the start (Linux VmHWM, reset per batch), the largest batch: what the batch needed beyond "
+           "what the process held; not comparable with CUDA's allocated figure.") + "\n",
+        f"| task | method | ratio | prefill_ms | decode_ms_per_token | pruner_ms | KV cache (MiB) | {peak_col} "
+        "| KV per layer group |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        kv = r.get("kv_bytes", math.nan)
+        lines.append(f"| {r['task']} | {r['method']} | {_cell(r, 'ratio')} | {_fmt(r['prefill_ms'])} | "
+                     f"{_fmt(r.get('decode_ms_per_token', math.nan))} | {_fmt(r.get('pruner_ms', math.nan))} | "
+                     f"{_fmt(kv / 2**20 if not math.isnan(kv) else kv)} | {_fmt(r.get(peak_key, math.nan))} | "
+                     f"{_kv_groups_text(groups[(r['task'], r['method'], ratio_key(r['ratio']))])} |")
+    return [*lines, ""]
 
 
 def _text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

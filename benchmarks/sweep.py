@@ -153,6 +153,8 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
     from tqdm import tqdm
 
     from .. import cost
+    from ..adapters.devices import model_devices
+    from ..profiling import kv_probe, peak_memory, time_pruner
     from .report import write_reports
     from .tasks import get_task
 
@@ -196,6 +198,8 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
         if any(work.mine.values()):
             lvlm = _load_model(cfg, workers)
             spec = lvlm.vision_spec()
+            sync = lvlm._synchronizer()  # CUDA: wait at the pruner's timing boundaries; elsewhere a no-op
+            devices = model_devices(lvlm.model)  # where peak memory is read (CUDA: each GPU of the model)
             warmed = False
             with own.open("a") as sink:
                 for task_name, task in tasks.items():
@@ -230,13 +234,18 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
                                 missing = [i for i, s in enumerate(chunk) if s.id not in finished[run]]
                                 if not missing:
                                     continue
-                                encoded = encoded or lvlm.encode(images, prompts, needs)
-                                with record_kept(pruners[run]) as kept:
-                                    gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
-                                                        position_policy=run_policy(cfg, run[0]), sample_ids=ids,
-                                                        encoded=encoded)
+                                # measured from outside: the pruner's own calls (in-vision ones run in the
+                                # encode), the KV cache each layer wrote at prefill, peak memory of the LLM part
+                                with record_kept(pruners[run]) as kept, time_pruner(pruners[run], sync) as own_time:
+                                    encoded = encoded or lvlm.encode(images, prompts, needs)
+                                    with peak_memory(devices) as peak, kv_probe(lvlm.runner.layers) as kv:
+                                        gen = lvlm.generate(images, prompts, pruner=pruners[run], max_new_tokens=new_tokens,
+                                                            position_policy=run_policy(cfg, run[0]), sample_ids=ids,
+                                                            encoded=encoded)
+                                measured = _Measured(own_time, kv, peak)
                                 for i in missing:  # a resumed batch may be partly done for this run
-                                    row = _row(cfg, task, task_name, run, chunk[i], gen, i, len(chunk), lvlm, spec, cost)
+                                    row = _row(cfg, task, task_name, run, chunk[i], gen, i, len(chunk), lvlm, spec, cost,
+                                               measured)
                                     row["kept"] = _kept_json(kept, chunk[i].id, view_sizes(encoded.views, i))
                                     sink.write(json.dumps(row) + "\n")
                                     by_run[(task_name, *run)].append(row)
@@ -281,10 +290,23 @@ def _kept_json(recorder, sample_id: str, views: list[int]) -> dict | None:
         return None
 
 
-def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> dict[str, Any]:
-    """One line of ``samples.jsonl``: the sample's answer, scores, token counts, FLOPs and times."""
+@dataclass
+class _Measured:
+    """What :mod:`tokenprune.profiling` measured around one run's batch: ``PrunerTime``, ``KVCache``,
+    ``PeakMemory``."""
+
+    pruner: Any
+    kv: Any
+    peak: Any
+
+
+def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost, measured: _Measured | None = None) -> dict[str, Any]:
+    """One line of ``samples.jsonl``: the sample's answer, scores, token counts, FLOPs, times and memory."""
     text, st, t = task.cut(gen.texts[i]), gen.stats[i], gen.timings
     c = cost.sample_cost(lvlm.model.config, spec, st)
+    # decode forwards of the batch: its longest answer's tokens after the first (which prefill's logits give)
+    steps = max(s.new_tokens for s in gen.stats) - 1
+    m = measured
     return {
         "model": cfg.model, "task": task_name, "method": run[0], "ratio": run[1],
         "sample_id": sample.id, "prediction": text, "answers": sample.answers[:10], "scores": task.score(text, sample),
@@ -299,6 +321,15 @@ def _row(cfg, task, task_name, run, sample, gen, i, batch, lvlm, spec, cost) -> 
         # every run that uses it (its real cost per run)
         "prefill_ms": 1e3 * t["prefill"] / batch,
         "latency_ms": 1e3 * (t["vision"] + t["llm"]) / batch,
+        # per-sample share of one decode step of the batch (the batch's step latency is `batch` times it)
+        "decode_ms_per_token": 1e3 * t["decode"] / steps / batch if steps > 0 and "decode" in t else None,
+        "batch": batch,
+        "pruner_ms": 1e3 * m.pruner.seconds / batch if m is not None else None,
+        "kv_bytes": m.kv.bytes(i) if m is not None and m.kv.tokens else None,
+        "kv_groups": m.kv.groups(i) if m is not None and m.kv.tokens else None,
+        # the batch's peak (shared by its rows): CUDA's absolute peak allocated, or on CPU the peak RSS increase
+        "cuda_peak_alloc_mb": m.peak.cuda_mb if m is not None else None,
+        "cpu_peak_rss_delta_mb": m.peak.cpu_rss_delta_mb if m is not None else None,
     }
 
 

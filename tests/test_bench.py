@@ -20,7 +20,7 @@ from datasets import Features, Image as ImageFeature, Value
 from PIL import Image
 
 import tokenprune as tp
-from tokenprune.benchmarks.report import SUMMARY_COLUMNS
+from tokenprune.benchmarks.report import MEASURED_COLUMNS, SUMMARY_COLUMNS
 from tokenprune.benchmarks.sweep import load_config, read_rows, row_key, run_sweep
 
 N_SAMPLES = 12
@@ -168,7 +168,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(pope_dir, tmp_path):
 
     rows = read_rows(samples)
     assert len(rows) == total and len({row_key(r) for r in rows}) == total  # no duplicates, nothing missing
-    timing = {"prefill_ms", "latency_ms"}  # wall clock differs between runs; everything else must match
+    timing = MEASURED_COLUMNS  # wall clock and memory differ between runs; everything else must match
     a, b = read_summary(tmp_path / "full" / "summary.csv"), read_summary(out / "summary.csv")
     assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
            [{k: v for k, v in r.items() if k not in timing} for r in b]
@@ -438,7 +438,8 @@ def test_ratio_free_method_end_to_end(pope_dir, tmp_path, ratio_free_pruner, mon
     pareto = [r for r in csv.DictReader((out / "pareto.csv").open()) if r["method"] == RATIO_FREE]
     assert len(pareto) == 1 and pareto[0]["ratio"] == ""
     report = (out / "report.md").read_text()
-    assert report.count(f"| pope | {RATIO_FREE} | adaptive |") == 1
+    assert report.split("## Costs")[0].count(f"| pope | {RATIO_FREE} | adaptive |") == 1  # one row in the main table
+    assert report.split("## Costs")[1].count(f"| pope | {RATIO_FREE} | adaptive |") == 1  # and one in the costs
     assert f"{RATIO_FREE} run once, its count chosen per sample: ratio adaptive" in report
 
     (fig,) = figures  # the Pareto plot: the method as one labelled marker, not a curve over ratios
@@ -458,7 +459,7 @@ def test_ratio_free_method_end_to_end(pope_dir, tmp_path, ratio_free_pruner, mon
                                                if not (r["method"] == RATIO_FREE and r["sample_id"] in lost)))
     run_sweep(load_config(None, args), log=lambda *_: None)
     assert set(calls) == lost and len(calls) <= len(lost) + 1
-    timing = {"prefill_ms", "latency_ms"}  # wall clock differs between runs; everything else must match
+    timing = MEASURED_COLUMNS  # wall clock and memory differ between runs; everything else must match
     assert [{k: v for k, v in r.items() if k not in timing} for r in read_summary(out / "summary.csv")] == \
            [{k: v for k, v in r.items() if k not in timing} for r in summary]
 

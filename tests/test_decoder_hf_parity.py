@@ -81,3 +81,18 @@ def test_eager_attention_always_gets_the_causal_mask():
             layer.self_attn.config._attn_implementation = "sdpa"
     assert seen[0] is not None and seen[0].shape[-2] > 1  # the prefill's causal mask
     assert lvlm.runner.implicit_causal
+
+
+def test_eager_loaded_model_matches_hf():
+    """A model loaded with eager attention: HF's eager function adds a mask to the scores, so tokenprune's boolean
+    masks would mask nothing there; the adapter runs its decoder on SDPA, and the logits are HF's own."""
+    from tokenprune.zoo import tiny
+
+    img = _images(1)[0]
+    model, processor = tiny.tiny_llava(attn_implementation="eager")
+    lvlm = tp.wrap(model, processor)
+    ours = lvlm.generate([img, img], ["Is there a dog?", "What colour is the big square in the upper left?"],
+                         max_new_tokens=1).first_logits[0]
+    with torch.no_grad():
+        hf = model(**lvlm.prepare([img], ["Is there a dog?"])).logits[0, -1]
+    assert (ours - hf).abs().max() < 1e-4

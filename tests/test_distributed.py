@@ -24,7 +24,7 @@ from tokenprune.benchmarks.distributed import Shard, Workers, balanced_split
 from tokenprune.benchmarks.sweep import load_config, plan_work, run_sweep
 from tokenprune.cli import main
 
-WALL_CLOCK = {"prefill_ms", "latency_ms"}
+from tokenprune.benchmarks.report import MEASURED_COLUMNS as WALL_CLOCK  # wall clock and memory
 
 
 def flags(pope_dir, out, batch_size=2, methods="fopru_rank,random,fastv"):

@@ -300,6 +300,39 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stability(args: argparse.Namespace) -> int:
+    """Mean Jaccard overlap of kept sets under tiny perturbations, per method and ratio."""
+    from pathlib import Path
+
+    from .benchmarks.sweep_config import split_methods
+    from .stability import measure, table, write_csv
+
+    if args.limit is not None and args.limit < 1:
+        raise OptionError(f"--limit must be a positive number of samples, got {args.limit}")
+    methods = split_methods(args.methods)  # list options keep their commas: pdrop:layers=2,8,16
+    if methods == ["all"]:
+        methods = [n for n in PRUNERS.names()]
+    ratios = [validate_ratio(r.strip()) for r in args.ratios.split(",") if r.strip()]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "stability.partial.csv"  # rewritten after every batch; replaced by stability.csv at the end
+    rows = measure(args.model, args.task, methods, ratios, [p.strip() for p in args.perturb.split(",") if p.strip()],
+                   limit=args.limit, seed=args.seed, batch_size=args.batch_size, data_dir=args.data_dir,
+                   device=args.device, bootstrap=args.bootstrap, log=lambda line: print(line, file=sys.stderr),
+                   progress=lambda so_far: write_csv(partial, so_far))
+    write_csv(out / "stability.csv", rows)
+    partial.unlink(missing_ok=True)
+    print("\n".join(table(rows)))
+    if (out / "config.yaml").exists() and (out / "samples.jsonl").exists():  # a sweep's folder: its report gains the section
+        from .benchmarks.sweep import rebuild_reports
+
+        rebuild_reports(out)
+        print(f"\nwritten: {out}/stability.csv and the stability section of {out}/report.md")
+    else:
+        print(f"\nwritten: {out}/stability.csv")
+    return 0
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -403,12 +436,37 @@ def build_parser() -> argparse.ArgumentParser:
                            "instead of each view's grid over the whole frame")
     p_ev.set_defaults(func=cmd_evidence)
 
+    p_stab = sub.add_parser("stability", help="how much each method's kept set changes under tiny perturbations "
+                                              "(eager vs SDPA, fp32 vs bf16, 1e-5 feature noise)",
+                            description="Per method and ratio: the mean Jaccard overlap of the kept visual tokens between "
+                                        "the run as configured and the same run under each perturbation, over a task's "
+                                        "samples (prefill only). Writes OUTPUT/stability.csv; an OUTPUT that is a "
+                                        "sweep's folder gets a stability section in its report.md.")
+    p_stab.add_argument("--model", default="tokenprune-demo", help="model id, path or zoo name (default: tokenprune-demo)")
+    p_stab.add_argument("--task", default="shapes_scene", help="task whose samples to use (default shapes_scene)")
+    p_stab.add_argument("--methods", default="fopru_rank,fastv",
+                        help="comma list of pruner specs, or 'all' for every registered pruner (default fopru_rank,fastv)")
+    p_stab.add_argument("--ratios", default="0.25", help="comma list of retention ratios (default 0.25)")
+    p_stab.add_argument("--perturb", default="attention,dtype,noise", help="comma list of attention, dtype, noise (default: all three)")
+    p_stab.add_argument("--limit", type=_int, default=100, help="samples (a seeded subset; default 100)")
+    p_stab.add_argument("--seed", type=_int, default=0)
+    p_stab.add_argument("--batch-size", type=_int, default=8)
+    p_stab.add_argument("--data-dir", help="local copy of the task's dataset")
+    p_stab.add_argument("--device", default="auto")
+    p_stab.add_argument("--bootstrap", type=_int, default=1000, help="bootstrap resamples for the CIs")
+    p_stab.add_argument("--output", default="runs/stability", help="folder for stability.csv (a sweep's folder: also its report)")
+    p_stab.set_defaults(func=cmd_stability)
+
     p_report = sub.add_parser("report", help="merge a sweep's results (shards, ranks) and rebuild every results file",
                               description="Reads every samples*.jsonl in RUN_DIR (shards copied from several machines, "
                                           "ranks of a torchrun job) and writes samples.jsonl, summary.csv, pareto.*, "
                                           "report.md and the W&B run from them. Computes nothing.")
     p_report.add_argument("run_dir", help="the sweep's --output folder")
     p_report.set_defaults(func=cmd_report)
+
+    from .calibrate import add_calibrate_parser  # `tokenprune calibrate vtw`: a model's withdrawal layer K
+
+    add_calibrate_parser(sub)
     return parser
 
 

@@ -249,8 +249,10 @@ class PrunableLVLM(ABC):
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
         text_model, lm_head = self.decoder()
-        # Our decoder loop passes 4-D boolean masks: SDPA's (and eager's) format.
-        if text_model.config._attn_implementation not in ("sdpa", "eager"):
+        # Our decoder loop passes 4-D boolean masks: SDPA's format only. Hugging Face's eager function adds the
+        # mask to the scores, so a boolean one adds 0 / 1 and masks nothing (a model loaded with eager attention
+        # gave logits 0.2 off HF's own eager forward on tiny-llava): the decoder always runs SDPA.
+        if text_model.config._attn_implementation != "sdpa":
             text_model.config._attn_implementation = "sdpa"
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.runner = DecoderRunner(text_model, lm_head, pad_id=pad, eos_ids=self.eos_ids())
