@@ -54,7 +54,7 @@ class SweepConfig:
     """
 
     model: str = DEFAULT_MODEL
-    tasks: list[str] = field(default_factory=lambda: ["easy_vqa"])
+    tasks: list[str] = field(default_factory=lambda: ["shapes_scene"])  # the demo task that separates methods
     methods: list[str] = field(default_factory=lambda: ["fopru_rank", "fopru_row", "random", "pool", "fastv"])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
     limit: int | str | None = DEFAULT_LIMIT

@@ -253,7 +253,7 @@ def test_shipped_configs_parse(name):
 
 def test_defaults_are_the_demo_run():
     cfg = load_config(None, {})
-    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["easy_vqa"], 150, [0.5, 0.25, 0.1])
+    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["shapes_scene"], 150, [0.5, 0.25, 0.1])
     assert load_config(None, {"limit": "all"}).limit is None
 
 

@@ -78,8 +78,8 @@ def test_demo_bench_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["model"], r["task"], r["method"]) for r in rows] == [
-        ("tokenprune-demo", "easy_vqa", "none"), ("tokenprune-demo", "easy_vqa", "fopru_rank"),
-        ("tokenprune-demo", "easy_vqa", "fastv")]
+        ("tokenprune-demo", "shapes_scene", "none"), ("tokenprune-demo", "shapes_scene", "fopru_rank"),
+        ("tokenprune-demo", "shapes_scene", "fastv")]
     assert [float(r["visual_tokens_kept"]) for r in rows] == [256, 64, 64]
     assert float(rows[1]["flops_ratio"]) < float(rows[2]["flops_ratio"]) < 1
 

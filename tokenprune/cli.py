@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Accuracy and cost of each method x ratio x task; the unpruned model "
                                          "is always run once as the reference. Flags override --config.")
     p_bench.add_argument("--model", help="tokenprune.load id or path, or a zoo model (default: tokenprune-demo)")
-    p_bench.add_argument("--tasks", help="comma list, e.g. pope,gqa (default: easy_vqa; see `tokenprune list tasks`); "
+    p_bench.add_argument("--tasks", help="comma list, e.g. pope,gqa (default: shapes_scene; see `tokenprune list tasks`); "
                          "options as in a method spec, e.g. videomme:sampler=llava_onevision:frames=32")
     p_bench.add_argument("--methods", help="comma list of pruner specs, e.g. fopru_rank,fastv:k=3")
     p_bench.add_argument("--ratios", help="comma list of retention ratios in (0, 1], e.g. 0.5,0.25,0.1")
