@@ -10,6 +10,7 @@ from typing import Callable
 
 ZOO: dict[str, str] = {
     "tokenprune-demo": "demo:build_demo",  # a small trained LLaVA (DINOv2-S + SmolLM2-135M), see demo.py
+    "tokenprune-demo-video": "demo_video:build_demo_video",  # the video demo (LLaVA-NeXT-Video), see demo_video.py
     "tiny-llava": "tiny:tiny_llava",
     "tiny-llava-next": "tiny:tiny_llava_next",
     "tiny-qwen2-vl": "tiny:tiny_qwen2_vl",

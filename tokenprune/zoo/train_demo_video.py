@@ -1,0 +1,464 @@
+"""Train the video demo's projector + LoRA on ``shapes_video`` (frozen DINOv2 and SmolLM2). Seeded, resumable.
+
+    python -m tokenprune.zoo.train_demo_video --work runs/demo-video-train --train 2400 --val 300 \
+        --steps 300 --bf16 --export tokenprune/zoo/weights/demo_video.safetensors
+
+Questions come from ``shapes_video`` split ``"train"`` (``--train`` of them, one scene each); checkpoints
+are chosen on split ``"val"`` (``--val``); the test split (the benchmark's) is never generated here.
+Every frame is rendered at the model's frame size (:data:`~tokenprune.zoo.demo_video.FRAME_SIZE`),
+preprocessed by the adapter's own frames preprocessor, and run through the frozen tower once: the
+pooled per-frame features ``[T, 16, 384]`` (what the projector reads) are cached in ``--work``.
+
+Two stages, as the image demo (:mod:`tokenprune.zoo.train_demo`):
+
+1. **Alignment** (``--align-steps``, no LLM pass): every video token is regressed onto the word
+   embeddings of what its cell of its frame shows at that moment -- the mean embedding of the colour and
+   shape words of the actor covering most of the cell (its colour *at that frame*: a colour change
+   shows), "background" elsewhere (clutter included). Labels come from the scene description
+   (:func:`token_labels`), so every training video is labelled exactly.
+2. **Answer loss** through the frozen LLM (bf16 autocast with ``--bf16``) with rank-8 LoRA (started
+   from the image demo's LoRA with ``--init-lora``: it already reads aligned tokens as words), plus
+   ``--align-weight`` x the alignment loss. Of every ``--full-every`` steps all but one are *focal*
+   (:func:`focal_tokens`): only the tokens that show an actor (targets and distractors, every frame:
+   the evidence of :func:`~tokenprune.benchmarks.tasks.shapes_video.evidence` and what it must be told
+   apart from), the line's cells for ``crossings``, and ``--focal-others`` random other tokens, at their
+   full-sequence positions (as a pruned prompt) -- about half the tokens, so twice the questions.
+
+Every ``--eval-every`` steps: first-answer-token accuracy per kind on the val questions (logged to
+``--log``, default ``<work>/log.jsonl``), a checkpoint in ``--work`` (rerunning the same command resumes),
+and, when val accuracy improved, the projector + LoRA exported (fp16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..benchmarks.tasks.base import SHORT_ANSWER
+from ..benchmarks.tasks.shapes_video import (ACTOR_COLOURS, KINDS, SHAPES, VideoScene, actor_mask, evidence,
+                                              make_question, render)
+from .train_demo import add_lora, alignment_loss, trained_tensors, word_vector
+
+BACKGROUND = "background"
+
+
+def questions(split: str, n: int, frames: int) -> list[tuple[VideoScene, object]]:
+    """``[(scene, Question)]``: questions ``0..n-1`` of ``shapes_video`` split ``split`` (never "test" here)."""
+    if split == "test":
+        raise ValueError("the trainer never generates the test split")
+    return [make_question(split, i, frames) for i in range(n)]
+
+
+def frames_processor(processor):
+    """The adapter's video preprocessor for this processor (``LlavaNextVideoLVLM.video_processor``'s rule)."""
+    from ..media.processors.frames import FramesProcessor
+
+    return FramesProcessor.from_image_processor(processor.image_processor, do_center_crop=True)
+
+
+@torch.no_grad()
+def pooled_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """``pixel_values_videos [V, T, 3, px, px]`` -> ``[V, T, m, 384]``: the tower's selected layer, CLS dropped,
+    average-pooled by the model's ``vision_resampler`` -- exactly what ``get_video_features`` hands the projector."""
+    cfg = model.config
+    v, t = pixels.shape[:2]
+    hidden = model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states
+    feats = hidden[cfg.vision_feature_layer][:, 1:]
+    pooled = model.model.vision_resampler(feats)
+    return pooled.unflatten(0, (v, t))
+
+
+def cache_features(model, processor, scenes: list[VideoScene], size: int, path: Path, batch: int = 8) -> torch.Tensor:
+    """``[N, T, m, 384]`` fp16 pooled features of every scene's frames, computed once and stored at ``path``."""
+    if path.exists():
+        return torch.load(path)
+    fp = frames_processor(processor)
+    out = []
+    t0 = time.time()
+    for i in range(0, len(scenes), batch):
+        videos = [render(s, size) for s in scenes[i:i + batch]]
+        pixels = fp(videos, return_tensors="pt")["pixel_values_videos"]
+        out.append(pooled_features(model, pixels).to(torch.float16))
+        if (i // batch) % 25 == 0:
+            print(f"  features {i + len(videos)}/{len(scenes)} ({time.time() - t0:.0f} s)", flush=True)
+    feats = torch.cat(out)
+    torch.save(feats, path)
+    return feats
+
+
+def cell_cover(scene: VideoScene, size: int, cells: int) -> np.ndarray:
+    """``[A, T, cells*cells]``: pixels of actor ``a`` in frame ``t`` inside each token cell (row-major), the
+    pooled token grid (``cells`` per side; a cell is ``size / cells`` px)."""
+    step = size // cells
+    out = np.zeros((len(scene.actors), scene.frames, cells * cells), dtype=np.int64)
+    for a, actor in enumerate(scene.actors):
+        for t in range(scene.frames):
+            m = actor_mask(actor, t, size)
+            if m.any():
+                out[a, t] = m[: step * cells, : step * cells].reshape(cells, step, cells, step).sum((1, 3)).flatten()
+    return out
+
+
+DESCRIPTIONS = [(c, s) for c in ACTOR_COLOURS for s in SHAPES]  # code i; code len() = background
+
+
+def token_labels(scene: VideoScene, size: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes [T*cells^2] long, shows_actor [T*cells^2] bool)`` in token order (frame-major).
+
+    A token shows an actor when the cell holds at least a quarter of the actor's pixels in that
+    frame (or is the cell with most of them); its code is the description (colour at that frame,
+    shape) of the actor with most pixels there, :data:`DESCRIPTIONS` index; else background.
+    """
+    cover = cell_cover(scene, size, cells)  # [A, T, C]
+    total = cover.sum(-1, keepdims=True)
+    shows = (cover * 4 >= np.maximum(total, 1)) & (cover > 0)
+    shows |= (cover == cover.max(-1, keepdims=True)) & (cover > 0)
+    weight = np.where(shows, cover, 0)  # [A, T, C]
+    best = weight.argmax(0)  # [T, C]
+    any_actor = weight.max(0) > 0
+    codes = np.full(best.shape, len(DESCRIPTIONS))
+    for t in range(scene.frames):
+        for c in np.nonzero(any_actor[t])[0]:
+            a = scene.actors[best[t, c]]
+            codes[t, c] = DESCRIPTIONS.index((a.colour_at(t), a.shape))
+    return torch.from_numpy(codes.reshape(-1)), torch.from_numpy(any_actor.reshape(-1))
+
+
+def line_tokens(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
+    """``[T*cells^2] bool``: the cells the ``crossings`` line runs through (all False without a line)."""
+    out = torch.zeros(scene.frames, cells, cells, dtype=torch.bool)
+    if scene.line is not None:
+        out[:, :, min(cells - 1, int(scene.line * cells))] = True
+    return out.flatten()
+
+
+def focal_tokens(shows: torch.Tensor, line: torch.Tensor, n_others: int, rng: random.Random) -> torch.Tensor:
+    """Sorted token indices: every token showing an actor, the line's tokens, and ``n_others`` random others.
+
+    Why: the LLM pass over all ``T*16`` tokens is what a CPU step costs; the actors' tokens (the
+    evidence and its distractors) hold every answer, so a step on them plus some background learns the
+    same thing for about half the cost, and doubles as training on a pruned prompt (original positions)."""
+    must = (shows | line).nonzero().flatten().tolist()
+    rest = (~(shows | line)).nonzero().flatten().tolist()
+    return torch.tensor(sorted(must + rng.sample(rest, min(n_others, len(rest)))))
+
+
+class VideoBatcher:
+    """``inputs_embeds`` / labels for (video tokens, question, answer) batches in the benchmark's chat format."""
+
+    def __init__(self, model, processor):
+        self.tok = processor.tokenizer
+        self.processor = processor
+        self.video_id = model.config.video_token_id
+        self.embed = model.model.language_model.embed_tokens
+        self.end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self._cache: dict[str, list[int]] = {}
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt with ONE ``<video>`` token (the processor expands it to every video token)."""
+        if question not in self._cache:
+            text = self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question + SHORT_ANSWER}]}],
+                add_generation_prompt=True, tokenize=False)
+            self._cache[question] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[question]
+
+    def __call__(self, projected: torch.Tensor, qs: list[str], answers: list[str] | None,
+                 keep: list[torch.Tensor] | None = None):
+        """``projected`` ``[B, N, D]`` video tokens; ``keep``: sorted token indices per sample (placed at their
+        full-sequence positions). Returns embeds ``[B, L, D]``, mask, labels ``[B, L]``, positions ``[B, L]``,
+        first-answer-token positions ``[B]`` (right padding)."""
+        rows, labels, positions, answer_pos = [], [], [], []
+        n = projected.shape[1]
+        for b, q in enumerate(qs):
+            ids = self.prompt_ids(q)
+            cut = ids.index(self.video_id)
+            ans = self.tok(answers[b], add_special_tokens=False)["input_ids"] + [self.end] if answers else []
+            pre, post = torch.tensor(ids[:cut]), torch.tensor(ids[cut + 1:] + ans)
+            toks = torch.arange(n) if keep is None else keep[b]
+            rows.append(torch.cat([self.embed(pre), projected[b, toks], self.embed(post)]))
+            positions.append(torch.cat([torch.arange(cut), cut + toks, cut + n + torch.arange(len(post))]))
+            n_prompt = len(pre) + len(toks) + len(ids) - cut - 1
+            lab = torch.full((rows[-1].shape[0],), -100)
+            if answers:
+                lab[n_prompt:] = torch.tensor(ans)
+            labels.append(lab)
+            answer_pos.append(n_prompt - 1)
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(len(rows), length, rows[0].shape[1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        lab = torch.full((len(rows), length), -100)
+        pos = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, (r, l, p) in enumerate(zip(rows, labels, positions)):
+            k = r.shape[0]
+            embeds[b, :k], mask[b, :k], lab[b, :k], pos[b, :k] = r, 1, l, p
+        return embeds, mask, lab, pos, torch.tensor(answer_pos)
+
+
+@torch.no_grad()
+def first_token_accuracy(model, batcher, feats, items, batch: int = 32) -> tuple[float, dict[str, float]]:
+    """Share of ``items`` ``[(feature index, question, answer, kind)]`` whose greedy first answer token is the
+    reference's, overall and per kind."""
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        projected = model.model.multi_modal_projector(torch.stack([feats[c[0]].flatten(0, 1).float() for c in chunk]))
+        embeds, mask, _, pos, at = batcher(projected, [c[1] for c in chunk], None)
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        pred = model.lm_head(out[torch.arange(len(chunk)), at]).argmax(-1)
+        gold = [batcher.tok(c[2], add_special_tokens=False)["input_ids"][0] for c in chunk]
+        for c, p, g in zip(chunk, pred.tolist(), gold):
+            hits.setdefault(c[3], []).append(p == g)
+    per_kind = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    return sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), per_kind
+
+
+def load_lora_only(model, path: Path) -> int:
+    """Copy the LoRA pairs of an exported file (e.g. the image demo's) into peft's adapters; returns how many."""
+    from safetensors.torch import load_file
+
+    from .demo import split_trained
+
+    _, lora = split_trained(load_file(str(path)))
+    modules = dict(model.model.language_model.named_modules())
+    with torch.no_grad():
+        for name, (down, up) in lora.items():
+            m = modules[name]
+            m.lora_A["default"].weight.copy_(down)
+            m.lora_B["default"].weight.copy_(up / m.scaling["default"])
+    return len(lora)
+
+
+def rules(n_test: int, frames: int, n_prior: int = 3000, single_frame: int = 0, batch: int = 8,
+          out: Path | None = None) -> dict:
+    """The two reference rules on the first ``n_test`` test questions (``frames`` frames), per kind.
+
+    * image-blind: each template's most frequent answer over ``n_prior`` train questions
+      (:func:`~tokenprune.benchmarks.tasks.shapes_video.answer_prior` / ``blind_answer``);
+    * single-frame (``single_frame`` > 0: on the first that many test questions): the shipped demo
+      shown only the middle frame ``T // 2``, repeated ``T`` times (the layout it was trained on: a static
+      video of one moment), answered through the adapter's ``generate`` with the benchmark's prompt.
+    """
+    from ..benchmarks.tasks.metrics import normalize_exact
+    from ..benchmarks.tasks.shapes_video import answer_prior, blind_answer
+    from ..media import Video
+    from .demo_video import FRAME_SIZE
+
+    test = [make_question("test", i, frames) for i in range(n_test)]
+    prior = answer_prior([(q.question, q.answer) for _, q in questions("train", n_prior, frames)])
+    result: dict = {"n": n_test, "blind": {}, "single_frame": {}}
+    for kind in KINDS + ("all",):
+        rows = [q for _, q in test if kind in ("all", q.kind)]
+        result["blind"][kind] = sum(blind_answer(q.question, prior) == q.answer for q in rows) / len(rows)
+    if single_frame:
+        import tokenprune as tp
+
+        lvlm = tp.load("tokenprune-demo-video")
+        hits: dict[str, list[bool]] = {}
+        for i in range(0, single_frame, batch):
+            chunk = test[i:i + batch]
+            videos = []
+            for scene, _ in chunk:
+                f = render(scene, FRAME_SIZE)
+                videos.append(Video.from_frames(np.repeat(f[frames // 2][None], frames, 0), fps=4.0))
+            texts = lvlm.generate(videos, [q.question + SHORT_ANSWER for _, q in chunk], max_new_tokens=4).texts
+            for (_, q), t in zip(chunk, texts):
+                hits.setdefault(q.kind, []).append(normalize_exact(t.split("\n")[0]) == normalize_exact(q.answer))
+            print(f"  single-frame {i + len(chunk)}/{single_frame}", flush=True)
+        result["single_frame"] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+        result["single_frame"]["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+        result["single_frame_n"] = single_frame
+    print(json.dumps(result, indent=1))
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/demo-video-train")
+    parser.add_argument("--log", default=None, help="JSON lines log (default <work>/log.jsonl)")
+    parser.add_argument("--train", type=int, default=2400, help="train questions (one scene each)")
+    parser.add_argument("--val", type=int, default=300, help="val questions for checkpoint choice")
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8, help="questions per full step")
+    parser.add_argument("--batch-short", type=int, default=16, help="questions per focal step")
+    parser.add_argument("--full-every", type=int, default=3)
+    parser.add_argument("--focal-others", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--init-lora", default=None, help="start the LoRA from this exported file (the image demo's)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--align-steps", type=int, default=500)
+    parser.add_argument("--align-batch", type=int, default=32)
+    parser.add_argument("--align-lr", type=float, default=1e-3)
+    parser.add_argument("--align-weight", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="LLM forward/backward and val under bf16 autocast")
+    parser.add_argument("--export", default=None, help="write the best projector + LoRA here (safetensors, fp16)")
+    parser.add_argument("--rules", type=int, default=0,
+                        help="instead of training: the image-blind and single-frame rules on this many test questions")
+    parser.add_argument("--single-frame", type=int, default=0, help="with --rules: test questions for the single-frame rule")
+    args = parser.parse_args(argv)
+    if args.rules:
+        rules(args.rules, args.frames, single_frame=args.single_frame, out=Path(args.log) if args.log else None)
+        return
+
+    from safetensors.torch import save_file
+
+    from .demo_video import FRAME_SIZE, build_demo_video
+
+    torch.manual_seed(args.seed)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.log) if args.log else work / "log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    model, processor = build_demo_video(weights=None)
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    projector.requires_grad_(True)
+    add_lora(model.model.language_model, args.lora_rank, 2.0 * args.lora_rank)
+    lora_params = [p for n, p in model.model.language_model.named_parameters() if "lora_" in n]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    size = FRAME_SIZE
+    cells = size // 14 // model.config.spatial_pool_stride
+
+    t0 = time.time()
+    train = questions("train", args.train, args.frames)
+    val = questions("val", args.val, args.frames)
+    print(f"{len(train)} train / {len(val)} val questions generated ({time.time() - t0:.0f} s)", flush=True)
+    tag = f"{size}px_{args.frames}f_{model.config.vision_config.num_hidden_layers}l"
+    feats = cache_features(model, processor, [s for s, _ in train], size, work / f"features_train_{args.train}_{tag}.pt")
+    val_feats = cache_features(model, processor, [s for s, _ in val], size, work / f"features_val_{args.val}_{tag}.pt")
+    labels = [token_labels(s, size, cells) for s, _ in train]
+    lines = [line_tokens(s, size, cells) for s, _ in train]
+    codes = torch.stack([c for c, _ in labels])  # [N, T*C]
+    embed = model.model.language_model.embed_tokens
+    words = {w: word_vector(embed, processor.tokenizer, w) for w in [*ACTOR_COLOURS, *SHAPES, BACKGROUND]}
+    table = torch.stack([(words[c] + words[s]) / 2 for c, s in DESCRIPTIONS] + [words[BACKGROUND]])  # [16, D]
+    print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
+
+    def targets(idx: list[int]) -> torch.Tensor:
+        return table[codes[idx]]
+
+    def evaluate(step: int, loss: float, stage: str) -> float:
+        projector.eval()
+        items = [(i, q.question, q.answer, q.kind) for i, (_, q) in enumerate(val)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            acc, per_kind = first_token_accuracy(model, batcher, val_feats, items)
+        projector.train()
+        with log_path.open("a") as f:
+            f.write(json.dumps({"stage": stage, "step": step, "loss": loss, "val_first_token_acc": acc,
+                                "per_kind": per_kind, "time": time.strftime("%H:%M:%S")}) + "\n")
+        print(f"eval step {step}: val first-token accuracy {acc:.3f} " +
+              " ".join(f"{k} {v:.2f}" for k, v in per_kind.items()), flush=True)
+        return acc
+
+    batcher = VideoBatcher(model, processor)
+    ckpt, aligned = work / "checkpoint.pt", work / "aligned.pt"
+    if not ckpt.exists() and not aligned.exists():
+        print(f"stage 1: aligning video tokens to word embeddings, {args.align_steps} steps", flush=True)
+        opt = torch.optim.AdamW(projector.parameters(), lr=args.align_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.align_steps)))
+        rng = random.Random(args.seed)
+        for s in range(1, args.align_steps + 1):
+            idx = rng.sample(range(len(train)), args.align_batch)
+            loss = alignment_loss(projector(feats[idx].flatten(1, 2).float()), targets(idx))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if s % 100 == 0:
+                print(f"align step {s}/{args.align_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+        torch.save(projector.state_dict(), aligned)
+        if args.init_lora:
+            print(f"LoRA started from {args.init_lora}: {load_lora_only(model, Path(args.init_lora))} pairs", flush=True)
+        evaluate(0, float("nan"), "align")
+
+    groups = [{"params": list(projector.parameters()), "lr": args.lr}, {"params": lora_params, "lr": args.lora_lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) *
+                                              0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    step, best = 0, -1.0
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best = state["step"], state["best"]
+        print(f"resumed at step {step} (best val accuracy {best:.3f})", flush=True)
+    else:
+        projector.load_state_dict(torch.load(aligned))
+        if args.init_lora:
+            load_lora_only(model, Path(args.init_lora))
+
+    def is_short(s: int) -> bool:
+        return (s + 1) % args.full_every != 0
+
+    def batch_size(s: int) -> int:
+        return args.batch_short if is_short(s) else args.batch
+
+    perms: dict[int, list[int]] = {}
+
+    def item(n: int) -> int:
+        """The n-th question of the run: epochs shuffled by seed + epoch (the same batches whatever the resume point)."""
+        epoch, offset = divmod(n, len(train))
+        if epoch not in perms:
+            perms[epoch] = list(range(len(train)))
+            random.Random(args.seed + epoch).shuffle(perms[epoch])
+        return perms[epoch][offset]
+
+    print(f"stage 2: answer loss (+ {args.align_weight} x alignment), {args.steps} steps; {args.full_every - 1} of "
+          f"every {args.full_every} focal ({args.batch_short} questions), the others all tokens ({args.batch})", flush=True)
+    consumed = sum(batch_size(s) for s in range(step))
+    t1 = time.time()
+    while step < args.steps:
+        idx = [item(consumed + j) for j in range(batch_size(step))]
+        consumed += len(idx)
+        keep = None
+        if is_short(step):
+            rng = random.Random(args.seed * 1_000_003 + step)
+            keep = [focal_tokens(labels[i][1], lines[i], args.focal_others, rng) for i in idx]
+        projected = projector(feats[idx].flatten(1, 2).float())  # [B, T*m, D]
+        embeds, mask, lab, pos, _ = batcher(projected, [train[i][1].question for i in idx],
+                                            [train[i][1].answer for i in idx], keep)
+        target = lab[:, 1:]
+        where = target != -100
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+            logits = model.lm_head(out[:, :-1][where])
+        answer_loss = torch.nn.functional.cross_entropy(logits.float(), target[where])
+        loss = answer_loss + args.align_weight * alignment_loss(projected, targets(idx))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 5 == 0:
+            print(f"step {step}/{args.steps} answer loss {answer_loss.item():.4f} total {loss.item():.4f} "
+                  f"{(time.time() - t1) / 5:.1f} s/step", flush=True)
+            t1 = time.time()
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step, answer_loss.item(), "answer")
+            improved = acc > best
+            best = max(best, acc)
+            torch.save({"trainable": {n: p.detach().clone() for n, p in trainable.items()}, "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": step, "best": best}, ckpt)
+            if improved and args.export:
+                Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.to(torch.float16) for k, v in trained_tensors(model).items()}, args.export)
+                print(f"  exported to {args.export}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
