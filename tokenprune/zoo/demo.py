@@ -161,6 +161,25 @@ def load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
             modules[name].weight += (up.float() @ down.float()).to(modules[name].weight.dtype)
 
 
+def load_language_model(model, folder: Path, vocab_size: int) -> None:
+    """SmolLM2's converted weights (``folder``'s cache) into the LLM of a LLaVA-style ``model`` (head tied
+    when the checkpoint has none), and the embeddings grown to ``vocab_size`` for the processor's new tokens
+    (``<image>``, ``<video>``). Their input embeddings are never read (visual features replace them); with
+    tied embeddings they are also output rows: the mean embedding, deterministic, a modest logit."""
+    from safetensors.torch import load_file
+
+    lm_state = load_file(str(folder / "smollm2.safetensors"))
+    lm_state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in lm_state.items()}
+    head = lm_state.pop("lm_head.weight", None)
+    model.model.language_model.load_state_dict(lm_state)
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight if head is None else torch.nn.Parameter(head)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old:] = emb[:old].mean(dim=0)
+
+
 def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     """The demo ``LlavaForConditionalGeneration`` and its processor.
 
@@ -193,18 +212,7 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     # state dict restores (the LLM's rotary ``inv_freq``) as uninitialised memory.
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(load_file(str(folder / "dinov2.safetensors")))
-    lm_state = load_file(str(folder / "smollm2.safetensors"))
-    lm_state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in lm_state.items()}
-    head = lm_state.pop("lm_head.weight", None)
-    model.model.language_model.load_state_dict(lm_state)
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight if head is None else torch.nn.Parameter(head)
-    # One new token (<image>). Its input embedding is never read (image features replace it); with
-    # tied embeddings it is also an output row: the mean embedding, deterministic, a modest logit.
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(dim=0)
+    load_language_model(model, folder, len(tokenizer))
     if projector is not None:
         if not Path(projector).exists():
             from ..errors import TokenpruneError

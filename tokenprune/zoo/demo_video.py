@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .demo import _convert_to_cache, cache_dir, load_trained
+from .demo import _convert_to_cache, cache_dir, load_language_model, load_trained
 
 DEMO_VIDEO_NAME = "tokenprune-demo-video"
 FRAME_SIZE = 112  # px: 8 x 8 patches of 14 (give shapes_video size=112, so no resize)
@@ -131,18 +131,8 @@ def build_demo_video(weights: Path | None = WEIGHTS, cache: Path | None = None, 
     )
     model = LlavaNextVideoForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(vision_state(folder, frame_size, vision_layers))
-    lm_state = load_file(str(folder / "smollm2.safetensors"))
-    lm_state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in lm_state.items()}
-    head = lm_state.pop("lm_head.weight", None)
-    model.model.language_model.load_state_dict(lm_state)
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight if head is None else torch.nn.Parameter(head)
-    # Two new tokens (<image>, <video>): their input embeddings are never read (visual features
-    # replace them); tied, they are output rows too: the mean embedding, a modest logit.
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    load_language_model(model, folder, len(tokenizer))  # two new tokens: <image>, <video>
     with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(dim=0)
         model.model.image_newline.zero_()  # images only (unused by video); deterministic
     if weights is not None:
         if not Path(weights).exists():
