@@ -24,6 +24,7 @@ from tokenprune.pruner import PrunerNeeds, PruningInputs
 from tokenprune.testing import check_pruner_contract, synthetic_inputs
 
 from test_adapters import FAMILIES, PROMPTS, LayerInputCounter, lvlm_for
+from tokenprune.testing import check_cached_and_batched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "encode_hook")  # see conftest.py
 NEW_TOKENS = 6
@@ -166,16 +167,7 @@ def test_on_every_family(family):
     else:  # any-res crops, InternVL tiles: as many or fewer (the tiny InternVL: 160 px 80 tokens, 40 px 16)
         assert n_small <= n_full
 
-    cached = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    uncached = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, ignore_eos=True, use_cache=False)
-    assert torch.equal(cached.token_ids, uncached.token_ids)
-
-    both = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, sample_ids=["a", "b"])
-    for i, sid in enumerate(["a", "b"]):
-        alone = lvlm.generate(imgs[i:i + 1], PROMPTS[i:i + 1], pruner=p, max_new_tokens=NEW_TOKENS, sample_ids=[sid])
-        assert torch.equal(alone.token_ids[0], both.token_ids[i])
-        assert alone.stats[0] == both.stats[i]
-        torch.testing.assert_close(alone.first_logits[0], both.first_logits[i], rtol=0, atol=1e-4)
+    check_cached_and_batched(lvlm, imgs, PROMPTS, p, NEW_TOKENS)
 
 
 def test_video_frames_are_shrunk_and_official_no_op_kept():

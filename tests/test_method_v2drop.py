@@ -25,6 +25,7 @@ from tokenprune.testing import check_pruner_contract, synthetic_inputs
 
 from test_adapters import FAMILIES, PROMPTS, LayerInputCounter, images, lvlm_for
 from test_in_llm_methods import eager_forward, recording
+from tokenprune.testing import check_cached_and_batched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 NEW_TOKENS = 6
@@ -402,16 +403,7 @@ def test_on_every_family(family):
     # the layer average, short of 0.4 * N by at most the floors (a token per stage, each spanning one layer)
     assert 0 <= 0.4 * n_visual - layer_average(n_visual, 4, (1, 2, 3), counts) <= 1
 
-    cached = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    uncached = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, ignore_eos=True, use_cache=False)
-    assert torch.equal(cached.token_ids, uncached.token_ids)
-
-    both = lvlm.generate(imgs, PROMPTS, pruner=p, max_new_tokens=NEW_TOKENS, sample_ids=["a", "b"])
-    for i, sid in enumerate(["a", "b"]):
-        alone = lvlm.generate(imgs[i:i + 1], PROMPTS[i:i + 1], pruner=p, max_new_tokens=NEW_TOKENS, sample_ids=[sid])
-        assert torch.equal(alone.token_ids[0], both.token_ids[i])
-        assert alone.stats[0] == both.stats[i]
-        torch.testing.assert_close(alone.first_logits[0], both.first_logits[i], rtol=0, atol=1e-4)
+    check_cached_and_batched(lvlm, imgs, PROMPTS, p, NEW_TOKENS)
 
 
 def test_original_positions_are_kept():

@@ -178,6 +178,23 @@ def check_in_vision_contract(pruner: TokenPruner, n_blocks: int = 3, grid: tuple
         assert torch.equal(one.members[0], run.members[i])
 
 
+def check_cached_and_batched(lvlm: Any, visuals: list, prompts: list[str], pruner: TokenPruner,
+                             new_tokens: int) -> None:
+    """On a wrapped model: generation with the KV cache equals the no-cache reference, and a batch of the two
+    samples equals each alone (tokens, stats, first logits within 1e-4). ``visuals`` / ``prompts``: 2 each."""
+    cached = lvlm.generate(visuals, prompts, pruner=pruner, max_new_tokens=new_tokens, ignore_eos=True)
+    uncached = lvlm.generate(visuals, prompts, pruner=pruner, max_new_tokens=new_tokens, ignore_eos=True,
+                             use_cache=False)
+    assert torch.equal(cached.token_ids, uncached.token_ids), "cached and uncached generation differ"
+    both = lvlm.generate(visuals, prompts, pruner=pruner, max_new_tokens=new_tokens, sample_ids=["a", "b"])
+    for i, sid in enumerate(["a", "b"]):
+        alone = lvlm.generate(visuals[i:i + 1], prompts[i:i + 1], pruner=pruner, max_new_tokens=new_tokens,
+                              sample_ids=[sid])
+        assert torch.equal(alone.token_ids[0], both.token_ids[i]), f"sample {i} differs alone"
+        assert alone.stats[0] == both.stats[i]
+        torch.testing.assert_close(alone.first_logits[0], both.first_logits[i], rtol=0, atol=1e-4)
+
+
 def recording(pruner: TokenPruner) -> list[tuple[Any, Any]]:
     """Make ``pruner`` remember every ``(inputs, reduction)`` its ``select`` sees, in call order (each
     in-LLM stage, each in-vision hook); returns the list it appends to. Shadows ``select`` on the instance."""
