@@ -20,6 +20,8 @@ import numpy as np
 
 from .results import ADAPTIVE, ratio_key, ratio_label
 from .stats import bootstrap_ci, paired_test, pareto_front
+from .categories import COLUMNS as CATEGORY_COLUMNS
+from .categories import category_rows, category_section
 from .difficult import add_difficult, difficult_section
 
 SUMMARY_COLUMNS = [
@@ -291,6 +293,10 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
                                 for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
         report.append(f"![{task_name}](pareto_{task_name}.png)\n")
     report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
+    by_category = category_rows(cfg, tasks, rows, _aggregate)
+    if by_category:
+        write_csv(out / "by_category.csv", by_category, CATEGORY_COLUMNS)
+    report += category_section(by_category)
     report += costs_section(summary, rows)
     report += difficult_section(cfg, tasks, summary, rows)
     stability = out / "stability.csv"

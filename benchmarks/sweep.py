@@ -374,6 +374,8 @@ def load_sweep_config(run_dir: str | Path) -> SweepConfig:
                               "`tokenprune bench` run")
     try:
         stored = (yaml.safe_load(path.read_text()) or {}).get("config", {})
+        if stored.get("methods") == []:  # a `--methods none` sweep: the resolved list drops the reference
+            stored["methods"] = [REFERENCE]
         cfg = normalise(SweepConfig(**{k: v for k, v in stored.items() if k in FIELDS}))
     except (yaml.YAMLError, TypeError) as exc:
         raise TokenpruneError(f"{path} is not a readable sweep config ({exc}); rerun the sweep to rewrite it") from None

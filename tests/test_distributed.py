@@ -241,3 +241,15 @@ def test_shards_then_report_equal_one_process(pope_dir, one_process, tmp_path):
 def test_report_on_a_folder_without_a_sweep_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a sweep's output folder" in capsys.readouterr().err
+
+
+def test_a_methods_none_sweep_reloads(tmp_path):
+    """`--methods none` stores an empty method list (the reference always runs); `tokenprune report` reads it back."""
+    import yaml
+
+    from tokenprune.benchmarks.sweep import load_sweep_config
+    from tokenprune.benchmarks.sweep_config import method_runs
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"config": {"model": "tokenprune-demo", "tasks": ["pope"],
+                                                                     "methods": [], "ratios": [0.5]}}))
+    assert method_runs(load_sweep_config(tmp_path)) == [("none", 1.0)]

@@ -1,6 +1,6 @@
 """The loop a user would write without tokenprune: the baseline for ``tokenprune bench --methods none``.
 
-    /usr/bin/time -v python benchmarks/speed/plain_hf_loop.py [--task shapes_scene] [--limit 64] [--batch-size 16]
+    /usr/bin/time -v python benchmarks/speed/plain_hf_loop.py [--task shapes_scene] [--limit 64] [--batch-size 8]
     /usr/bin/time -v tokenprune bench --methods none --tasks shapes_scene --limit 64 --output /tmp/vs_hf_bench
 
 The demo's Hugging Face checkpoint (``tokenprune.zoo.demo.demo_checkpoint()``) loaded with
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="shapes_scene")
     parser.add_argument("--limit", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="the bench's default batch (8)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     t0 = time.perf_counter()
