@@ -119,3 +119,22 @@ def test_token_labels_hand_computed():
 
     keep = focal_tokens(shows, line, 3, random.Random(0))
     assert keep.tolist() == sorted(keep.tolist()) and 16 in keep.tolist() and len(keep) == 1 + 8 + 3
+
+
+def test_token_probe_hand_computed():
+    """Three actor tokens and one background token, projected onto one-hot rows of the word table: the first
+    token reads its own description, the second the right colour with the wrong shape, the third background."""
+    from tokenprune.zoo.train_demo_video import DESCRIPTIONS, token_probe
+
+    bg = len(DESCRIPTIONS)
+    table = torch.eye(bg + 1)  # row i: description i, last row: background
+    red_square, red_circle = DESCRIPTIONS.index(("red", "square")), DESCRIPTIONS.index(("red", "circle"))
+    codes = torch.tensor([[red_square, red_square, red_circle, bg]])
+    projected = torch.stack([table[red_square], 2 * table[red_circle] + 0.1, table[bg], table[bg]])[None]
+    got = token_probe(projected, codes, table)
+    assert got["actor_tokens"] == 3
+    assert got["description"] == pytest.approx(1 / 3)  # token 0
+    assert got["colour"] == pytest.approx(2 / 3)  # tokens 0 and 1 (red circle read for a red square)
+    assert got["shape"] == pytest.approx(1 / 3)
+    assert got["read_as_background"] == pytest.approx(1 / 3)  # token 2
+    assert got["background"] == 1.0

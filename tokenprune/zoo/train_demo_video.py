@@ -280,6 +280,31 @@ def rules(n_test: int, frames: int, n_prior: int = 3000, single_frame: int = 0, 
     return result
 
 
+@torch.no_grad()
+def token_probe(projected: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> dict[str, float]:
+    """What the projected video tokens say, read as the alignment stage's words: each token's nearest (cosine)
+    row of ``table`` (``[len(DESCRIPTIONS) + 1, D]``: every colour-shape description, then background) against
+    its label ``codes`` (:func:`token_labels`). ``projected`` ``[N, T*m, D]``, ``codes`` ``[N, T*m]``.
+
+    Returns, over the tokens showing an actor: ``description`` (colour and shape right), ``colour``, ``shape``,
+    ``read_as_background``; and ``background`` (background tokens read as background). Why: the LLM can only
+    answer from what the tokens carry; a shape at chance here caps every question that names a shape.
+    """
+    nearest = (torch.nn.functional.normalize(projected.float(), dim=-1)
+               @ torch.nn.functional.normalize(table.float(), dim=-1).T).argmax(-1)
+    bg = len(DESCRIPTIONS)
+    shows = codes < bg
+    pred, gold = nearest[shows].tolist(), codes[shows].tolist()
+    part = lambda i, k: DESCRIPTIONS[i][k] if i < bg else BACKGROUND  # noqa: E731
+    n = max(len(gold), 1)
+    return {"actor_tokens": float(len(gold)),
+            "description": sum(p == g for p, g in zip(pred, gold)) / n,
+            "colour": sum(part(p, 0) == part(g, 0) for p, g in zip(pred, gold)) / n,
+            "shape": sum(part(p, 1) == part(g, 1) for p, g in zip(pred, gold)) / n,
+            "read_as_background": sum(p == bg for p in pred) / n,
+            "background": float((nearest[~shows] == bg).float().mean())}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/demo-video-train")
@@ -308,6 +333,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rules", type=int, default=0,
                         help="instead of training: the image-blind and single-frame rules on this many test questions")
     parser.add_argument("--single-frame", type=int, default=0, help="with --rules: test questions for the single-frame rule")
+    parser.add_argument("--probe", action="store_true",
+                        help="instead of training: token_probe of the --work checkpoint's projector on the cached val features")
     args = parser.parse_args(argv)
     if args.rules:
         rules(args.rules, args.frames, single_frame=args.single_frame, out=Path(args.log) if args.log else None)
@@ -365,6 +392,18 @@ def main(argv=None) -> None:
 
     batcher = VideoBatcher(model, processor)
     ckpt, aligned = work / "checkpoint.pt", work / "aligned.pt"
+    if args.probe:
+        source = ckpt if ckpt.exists() else aligned
+        state = torch.load(source)
+        if source == ckpt:
+            model.load_state_dict(state["trainable"], strict=False)
+        else:
+            projector.load_state_dict(state)
+        val_codes = torch.stack([token_labels(s, size, cells)[0] for s, _ in val])
+        with torch.no_grad():
+            result = token_probe(projector(val_feats.flatten(1, 2).float()), val_codes, table)
+        print(json.dumps({"checkpoint": str(source), "step": state["step"] if source == ckpt else 0, **result}, indent=1))
+        return
     if not ckpt.exists() and not aligned.exists():
         print(f"stage 1: aligning video tokens to word embeddings, {args.align_steps} steps", flush=True)
         opt = torch.optim.AdamW(projector.parameters(), lr=args.align_lr, weight_decay=0.0)
