@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
@@ -138,3 +137,20 @@ def test_token_probe_hand_computed():
     assert got["shape"] == pytest.approx(1 / 3)
     assert got["read_as_background"] == pytest.approx(1 / 3)  # token 2
     assert got["background"] == 1.0
+
+
+def test_description_loss_prefers_the_right_description():
+    """A token on its own description's direction scores a lower loss than one on another description's;
+    background counts ``background_weight`` as much (hand-computed two-class case)."""
+    import math
+
+    from tokenprune.zoo.train_demo_video import description_loss
+
+    table = torch.eye(3)  # two descriptions and background
+    right = description_loss(table[[0]][None], torch.tensor([[0]]), table, scale=2.0)
+    wrong = description_loss(table[[1]][None], torch.tensor([[0]]), table, scale=2.0)
+    assert float(right) == pytest.approx(math.log(1 + 2 * math.exp(-2.0)), rel=1e-5)  # cos 1 vs two cos 0
+    assert float(wrong) == pytest.approx(math.log(2 + math.exp(2.0)), rel=1e-5)
+    # a background token (weight 0.2) right and a description token wrong: the weighted mean
+    both = description_loss(table[[2, 1]][None], torch.tensor([[2, 0]]), table, scale=2.0)
+    assert float(both) == pytest.approx((0.2 * float(right) + float(wrong)) / 1.2, rel=1e-5)
