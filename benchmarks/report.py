@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .results import ADAPTIVE, ratio_key, ratio_label
-from .stats import bootstrap_ci, paired_test, pareto_front
 from .categories import COLUMNS as CATEGORY_COLUMNS
 from .categories import category_rows, category_section
 from .difficult import add_difficult, difficult_section
+from .results import ADAPTIVE, ratio_key, ratio_label
+from .stats import bootstrap_ci, paired_test, pareto_front
 
 SUMMARY_COLUMNS = [
     "model", "task", "method", "ratio", "n", "n_skipped", "score", "score_ci_low", "score_ci_high", "tflops",

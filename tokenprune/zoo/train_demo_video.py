@@ -421,6 +421,9 @@ def main(argv=None) -> None:
     ckpt, aligned = work / "checkpoint.pt", work / "aligned.pt"
     if args.probe:
         source = ckpt if ckpt.exists() else aligned
+        if not source.exists():
+            raise SystemExit(f"--probe: {work} holds no aligned.pt or checkpoint.pt; run the training command "
+                             "with this --work first")
         state = torch.load(source)
         if source == ckpt:
             model.load_state_dict(state["trainable"], strict=False)
