@@ -7,7 +7,7 @@ For each candidate (features after DINOv2 block 4, 6 or 8; 2 x 2-pooled (16 toke
 ``shapes_video`` train videos and read on ``N_VAL`` val videos, labels from the scene descriptions
 (``token_labels``). It measures what the features hold, an upper bound for any projector trained on them.
 Result (300 / 120, ``probe_designs.json``): block 4 pooled reads shape on 0.64 of the actor tokens (chance 0.33),
-unpooled 0.79; blocks 6 and 8 add nothing. The demo's word-regression alignment read only 0.37 from the same
+unpooled 0.79; blocks 6 and 8 add little (pooled 0.69 / 0.66). The demo's word-regression alignment read only 0.37 from the same
 features (``--probe``), which is what ``--align-loss mse+ce`` fixes (0.70).
 """
 import json
