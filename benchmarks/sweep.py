@@ -177,7 +177,7 @@ def _run(cfg: SweepConfig, workers: Workers, log) -> Path:
         check_output_dir(cfg, out)
     runs = method_runs(cfg)
     scope = f" ({workers.describe()})" if workers.shard is not None else ""
-    log(f"tokenprune bench: {cfg.model} | tasks {', '.join(cfg.tasks)} | {len(runs)} method x ratio runs | "
+    log(f"tokenprune bench: {cfg.model}{'' if cfg.dtype == 'auto' else f' in {cfg.dtype}'} | tasks {', '.join(cfg.tasks)} | {len(runs)} method x ratio runs | "
         f"{work.total} sample-runs{scope}, {work.done_in_scope} already in {out}"
         + (f" | {workers.world} ranks" if workers.distributed else ""))
     if cfg.limit is not None:

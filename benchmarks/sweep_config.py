@@ -24,7 +24,10 @@ from .distributed import Shard
 from . import results
 
 DEFAULT_MODEL = "tokenprune-demo"
-DEFAULT_LIMIT = 150  # the default (demo) run, sized to finish in < 5 min on 2 CPU cores: a seeded subset; --limit all for whole splits
+# The default (demo) run, sized so that set-up + run finish in < 5 min on 2 CPU cores: a seeded subset
+# (--limit all for whole splits), at the two ratios where methods part (at 0.5 they all tie on the demo).
+DEFAULT_LIMIT = 200
+DEFAULT_RATIOS = (0.25, 0.1)
 REFERENCE = "none"  # the unpruned model, always run once at ratio 1.0
 # Fields that define what a sweep computes; a rerun in the same directory must match them.
 IDENTITY = ("model", "tasks", "methods", "ratios", "limit", "seed", "dtype", "position_policy", "max_new_tokens",
@@ -41,10 +44,14 @@ class SweepConfig:
             ``ratio`` (``fopru_rank:ratio=0.3``) is run once, at that ratio, instead of at every one of
             ``ratios``; a ratio-free method (``TokenPruner.uses_ratio`` false: ``scissor``, its count
             chosen per sample) is run once, without a ratio; the others run at each of ``ratios``.
-        limit: samples per task, a seeded subset (default 150; ``"all"`` / ``None``: whole splits);
+        limit: samples per task, a seeded subset (default 200; ``"all"`` / ``None``: whole splits);
             ``seed`` picks them and seeds the pruners with a ``seed`` option (``random``, ``scissor``)
             whose spec sets none.
         data_dir: local dataset copy: one folder, or ``{task: folder}``.
+        dtype: ``float32`` / ``bfloat16`` / ``float16``, or ``auto``: a hub checkpoint's own dtype, a zoo
+            model's :data:`~tokenprune.zoo.BENCH_DTYPE` (the demo: bfloat16 where the device computes it
+            natively, else float32); :func:`normalise` resolves a zoo model's ``auto``, so ``config.yaml``
+            records what ran.
         bootstrap: resamples for the confidence intervals.
         device_map: ``from_pretrained``'s ``device_map`` (``auto``: layers spread over the GPUs; under
             torchrun each rank over its own share of the node's GPUs). ``None``: the whole model on ``device``.
@@ -56,7 +63,7 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     tasks: list[str] = field(default_factory=lambda: ["shapes_scene"])  # the demo task that separates methods
     methods: list[str] = field(default_factory=lambda: ["fopru_rank", "fopru_row", "random", "pool", "fastv"])
-    ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
     limit: int | str | None = DEFAULT_LIMIT
     batch_size: int = 8
     seed: int = 0
@@ -179,6 +186,10 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
+    if cfg.dtype == "auto":  # a zoo model's own dtype (the demo: bfloat16 where native), recorded as resolved
+        from ..zoo import bench_dtype
+
+        cfg.dtype = bench_dtype(cfg.model, cfg.device)
     if cfg.wandb_mode not in (None, "online", "offline", "disabled"):
         raise OptionError(f"--wandb-mode must be one of online, offline, disabled; got {cfg.wandb_mode!r}")
     Shard.parse(cfg.shard)

@@ -251,10 +251,20 @@ def test_shipped_configs_parse(name):
     assert cfg.methods and cfg.ratios and cfg.tasks
 
 
-def test_defaults_are_the_demo_run():
+def test_defaults_are_the_demo_run(monkeypatch):
+    import tokenprune.zoo as zoo
+
     cfg = load_config(None, {})
-    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["shapes_scene"], 150, [0.5, 0.25, 0.1])
+    assert (cfg.model, cfg.tasks, cfg.limit, cfg.ratios) == ("tokenprune-demo", ["shapes_scene"], 200, [0.25, 0.1])
     assert load_config(None, {"limit": "all"}).limit is None
+    # --dtype auto: the demo in bfloat16 where the device computes it natively, float32 elsewhere; a
+    # model without a zoo dtype keeps "auto" (its checkpoint's own); an explicit dtype is never replaced
+    assert cfg.dtype == ("bfloat16" if zoo.native_bfloat16("auto") else "float32")
+    monkeypatch.setattr(zoo, "native_bfloat16", lambda device: device == "cpu")
+    assert load_config(None, {"device": "cpu"}).dtype == "bfloat16"
+    assert load_config(None, {"device": "cuda"}).dtype == "float32"
+    assert load_config(None, {"device": "cpu", "dtype": "float32"}).dtype == "float32"
+    assert load_config(None, {"device": "cpu", "model": "tiny-llava"}).dtype == "auto"
 
 
 def test_flags_override_config(tmp_path):

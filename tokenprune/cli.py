@@ -374,12 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--tasks", help="comma list, e.g. pope,gqa (default: shapes_scene; see `tokenprune list tasks`); "
                          "options as in a method spec, e.g. videomme:sampler=llava_onevision:frames=32")
     p_bench.add_argument("--methods", help="comma list of pruner specs, e.g. fopru_rank,fastv:k=3")
-    p_bench.add_argument("--ratios", help="comma list of retention ratios in (0, 1], e.g. 0.5,0.25,0.1")
-    p_bench.add_argument("--limit", help="samples per task, a seeded subset (default 150); 'all' for whole splits")
+    p_bench.add_argument("--ratios", help="comma list of retention ratios in (0, 1] (default 0.25,0.1), e.g. 0.5,0.25,0.1")
+    p_bench.add_argument("--limit", help="samples per task, a seeded subset (default 200); 'all' for whole splits")
     p_bench.add_argument("--batch-size", type=_int, help="default 8")
     p_bench.add_argument("--seed", type=_int)
     p_bench.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    p_bench.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
+    p_bench.add_argument("--dtype", help="auto (default: the checkpoint's own; the demo bfloat16 where the hardware "
+                         "computes it natively), float32, bfloat16, float16")
     p_bench.add_argument("--output", help="results folder (default runs/bench); a rerun resumes it")
     p_bench.add_argument("--config", help="YAML file with any of these options (flags win)")
     p_bench.add_argument("--data-dir", help="local dataset copy: a folder, or task=folder,task=folder")
