@@ -13,6 +13,7 @@ import math
 import netrc
 import os
 from collections import defaultdict
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -213,19 +214,19 @@ def _pinned_note(cfg) -> str:
     return f" ({'; '.join(pinned)})" if pinned else ""
 
 
-def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
-    """Markdown: paired tests between every two methods at the same ratio, per task (ratio-free
-    methods among themselves, under ``adaptive``)."""
+def paired_rows(cfg, tasks, rows: list[dict]) -> list[dict[str, Any]]:
+    """Every two methods at the same ratio, per task (ratio-free methods among themselves, ratio
+    ``None``): ``task, ratio, a, b, metric, diff, low, high, n, test, p`` -- the mean per-sample
+    difference ``a - b`` with its paired bootstrap CI, and the paired test."""
     from .sweep_config import run_ratios
 
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         groups[(r["task"], r["method"], ratio_key(r["ratio"]))][r["sample_id"]] = r
-    lines = []
+    out = []
     for task_name, task in tasks.items():
         for ratio in [*run_ratios(cfg), None]:  # pinned ratios (fopru_rank:ratio=0.3) too, then the ratio-free runs
             methods = [m for m in cfg.methods if (task_name, m, ratio) in groups]
-            pairs = []
             for i, a in enumerate(methods):
                 for b in methods[i + 1:]:
                     ga, gb = groups[(task_name, a, ratio)], groups[(task_name, b, ratio)]
@@ -237,16 +238,41 @@ def between_methods(cfg, tasks, rows: list[dict]) -> list[str]:
                     sb = np.array([float(gb[i]["scores"][metric]) for i in ids])
                     test, p = paired_test(sa.tolist(), sb.tolist())
                     diff, low, high = paired_difference(sa, sb, cfg.bootstrap, cfg.seed)
-                    pairs.append(f"| {a} | {b} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {len(ids)} | {test} | {p:.4g} |")
-            if pairs:
-                where = f"ratio {ratio:g}" if ratio is not None else f"{ADAPTIVE} (count chosen per sample)"
-                lines += [f"\n**{task_name}, {where}** (per-sample `{_sample_metric(task, rows)}`)\n",
-                          "| method A | method B | A - B [95% CI] | n | test | p |", "|---|---|---|---|---|---|", *pairs]
+                    out.append({"task": task_name, "ratio": ratio, "a": a, "b": b, "metric": metric, "diff": diff,
+                                "low": low, "high": high, "n": len(ids), "test": test, "p": p})
+    return out
+
+
+def between_methods(pairs: list[dict[str, Any]]) -> list[str]:
+    """Markdown: :func:`paired_rows` as one table per task and ratio."""
+    lines = []
+    for (task_name, ratio), group in groupby(pairs, key=lambda d: (d["task"], d["ratio"])):
+        group = list(group)
+        where = f"ratio {ratio:g}" if ratio is not None else f"{ADAPTIVE} (count chosen per sample)"
+        lines += [f"\n**{task_name}, {where}** (per-sample `{group[0]['metric']}`)\n",
+                  "| method A | method B | A - B [95% CI] | n | test | p |", "|---|---|---|---|---|---|",
+                  *(f"| {d['a']} | {d['b']} | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['n']} | "
+                    f"{d['test']} | {d['p']:.4g} |" for d in group)]
     if lines:
         lines.insert(0, "\nA - B: the mean per-sample difference on the samples both ran, with a 95% *paired* bootstrap "
                         "CI (the same samples resampled for both). Two methods whose own CIs overlap can still differ: "
                         "this interval, not the overlap, says whether they do.")
     return lines
+
+
+def paired_text(pairs: list[dict[str, Any]], most: int = 6) -> str:
+    """The paired differences as plain lines for the table a sweep prints, when there are at most
+    ``most`` of them (else a pointer to report.md, where all are)."""
+    if not pairs:
+        return ""
+    if len(pairs) > most:
+        return f"\n{len(pairs)} paired differences between methods at the same ratio: report.md"
+    lines = ["", "paired, same samples (A - B [95% bootstrap CI], test p):"]
+    for d in pairs:
+        where = f"r={d['ratio']:g}" if d["ratio"] is not None else ADAPTIVE
+        lines.append(f"  {d['task']}  {where}  {d['a']} - {d['b']}  {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                     f"  {d['test']} p={d['p']:.2g}  n={d['n']}")
+    return "\n".join(lines)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> tuple[float, float, float]:
@@ -308,7 +334,8 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
                       ", ".join(f"{p['method']}@{ratio_label(p['ratio'])} ({p['tflops']:.4g} TFLOPs, {p['score']:.4g})"
                                 for p in sorted(on_front, key=lambda p: p["tflops"])) + "\n")
         report.append(f"![{task_name}](pareto_{task_name}.png)\n")
-    report += ["## Paired tests between methods at the same ratio", *between_methods(cfg, tasks, rows), ""]
+    pairs = paired_rows(cfg, tasks, rows)
+    report += ["## Paired tests between methods at the same ratio", *between_methods(pairs), ""]
     by_category = category_rows(cfg, tasks, rows, _aggregate)
     if by_category:
         write_csv(out / "by_category.csv", by_category, CATEGORY_COLUMNS)
@@ -343,7 +370,7 @@ def write_reports(cfg, out: Path, tasks: dict, log=print, lvlm=None, gallery: bo
     if cfg.wandb_project:
         log_wandb(cfg, out, summary, front, tasks, pngs)
     table = _text_table(summary, shown)
-    return f"\n{table}\n\nresults: {out}/summary.csv, pareto.csv, report.md, pareto_<task>.png, samples.jsonl"
+    return f"\n{table}\n{paired_text(pairs)}\n\nresults: {out}/summary.csv, pareto.csv, report.md, pareto_<task>.png, samples.jsonl"
 
 
 def _kv_groups_text(rows: list[dict]) -> str:

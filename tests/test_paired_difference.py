@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tokenprune.benchmarks.report import between_methods, paired_difference
+from tokenprune.benchmarks.report import between_methods, paired_difference, paired_rows, paired_text
 from tokenprune.benchmarks.stats import bootstrap_ci
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +45,14 @@ def test_report_table_has_the_difference_column():
     rows = [{"task": "t", "method": m, "ratio": 0.25, "sample_id": str(i), "scores": {"accuracy": float(v)}}
             for m, scores in (("fopru_rank", a), ("fastv", b)) for i, v in enumerate(scores)]
     cfg = SimpleNamespace(methods=["fopru_rank", "fastv"], ratios=[0.25], bootstrap=200, seed=0)
-    text = "\n".join(between_methods(cfg, {"t": SimpleNamespace(headline="accuracy")}, rows))
+    pairs = paired_rows(cfg, {"t": SimpleNamespace(headline="accuracy")}, rows)
+    text = "\n".join(between_methods(pairs))
     diff = a.mean() - b.mean()
     assert "| method A | method B | A - B [95% CI] | n | test | p |" in text
     assert f"| fopru_rank | fastv | {diff:+.3f} [" in text and "| 40 | mcnemar |" in text
+    # the table a sweep prints carries the same line when there are few pairs, a pointer when many
+    (d,) = pairs
+    printed = paired_text(pairs)
+    assert f"t  r=0.25  fopru_rank - fastv  {diff:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]  mcnemar p=" in printed
+    assert paired_text(pairs * 7) == "\n7 paired differences between methods at the same ratio: report.md"
+    assert paired_text([]) == ""
