@@ -390,3 +390,24 @@ def test_demo_is_a_hugging_face_checkpoint():
     assert torch.equal(plain.model.language_model.rotary_emb.inv_freq, ours.model.language_model.rotary_emb.inv_freq)
     processor = AutoProcessor.from_pretrained(str(folder))
     assert processor.image_processor.size == {"shortest_edge": 224} and "<image>" in processor.tokenizer.get_vocab()
+
+
+def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens():
+    """The trainers' loss, computed on the answer positions only, equals the mean next-token
+    cross-entropy read off full logits at those positions (by hand, on a tiny LLaVA)."""
+    from tokenprune.zoo.train_demo import answer_loss
+
+    model = tp.load("tiny-llava").model
+    torch.manual_seed(0)
+    batch, length = 2, 7
+    embeds = torch.randn(batch, length, model.config.text_config.hidden_size)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    pos = torch.arange(length).expand(batch, length)
+    labels = torch.full((batch, length), -100)
+    labels[0, 5], labels[0, 6], labels[1, 6] = 3, 4, 9
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        logp = model.lm_head(hidden).float().log_softmax(-1)  # [B, L, V]; position t predicts token t + 1
+        expected = -(logp[0, 4, 3] + logp[0, 5, 4] + logp[1, 5, 9]) / 3
+        got = answer_loss(model, embeds, mask, labels, pos, bf16=False)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -149,6 +149,25 @@ def split_trained(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return projector, lora
 
 
+def finish_demo(model, tokenizer, weights: Path | None, what: str) -> None:
+    """The last steps of building a demo: its trained projector + LoRA from ``weights`` (``None``: a
+    seeded fresh projector, to train from scratch; a missing file: one line saying to reinstall), and
+    the tokenizer's pad id in the model's configs."""
+    from safetensors.torch import load_file
+
+    if weights is not None:
+        if not Path(weights).exists():
+            from ..errors import TokenpruneError
+
+            raise TokenpruneError(f"{what} weights {weights} are missing; reinstall tokenprune")
+        load_trained(model, load_file(str(weights)))
+    else:
+        torch.manual_seed(0)
+        model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
     """Load the trained parts: ``multi_modal_projector.*`` and LoRA pairs ``lora.<module>.down``
     ``[r, in]`` / ``lora.<module>.up`` ``[out, r]``, merged into the LLM's weights (``W += up @ down``)
@@ -213,17 +232,7 @@ def build_demo(projector: Path | None = WEIGHTS, cache: Path | None = None):
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(load_file(str(folder / "dinov2.safetensors")))
     load_language_model(model, folder, len(tokenizer))
-    if projector is not None:
-        if not Path(projector).exists():
-            from ..errors import TokenpruneError
-
-            raise TokenpruneError(f"demo projector weights {projector} are missing; reinstall tokenprune")
-        load_trained(model, load_file(str(projector)))
-    else:
-        torch.manual_seed(0)
-        model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    finish_demo(model, tokenizer, projector, "demo projector")
     if projector is not None:
         _save_checkpoint(model, processor, checkpoint_dir(projector, cache))
     return model.eval(), processor

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .demo import _convert_to_cache, cache_dir, load_language_model, load_trained
+from .demo import _convert_to_cache, cache_dir, finish_demo, load_language_model
 
 DEMO_VIDEO_NAME = "tokenprune-demo-video"
 FRAME_SIZE = 112  # px: 8 x 8 patches of 14 (give shapes_video size=112, so no resize)
@@ -101,10 +101,9 @@ def build_demo_video(weights: Path | None = WEIGHTS, cache: Path | None = None, 
         vision_layers: DINOv2 layers kept (1..12); the last one's output is the feature.
         pool_stride: average-pooling stride over a frame's patch grid.
     """
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
-    from ..errors import OptionError, TokenpruneError
+    from ..errors import OptionError
     from .convert import dinov2_config
 
     grid = frame_size // 14
@@ -134,13 +133,5 @@ def build_demo_video(weights: Path | None = WEIGHTS, cache: Path | None = None, 
     load_language_model(model, folder, len(tokenizer))  # two new tokens: <image>, <video>
     with torch.no_grad():
         model.model.image_newline.zero_()  # images only (unused by video); deterministic
-    if weights is not None:
-        if not Path(weights).exists():
-            raise TokenpruneError(f"demo video weights {weights} are missing; reinstall tokenprune")
-        load_trained(model, load_file(str(weights)))
-    else:
-        torch.manual_seed(0)
-        model.model.multi_modal_projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    finish_demo(model, tokenizer, weights, "demo video")
     return model.eval(), processor

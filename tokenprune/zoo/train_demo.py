@@ -337,6 +337,31 @@ def first_token_accuracy(model, batcher, feats, questions, batch: int = 32) -> f
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def answer_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                bf16: bool) -> torch.Tensor:
+    """Cross-entropy of the answer tokens (``labels`` ``[B, L]``, -100 elsewhere) given ``embeds``
+    ``[B, L, D]``. Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions):
+    the LM head over every position would cost more than the whole projector."""
+    target = labels[:, 1:]
+    where = target != -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                          position_ids=position_ids).last_hidden_state
+        logits = model.lm_head(out[:, :-1][where])
+    return torch.nn.functional.cross_entropy(logits.float(), target[where])
+
+
+def optimiser_step(loss: torch.Tensor, opt, sched, clip: list[torch.Tensor] | None = None) -> None:
+    """One update: gradients of ``loss`` (those of ``clip``, if given, clipped to norm 1), then the
+    optimiser and the schedule."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 def add_lora(language_model, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> None:
     """Low-rank adapters (peft) on the frozen LLM's ``targets`` (default: every attention and MLP
     projection), trainable.
@@ -394,10 +419,7 @@ def align(projector, feats: dict[int, torch.Tensor], targets: AlignmentTargets, 
     for step in range(1, steps + 1):
         chunk = rng.sample(ids, batch)
         loss = alignment_loss(projector(torch.stack([feats[i] for i in chunk]).float()), targets(chunk))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched)
         if step % 100 == 0 or step == steps:
             print(f"align step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
 
@@ -590,28 +612,16 @@ def main(argv=None) -> None:
             keep = [focal_subset(targets.labels[q[2]][1], args.focal_tokens, rng) for q in qs]
         projected = projector(torch.stack([train_feats[q[2]] for q in qs]).float())  # [B, 256, D], once
         embeds, mask, labels, pos_ids, _ = batcher(projected, [q[0] for q in qs], [q[1] for q in qs], keep)
-        # Vocabulary logits only where an answer token is predicted (2-3 of ~283 positions): the
-        # LM head over every position would cost more than the whole projector.
-        target = labels[:, 1:]
-        where = target != -100
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                              position_ids=pos_ids).last_hidden_state
-            answer_logits = model.lm_head(out[:, :-1][where])
-        answer_loss = torch.nn.functional.cross_entropy(answer_logits.float(), target[where])
-        loss = answer_loss + args.align_weight * alignment_loss(projected, targets([q[2] for q in qs]))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
-        sched.step()
+        loss_answer = answer_loss(model, embeds, mask, labels, pos_ids, args.bf16)
+        loss = loss_answer + args.align_weight * alignment_loss(projected, targets([q[2] for q in qs]))
+        optimiser_step(loss, opt, sched, list(trainable.values()))
         step += 1
         if step % 5 == 0:
-            print(f"step {step}/{args.steps} answer loss {answer_loss.item():.4f} total {loss.item():.4f} "
+            print(f"step {step}/{args.steps} answer loss {loss_answer.item():.4f} total {loss.item():.4f} "
                   f"lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / 5:.1f} s/step", flush=True)
             t0 = time.time()
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(step, answer_loss.item(), "answer")
+            acc = evaluate(step, loss_answer.item(), "answer")
             improved = acc > best
             best = max(best, acc)
             torch.save({"trainable": {n: p.detach().clone() for n, p in trainable.items()}, "opt": opt.state_dict(), "sched": sched.state_dict(),

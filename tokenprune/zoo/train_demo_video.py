@@ -43,7 +43,7 @@ import torch
 from ..benchmarks.tasks.base import SHORT_ANSWER
 from ..benchmarks.tasks.shapes_video import (ACTOR_COLOURS, KINDS, SHAPES, VideoScene, actor_mask,
                                               make_question, render)
-from .train_demo import add_lora, alignment_loss, trained_tensors, word_vector
+from .train_demo import add_lora, alignment_loss, answer_loss, optimiser_step, trained_tensors, word_vector
 
 BACKGROUND = "background"
 
@@ -442,10 +442,7 @@ def main(argv=None) -> None:
         for s in range(1, args.align_steps + 1):
             idx = rng.sample(range(len(train)), args.align_batch)
             loss = align_objective(projector(feats[idx].flatten(1, 2).float()), idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimiser_step(loss, opt, sched)
             if s % 100 == 0:
                 print(f"align step {s}/{args.align_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
         torch.save(projector.state_dict(), aligned)
@@ -500,25 +497,16 @@ def main(argv=None) -> None:
         projected = projector(feats[idx].flatten(1, 2).float())  # [B, T*m, D]
         embeds, mask, lab, pos, _ = batcher(projected, [train[i][1].question for i in idx],
                                             [train[i][1].answer for i in idx], keep)
-        target = lab[:, 1:]
-        where = target != -100
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-            logits = model.lm_head(out[:, :-1][where])
-        answer_loss = torch.nn.functional.cross_entropy(logits.float(), target[where])
-        loss = answer_loss + args.align_weight * align_objective(projected, idx)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
-        sched.step()
+        loss_answer = answer_loss(model, embeds, mask, lab, pos, args.bf16)
+        loss = loss_answer + args.align_weight * align_objective(projected, idx)
+        optimiser_step(loss, opt, sched, list(trainable.values()))
         step += 1
         if step % 5 == 0:
-            print(f"step {step}/{args.steps} answer loss {answer_loss.item():.4f} total {loss.item():.4f} "
+            print(f"step {step}/{args.steps} answer loss {loss_answer.item():.4f} total {loss.item():.4f} "
                   f"{(time.time() - t1) / 5:.1f} s/step", flush=True)
             t1 = time.time()
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(step, answer_loss.item(), "answer")
+            acc = evaluate(step, loss_answer.item(), "answer")
             improved = acc > best
             best = max(best, acc)
             torch.save({"trainable": {n: p.detach().clone() for n, p in trainable.items()}, "opt": opt.state_dict(),
