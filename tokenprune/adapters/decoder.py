@@ -442,6 +442,7 @@ class DecoderRunner:
         if replay is None and any(st.queries == "chosen" for st in stages):
             seq = replace(seq, chosen=self._choose_queries(pruner, seq, sample_ids))
         tokens, visual, rec, rec_select, view_key = [], [], None, None, None
+        counted, counts = None, None  # the masks the per-layer counts were taken of (held: not per layer), and those counts
         prev = None  # what layer i - 1 received, kept only when stage i asks for it (previous_hidden)
         # one dict per sample, carried from stage to stage of this forward (PruningInputs.memory)
         memory = [{} for _ in range(seq.mask.shape[0])] if replay is None else None
@@ -478,8 +479,10 @@ class DecoderRunner:
                 if i in at or key != view_key:
                     view_key = key
                     mask4, pe = self._reference_view(seq, decode, i, selecting)
-            tokens.append(seq.mask.sum(1))
-            visual.append((seq.image_mask & seq.mask).sum(1))
+            if counted is None or counted[0] is not seq.mask or counted[1] is not seq.image_mask:  # new only at a cut
+                counted, counts = (seq.mask, seq.image_mask), (seq.mask.sum(1), (seq.image_mask & seq.mask).sum(1))
+            tokens.append(counts[0])
+            visual.append(counts[1])
             nxt = stages[at[i + 1]] if replay is None and i + 1 in at else None
             # un-rotated scores are computed from what enters layer i (in _select), not recorded while it runs
             raw = nxt is not None and nxt.attention == "previous" and not nxt.rotary
