@@ -186,6 +186,13 @@ def normalise(cfg: SweepConfig) -> SweepConfig:
         raise OptionError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise OptionError(f"--dtype must be one of auto, float32, bfloat16, float16; got {cfg.dtype!r}")
+    if cfg.device != "auto":
+        import torch
+
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise OptionError(f"--device must be auto, cpu, cuda, cuda:N or another torch device; got {cfg.device!r}") from None
     if cfg.dtype == "auto":  # a zoo model's own dtype (the demo: bfloat16 where native), recorded as resolved
         from ..zoo import bench_dtype
 

@@ -215,6 +215,7 @@ def test_wandb_offline_table(pope_dir, tmp_path):
     (["--ratios", "0"], "each ratio must be a number in (0, 1]"),
     (["--tasks", "popee"], "unknown task 'popee'"),
     (["--dtype", "float8"], "--dtype must be one of"),
+    (["--device", "gpu0"], "--device must be auto, cpu, cuda, cuda:N"),
     (["--wandb-mode", "sometimes"], "--wandb-mode must be one of"),
     (["--config", "nope.yaml"], "config file nope.yaml does not exist; shipped configs: configs/ablations"),
     (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
@@ -265,6 +266,8 @@ def test_defaults_are_the_demo_run(monkeypatch):
     assert load_config(None, {"device": "cuda"}).dtype == "float32"
     assert load_config(None, {"device": "cpu", "dtype": "float32"}).dtype == "float32"
     assert load_config(None, {"device": "cpu", "model": "tiny-llava"}).dtype == "auto"
+    monkeypatch.undo()
+    assert not zoo.native_bfloat16("nonsense")  # left to the run's own one-line device check
 
 
 def test_flags_override_config(tmp_path):

@@ -46,7 +46,10 @@ def native_bfloat16(device: str = "auto") -> bool:
     a CUDA GPU that supports it, or a CPU with AVX512-BF16 / AMX (oneDNN's check)."""
     import torch
 
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    try:
+        kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    except RuntimeError:  # not a device string: the run's own device check says so, in one line
+        return False
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
