@@ -120,6 +120,26 @@ def test_token_labels_hand_computed():
     assert keep.tolist() == sorted(keep.tolist()) and 16 in keep.tolist() and len(keep) == 1 + 8 + 3
 
 
+def test_token_places_hand_computed():
+    """A square moving right 0.25 a frame from (0.125, 0.375) sits in cell (row 1, col 0) then (1, 1); the line at
+    x = 0.6 runs through column 2: its tokens carry (0.6, row centre); the rest none. Place words mix linearly."""
+    from tokenprune.benchmarks.tasks.shapes_video import Actor, VideoScene
+    from tokenprune.zoo.train_demo_video import place_vectors, token_places
+
+    actor = Actor("square", "red", 0.1, (0.125, 0.375), (0.25, 0.0), visible=((0, 2),))
+    scene = VideoScene(2, (240, 240, 240), (), (actor,), line=0.6)
+    places = token_places(scene, 112, 4).view(2, 16, 2)
+    assert places[0, 4].tolist() == pytest.approx([0.125, 0.375]) and places[1, 5].tolist() == pytest.approx([0.375, 0.375])
+    for t in range(2):
+        for row in range(4):
+            assert places[t, 4 * row + 2].tolist() == pytest.approx([0.6, (row + 0.5) / 4])
+    has = ~places[..., 0].isnan()
+    assert has.sum() == 2 * 5 and has[0, 4] and has[1, 5] and not has[0, 5] and not has[1, 4]
+    words = {w: torch.eye(4)[i] for i, w in enumerate(["left", "right", "up", "down"])}
+    vec = place_vectors(torch.tensor([[0.25, 1.0], [float("nan"), float("nan")]]), words)
+    assert vec.tolist() == [[0.375, 0.125, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]
+
+
 def test_token_probe_hand_computed():
     """Three actor tokens and one background token, projected onto one-hot rows of the word table: the first
     token reads its own description, the second the right colour with the wrong shape, the third background."""

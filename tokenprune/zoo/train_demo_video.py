@@ -130,6 +130,41 @@ def token_labels(scene: VideoScene, size: int, cells: int) -> tuple[torch.Tensor
     return torch.from_numpy(codes.reshape(-1)), torch.from_numpy(any_actor.reshape(-1))
 
 
+def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
+    """``[T*cells^2, 2]`` float: where each token's content is, in units of the frame's side, token order.
+
+    A token showing an actor (:func:`token_labels`' rule) gets that actor's centre ``(x, y)`` at its frame;
+    a token the ``crossings`` line runs through (and no actor) gets ``(line, its cell's centre y)``; every
+    other token ``nan``. Why: ``direction`` and ``crossings`` are about where the named object is, frame
+    after frame; the LLM reads a token's place in its frame only through its sequence position, which
+    a 135M model does not learn to decode from a few thousand videos. Saying the place in words (see
+    ``--place-weight``) makes "left early, right late" a comparison of words.
+    """
+    cover = cell_cover(scene, size, cells)  # [A, T, C]
+    total = cover.sum(-1, keepdims=True)
+    shows = ((cover * 4 >= np.maximum(total, 1)) & (cover > 0)) | ((cover == cover.max(-1, keepdims=True)) & (cover > 0))
+    weight = np.where(shows, cover, 0)
+    best, any_actor = weight.argmax(0), weight.max(0) > 0  # [T, C]
+    out = np.full((scene.frames, cells * cells, 2), np.nan)
+    if scene.line is not None:
+        col = min(cells - 1, int(scene.line * cells))
+        out[:, col::cells, 0] = scene.line
+        out[:, col::cells, 1] = (np.arange(cells) + 0.5) / cells
+    for t in range(scene.frames):
+        for c in np.nonzero(any_actor[t])[0]:
+            out[t, c] = scene.actors[best[t, c]].centre(t)
+    return torch.from_numpy(out.reshape(-1, 2)).float()
+
+
+def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[..., 2]`` places (``nan``: none) -> ``[..., D]``: ``((1-x) left + x right + (1-y) up + y down) / 2``,
+    zero where there is no place. The words are ``direction``'s answers, so "where it ends" and "which
+    way it moves" share a vocabulary."""
+    x, y = places[..., :1], places[..., 1:]
+    vec = ((1 - x) * words["left"] + x * words["right"] + (1 - y) * words["up"] + y * words["down"]) / 2
+    return torch.nan_to_num(vec, nan=0.0)
+
+
 def line_tokens(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     """``[T*cells^2] bool``: the cells the ``crossings`` line runs through (all False without a line)."""
     out = torch.zeros(scene.frames, cells, cells, dtype=torch.bool)
@@ -346,6 +381,8 @@ def main(argv=None) -> None:
     parser.add_argument("--align-weight", type=float, default=0.1)
     parser.add_argument("--align-loss", choices=["mse", "mse+ce"], default="mse",
                         help="alignment objective: MSE to the word targets, or that plus description_loss")
+    parser.add_argument("--place-weight", type=float, default=0.0,
+                        help="add this x the place words of token_places to every alignment target (0: none)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="LLM forward/backward and val under bf16 autocast")
@@ -390,12 +427,19 @@ def main(argv=None) -> None:
     lines = [line_tokens(s, size, cells) for s, _ in train]
     codes = torch.stack([c for c, _ in labels])  # [N, T*C]
     embed = model.model.language_model.embed_tokens
-    words = {w: word_vector(embed, processor.tokenizer, w) for w in [*ACTOR_COLOURS, *SHAPES, BACKGROUND]}
+    words = {w: word_vector(embed, processor.tokenizer, w)
+             for w in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
     table = torch.stack([(words[c] + words[s]) / 2 for c, s in DESCRIPTIONS] + [words[BACKGROUND]])  # [16, D]
     print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
 
+    places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
+
     def targets(idx: list[int]) -> torch.Tensor:
-        return table[codes[idx]]
+        """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
+        out = table[codes[idx]]
+        if places is not None:
+            out = out + args.place_weight * place_vectors(places[idx], words)
+        return out
 
     def align_objective(projected: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """The alignment loss of ``--align-loss`` for ``projected`` ``[B, T*m, D]`` of training videos ``idx``."""
