@@ -47,6 +47,20 @@ def test_pre_llm_per_view_calls_and_visionzip_weights():
         rec.kept("u", [4])
 
 
+def test_hybrid_pruner_in_llm_cut_chains_onto_its_pre_llm_selection():
+    """HoliTom / PruneVid: a pre-LLM selection (per view: view 0 keeps 0, 2 of 4; view 1 keeps 1 of 2 -> tokens 0, 2,
+    5), then an in-LLM cut (layer 2) on those three in sequence order: it keeps its 2 (token 5) and merges its 0
+    (token 0) into it. Stages chain back to the original tokens; token 2 is dropped, token 0 merged."""
+    rec = KeptRecorder(in_llm=False, calls=[
+        _Call(["h/0"], 0, 4, Reduction(indices=torch.tensor([[0, 2]]))),
+        _Call(["h/1"], 0, 2, Reduction(indices=torch.tensor([[1]]))),
+        _Call(["h"], 0, 3, Reduction(indices=torch.tensor([[2]]), merge_into=torch.tensor([[2, -1, -1]])), layer=2),
+    ])
+    kept = rec.kept("h", [4, 2])
+    assert [np.nonzero(s)[0].tolist() for s in kept.stages] == [[0, 2, 5], [5]]
+    assert np.nonzero(kept.merged)[0].tolist() == [0]
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 @pytest.mark.parametrize("spec", ["fopru_rank:ratio=0.25", "visionzip:ratio=0.25", "pool:ratio=0.25", "fastv:ratio=0.25",
                                   "pdrop:ratio=0.5:layers=1,2,3", "sparsevlm:ratio=0.25:layers=0,1,2"])

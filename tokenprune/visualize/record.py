@@ -132,6 +132,7 @@ class _Call:
     stage: int
     num_tokens: int
     reduction: Reduction
+    layer: int = 0  # in-LLM: the decoder layer that first sees the cut; 0 before the LLM
 
 
 @dataclass
@@ -190,18 +191,23 @@ class KeptRecorder:
         elif self.in_llm:
             out = self._in_llm(sample_id, sizes, _sequence_order(views))
         else:
-            out = self._pre_llm(sample_id, sizes)
+            out = self._pre_llm(sample_id, sizes, _sequence_order(views))
         if isinstance(views, ViewSizes):
             out.grids, out.frames, out.times = views.grids, views.frames, views.times
         return out
 
-    def _pre_llm(self, sample_id: str, views: list[int]) -> Kept:
+    def _pre_llm(self, sample_id: str, views: list[int], order: np.ndarray | None = None) -> Kept:
+        """Stage 0 (before the LLM) view by view; then, for a pruner that also cuts inside the LLM (HoliTom,
+        PruneVid: their later ``select`` calls have ``layer > 0``), those cuts on the tokens stage 0 left, in
+        sequence order (``order``: as :meth:`_in_llm`)."""
         n = sum(views)
         kept, merged = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         scores = np.full(n, np.nan)
         offsets = np.concatenate([[0], np.cumsum(views)]).astype(int)
         found = merging = False
         for call in self.calls:
+            if call.layer > 0:  # an in-LLM stage of a hybrid pruner: below, on what stage 0 kept
+                continue
             for row, sid in enumerate(call.sample_ids):
                 span = _span(sid, sample_id, offsets, views)
                 if span is None:
@@ -229,7 +235,26 @@ class KeptRecorder:
             found = True
         if not found:
             raise KeyError(f"the pruner was not called for sample {sample_id!r}")
-        return Kept(views=list(views), stages=[kept], merged=merged & ~kept,
+        stages = [kept]
+        later = sorted((c for c in self.calls if c.layer > 0 and sample_id in c.sample_ids),
+                       key=lambda c: (c.layer, c.stage))
+        if later:  # sequence order from here (what the LLM holds), back to view order at the end
+            to_seq = (lambda a: a) if order is None else (lambda a: a[order])
+            seq_merged = to_seq(merged)
+            current = np.nonzero(to_seq(kept))[0]
+            seq_stages = []
+            for call in later:
+                k, m, _ = _selection(call.reduction, call.sample_ids.index(sample_id), call.num_tokens)
+                real = np.arange(call.num_tokens) < len(current)  # tokens the LLM appended after ours: none here
+                step = np.zeros(n, dtype=bool)
+                step[current[np.nonzero(k & real)[0]]] = True
+                seq_merged[current[np.nonzero(m & real)[0]]] = True
+                seq_stages.append(step)
+                current = np.nonzero(step)[0]
+            back = (lambda a: a) if order is None else (lambda a: _unsort(a, order))
+            stages += [back(st) for st in seq_stages]
+            merged = back(seq_merged)
+        return Kept(views=list(views), stages=stages, merged=merged & ~stages[-1],
                     scores=None if np.isnan(scores).all() else scores)
 
     def _in_llm(self, sample_id: str, views: list[int], order: np.ndarray | None = None) -> Kept:
@@ -348,7 +373,7 @@ def record_kept(pruner: TokenPruner | None) -> Iterator[KeptRecorder | None]:
 
     def recording(inputs):
         red = select(inputs)
-        recorder.calls.append(_Call(list(inputs.sample_ids), inputs.stage, inputs.num_tokens, red))
+        recorder.calls.append(_Call(list(inputs.sample_ids), inputs.stage, inputs.num_tokens, red, inputs.layer))
         return red
 
     def recording_scores(inputs):
