@@ -287,3 +287,14 @@ def test_videos_of_unequal_length_in_one_batch_are_refused_in_one_line():
     with pytest.raises(tp.OptionError) as err:
         lvlm.prepare([clip(40), clip(40, frames=3)], PROMPTS[:2])
     assert "\n" not in str(err.value) and "frames" in str(err.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["tome", "flowcut"])
+def test_in_vision_pruner_on_video_is_refused_in_one_line(family, name):
+    """The video paths pool each frame's whole grid: a cut inside the tower cannot be honoured, and running
+    the frames uncut would report the unpruned model under the method's name (tome once did: 144 of 144 kept)."""
+    lvlm = lvlm_for(family)
+    with pytest.raises(tp.OptionError) as err:
+        lvlm.generate([clip(PIXELS[family])], PROMPTS[:1], pruner=tp.create_pruner(name, ratio=0.25), max_new_tokens=1)
+    assert "\n" not in str(err.value) and "do not run on videos" in str(err.value)

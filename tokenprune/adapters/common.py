@@ -130,6 +130,19 @@ def layer_index(layer: int, n_layers: int, what: str = "vision_layer") -> int:
     return layer % n_layers
 
 
+def refuse_in_vision_video(family: str, needs) -> None:
+    """Raise a one-line :class:`OptionError` when an in-vision pruner (``needs.in_vision``) meets a video.
+
+    Why: the video paths of the pooling families (LLaVA-NeXT-Video, LLaVA-OneVision) run every frame through
+    the tower whole and then pool its grid 2 x 2 (or bilinearly); a tower that dropped or merged patches
+    leaves no grid to pool, so the cut cannot be honoured -- and running the frames uncut would report an
+    unpruned model under the method's name."""
+    if needs is not None and needs.in_vision is not None:
+        raise OptionError(f"in-vision methods (tome, flowcut, mustdrop) cut inside the tower per image; the {family} "
+                          "video path pools every frame's whole grid, so they do not run on videos: use them on "
+                          "images, or a pre-LLM video method (e.g. fastvid, dycoke)")
+
+
 def vision_recorder(tower: nn.Module, needs, all_rows: bool = False):
     """A context recording the attention the pruner's ``needs`` ask for in ``tower`` (or a no-op).
 

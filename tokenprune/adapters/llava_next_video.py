@@ -30,7 +30,7 @@ import torch
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import VIDEO_TIMES, View
-from .common import vision_recorder
+from .common import refuse_in_vision_video, vision_recorder
 from .llava import image_spans
 from .llava_next import LlavaNextLVLM
 
@@ -107,6 +107,7 @@ class LlavaNextVideoLVLM(LlavaNextLVLM):
             raise OptionError("LLaVA-NeXT-Video with several vision_feature_layers is not supported; use one layer")
         inner = self.model.model
         tower = inner.vision_tower
+        refuse_in_vision_video(self.family, needs)
         pixels = batch["pixel_values_videos"]
         n_videos, t = pixels.shape[:2]
         weights = self.pooling_matrix() if needs.vision_attention_layer is not None else None  # refuse before the tower

@@ -58,7 +58,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from ..errors import OptionError
 from ..pruner import PrunerNeeds
 from .base import View
-from .common import eager_vision_attention, vision_recorder
+from .common import eager_vision_attention, refuse_in_vision_video, vision_recorder
 from .llava import image_spans
 from .llava_next import LlavaNextLVLM, _stitch
 from .base import VIDEO_TIMES
@@ -339,6 +339,7 @@ class LlavaOnevisionLVLM(LlavaNextLVLM):
         cfg = self.model.config
         inner = self.model.model
         tower = inner.vision_tower
+        refuse_in_vision_video(self.family, needs)
         pixels = batch["pixel_values_videos"]
         n_videos, t = pixels.shape[:2]
         with vision_recorder(tower, needs, all_rows=True) as rec:  # P A P^T needs every row
