@@ -122,7 +122,8 @@ def test_token_labels_hand_computed():
 
 def test_token_places_hand_computed():
     """A square moving right 0.25 a frame from (0.125, 0.375) sits in cell (row 1, col 0) then (1, 1); the line at
-    x = 0.6 runs through column 2: its tokens carry (0.6, row centre); the rest none. Place words mix linearly."""
+    x = 0.6 runs through column 2: its tokens carry (0.6, row centre); the rest their cell's centre. Place words
+    mix linearly, zero for no place."""
     from tokenprune.benchmarks.tasks.shapes_video import Actor, VideoScene
     from tokenprune.zoo.train_demo_video import place_vectors, token_places
 
@@ -133,8 +134,9 @@ def test_token_places_hand_computed():
     for t in range(2):
         for row in range(4):
             assert places[t, 4 * row + 2].tolist() == pytest.approx([0.6, (row + 0.5) / 4])
-    has = ~places[..., 0].isnan()
-    assert has.sum() == 2 * 5 and has[0, 4] and has[1, 5] and not has[0, 5] and not has[1, 4]
+    assert places[0, 0].tolist() == [0.125, 0.125] and places[0, 15].tolist() == [0.875, 0.875]
+    assert places[0, 5].tolist() == [0.375, 0.375] and places[1, 4].tolist() == [0.125, 0.375]  # empty cells
+    assert places[0, 3].tolist() == [0.875, 0.125]  # row 0, column 3
     words = {w: torch.eye(4)[i] for i, w in enumerate(["left", "right", "up", "down"])}
     vec = place_vectors(torch.tensor([[0.25, 1.0], [float("nan"), float("nan")]]), words)
     assert vec.tolist() == [[0.375, 0.125, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]

@@ -135,7 +135,7 @@ def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
 
     A token showing an actor (:func:`token_labels`' rule) gets that actor's centre ``(x, y)`` at its frame;
     a token the ``crossings`` line runs through (and no actor) gets ``(line, its cell's centre y)``; every
-    other token ``nan``. Why: ``direction`` and ``crossings`` are about where the named object is, frame
+    other token its cell's centre. Why: ``direction`` and ``crossings`` are about where the named object is, frame
     after frame; the LLM reads a token's place in its frame only through its sequence position, which
     a 135M model does not learn to decode from a few thousand videos. Saying the place in words (see
     ``--place-weight``) makes "left early, right late" a comparison of words.
@@ -145,11 +145,12 @@ def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     shows = ((cover * 4 >= np.maximum(total, 1)) & (cover > 0)) | ((cover == cover.max(-1, keepdims=True)) & (cover > 0))
     weight = np.where(shows, cover, 0)
     best, any_actor = weight.argmax(0), weight.max(0) > 0  # [T, C]
-    out = np.full((scene.frames, cells * cells, 2), np.nan)
+    centre = (np.arange(cells) + 0.5) / cells
+    out = np.stack(np.meshgrid(centre, centre, indexing="xy"), -1).reshape(1, cells * cells, 2)  # (x, y) row-major
+    out = np.repeat(out, scene.frames, 0)
     if scene.line is not None:
         col = min(cells - 1, int(scene.line * cells))
         out[:, col::cells, 0] = scene.line
-        out[:, col::cells, 1] = (np.arange(cells) + 0.5) / cells
     for t in range(scene.frames):
         for c in np.nonzero(any_actor[t])[0]:
             out[t, c] = scene.actors[best[t, c]].centre(t)
