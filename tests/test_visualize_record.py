@@ -61,6 +61,24 @@ def test_hybrid_pruner_in_llm_cut_chains_onto_its_pre_llm_selection():
     assert np.nonzero(kept.merged)[0].tolist() == [0]
 
 
+def test_token_weights_say_which_tokens_were_kept_and_which_merged():
+    """HoloV-style output (indices 0..k-1, one-hot rows for tokens 4 and 1, a zero pad row): tokens 1 and 4 kept,
+    nothing merged. A pool-style row averaging 0, 2, 3 at position 2: 2 kept (its position), 0 and 3 merged."""
+    onehot = torch.zeros(1, 3, 6)
+    onehot[0, 0, 4] = onehot[0, 1, 1] = 1.0
+    rec = KeptRecorder(in_llm=False, calls=[_Call(["v"], 0, 6, Reduction(
+        indices=torch.tensor([[0, 1, 2]]), tokens=torch.zeros(1, 3, 2), token_weights=onehot))])
+    kept = rec.kept("v", [6])
+    assert np.nonzero(kept.stages[0])[0].tolist() == [1, 4] and not kept.merged.any()
+    pooled = torch.zeros(1, 2, 6)
+    pooled[0, 0, [0, 2, 3]] = 1 / 3
+    pooled[0, 1, 5] = 1.0
+    rec = KeptRecorder(in_llm=False, calls=[_Call(["p"], 0, 6, Reduction(
+        indices=torch.tensor([[2, 5]]), tokens=torch.zeros(1, 2, 2), token_weights=pooled))])
+    kept = rec.kept("p", [6])
+    assert np.nonzero(kept.stages[0])[0].tolist() == [2, 5] and np.nonzero(kept.merged)[0].tolist() == [0, 3]
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 @pytest.mark.parametrize("spec", ["fopru_rank:ratio=0.25", "visionzip:ratio=0.25", "pool:ratio=0.25", "fastv:ratio=0.25",
                                   "pdrop:ratio=0.5:layers=1,2,3", "sparsevlm:ratio=0.25:layers=0,1,2"])

@@ -341,9 +341,15 @@ def _selection(red: Reduction, row: int, size: int) -> tuple[np.ndarray, np.ndar
         one_hot = (w > 0).sum(1) == 1
         kept[w[one_hot].argmax(1)] = True
         merged[(w[~one_hot] > 0).any(0)] = True
+    elif red.token_weights is not None:  # new tokens with their sources: one-source rows keep a token
+        w = red.token_weights[row].float().cpu().numpy()[:, :size] != 0  # [k, N]
+        one = w.sum(1) == 1
+        kept[w[one].argmax(1)] = True  # HoloV, FastVID's salient tokens: kept as they were
+        kept[red.indices[row].cpu().numpy()[~one & w.any(1)]] = True  # a merged row's own position (pool's)
+        merged[w[~one].any(0)] = True  # zero rows (HoloV's pads) hold no token
     else:
         kept[red.indices[row].cpu().numpy()] = True
-        if red.tokens is not None:  # a merging pruner (pool): every token went into some new token
+        if red.tokens is not None:  # a merging pruner without weights: every token went into some new token
             merged[:] = True
     if red.merge_weights is not None:  # SparseVLM's recycled tokens
         merged |= (red.merge_weights[row] > 0).any(0).cpu().numpy()
