@@ -246,7 +246,9 @@ def test_bad_yaml_is_one_line(tmp_path):
 @pytest.mark.parametrize("name", ["configs/default.yaml", "configs/ablations/fopru_rank_vs_row.yaml",
                                   "configs/ablations/fopru_vision_layer.yaml", "configs/ablations/fopru_score_axis.yaml",
                                   "configs/ablations/fastv_k_r_grid.yaml", "configs/ablations/position_policy.yaml",
-                                  "configs/demo_shapes_scene.yaml"])
+                                  "configs/demo_shapes_scene.yaml", "configs/demo_shapes_video.yaml",
+                                  "configs/demo_difficult.yaml", "configs/evidence_tiny_qwen2_vl.yaml",
+                                  "configs/evidence_tiny_llava_onevision.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_config(name, {})
     assert cfg.methods and cfg.ratios and cfg.tasks
