@@ -240,18 +240,8 @@ class KeptRecorder:
                        key=lambda c: (c.layer, c.stage))
         if later:  # sequence order from here (what the LLM holds), back to view order at the end
             to_seq = (lambda a: a) if order is None else (lambda a: a[order])
-            seq_merged = to_seq(merged)
-            current = np.nonzero(to_seq(kept))[0]
-            seq_stages = []
-            for call in later:
-                k, m, _ = _selection(call.reduction, call.sample_ids.index(sample_id), call.num_tokens)
-                real = np.arange(call.num_tokens) < len(current)  # tokens the LLM appended after ours: none here
-                step = np.zeros(n, dtype=bool)
-                step[current[np.nonzero(k & real)[0]]] = True
-                seq_merged[current[np.nonzero(m & real)[0]]] = True
-                seq_stages.append(step)
-                current = np.nonzero(step)[0]
             back = (lambda a: a) if order is None else (lambda a: _unsort(a, order))
+            seq_stages, seq_merged, _ = _chain(later, sample_id, np.nonzero(to_seq(kept))[0], to_seq(merged))
             stages += [back(st) for st in seq_stages]
             merged = back(seq_merged)
         return Kept(views=list(views), stages=stages, merged=merged & ~stages[-1],
@@ -261,23 +251,8 @@ class KeptRecorder:
         """``order[j]``: the view-order index of the sample's ``j``-th visual token in sequence order
         (``None``: the same)."""
         n = sum(views)
-        current = np.arange(n)  # sequence-order index of each visual token entering the next stage
-        stages, merged, scores = [], np.zeros(n, dtype=bool), None
-        for call in sorted(self.calls, key=lambda c: c.stage):
-            if sample_id not in call.sample_ids:
-                continue
-            row = call.sample_ids.index(sample_id)
-            red = call.reduction
-            size = call.num_tokens
-            k, m, s = _selection(red, row, size)
-            real = np.arange(size) < len(current)  # later stages: merged tokens follow the kept ones
-            kept = np.zeros(n, dtype=bool)
-            kept[current[np.nonzero(k & real)[0]]] = True
-            merged[current[np.nonzero(m & real)[0]]] = True
-            if scores is None and s is not None and call.stage == 0:
-                scores = s[:n]
-            stages.append(kept)
-            current = np.nonzero(kept)[0]
+        mine = sorted((c for c in self.calls if sample_id in c.sample_ids), key=lambda c: c.stage)
+        stages, merged, scores = _chain(mine, sample_id, np.arange(n), np.zeros(n, dtype=bool))
         if not stages:
             raise KeyError(f"the pruner was not called for sample {sample_id!r}")
         if order is not None:  # sequence order -> view order
@@ -285,6 +260,26 @@ class KeptRecorder:
             merged = _unsort(merged, order)
             scores = None if scores is None else _unsort(scores, order)
         return Kept(views=list(views), stages=stages, merged=merged & ~stages[-1], scores=scores)
+
+
+def _chain(calls: Sequence[_Call], sample_id: str, current: np.ndarray,
+           merged: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """In-LLM cuts in order, each on the tokens the previous one left: ``current`` holds the sequence-order
+    indices of the tokens entering the first cut, ``merged`` ``[n]`` (updated in place) what was merged so far.
+    Returns ``(kept mask [n] after each cut, merged, the first cut's scores if it is stage 0)``."""
+    n = len(merged)
+    stages, scores = [], None
+    for call in calls:
+        k, m, s = _selection(call.reduction, call.sample_ids.index(sample_id), call.num_tokens)
+        real = np.arange(call.num_tokens) < len(current)  # later stages: merged tokens follow the kept ones
+        kept = np.zeros(n, dtype=bool)
+        kept[current[np.nonzero(k & real)[0]]] = True
+        merged[current[np.nonzero(m & real)[0]]] = True
+        if scores is None and s is not None and call.stage == 0:
+            scores = s[:n]
+        stages.append(kept)
+        current = np.nonzero(kept)[0]
+    return stages, merged, scores
 
 
 def _from_members(sizes: list[int], members: Sequence[Any]) -> Kept:

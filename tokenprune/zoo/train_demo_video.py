@@ -108,6 +108,18 @@ def cell_cover(scene: VideoScene, size: int, cells: int) -> np.ndarray:
 DESCRIPTIONS = [(c, s) for c in ACTOR_COLOURS for s in SHAPES]  # code i; code len() = background
 
 
+def covering_actor(scene: VideoScene, size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(best [T, cells^2] actor index, shows_actor [T, cells^2] bool)``: a cell shows an actor when it holds at
+    least a quarter of the actor's pixels in that frame (or is the cell with most of them); ``best`` is the
+    actor with most pixels there (meaningful where ``shows_actor``)."""
+    cover = cell_cover(scene, size, cells)  # [A, T, C]
+    total = cover.sum(-1, keepdims=True)
+    shows = (cover * 4 >= np.maximum(total, 1)) & (cover > 0)
+    shows |= (cover == cover.max(-1, keepdims=True)) & (cover > 0)
+    weight = np.where(shows, cover, 0)  # [A, T, C]
+    return weight.argmax(0), weight.max(0) > 0
+
+
 def token_labels(scene: VideoScene, size: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes [T*cells^2] long, shows_actor [T*cells^2] bool)`` in token order (frame-major).
 
@@ -115,13 +127,7 @@ def token_labels(scene: VideoScene, size: int, cells: int) -> tuple[torch.Tensor
     frame (or is the cell with most of them); its code is the description (colour at that frame,
     shape) of the actor with most pixels there, :data:`DESCRIPTIONS` index; else background.
     """
-    cover = cell_cover(scene, size, cells)  # [A, T, C]
-    total = cover.sum(-1, keepdims=True)
-    shows = (cover * 4 >= np.maximum(total, 1)) & (cover > 0)
-    shows |= (cover == cover.max(-1, keepdims=True)) & (cover > 0)
-    weight = np.where(shows, cover, 0)  # [A, T, C]
-    best = weight.argmax(0)  # [T, C]
-    any_actor = weight.max(0) > 0
+    best, any_actor = covering_actor(scene, size, cells)
     codes = np.full(best.shape, len(DESCRIPTIONS))
     for t in range(scene.frames):
         for c in np.nonzero(any_actor[t])[0]:
@@ -140,11 +146,7 @@ def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     a 135M model does not learn to decode from a few thousand videos. Saying the place in words (see
     ``--place-weight``) makes "left early, right late" a comparison of words.
     """
-    cover = cell_cover(scene, size, cells)  # [A, T, C]
-    total = cover.sum(-1, keepdims=True)
-    shows = ((cover * 4 >= np.maximum(total, 1)) & (cover > 0)) | ((cover == cover.max(-1, keepdims=True)) & (cover > 0))
-    weight = np.where(shows, cover, 0)
-    best, any_actor = weight.argmax(0), weight.max(0) > 0  # [T, C]
+    best, any_actor = covering_actor(scene, size, cells)
     centre = (np.arange(cells) + 0.5) / cells
     out = np.stack(np.meshgrid(centre, centre, indexing="xy"), -1).reshape(1, cells * cells, 2)  # (x, y) row-major
     out = np.repeat(out, scene.frames, 0)
