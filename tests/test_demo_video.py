@@ -142,6 +142,42 @@ def test_token_places_hand_computed():
     assert vec.tolist() == [[0.375, 0.125, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]
 
 
+def test_aux_questions_hand_computed():
+    """A red circle moving right from x 0.2 to 0.65 (y 0.3), a blue square shown in frames 2, 3, 6 at (0.55, 0.8),
+    a green triangle that turns yellow (never asked about), a line at x = 0.4: each one-frame read by hand."""
+    import random
+
+    from tokenprune.benchmarks.tasks.shapes_video import Actor, VideoScene
+    from tokenprune.zoo.train_demo_video import aux_questions, pick_aux
+
+    every = ((0, 10),)
+    mover = Actor("circle", "red", 0.1, (0.2, 0.3), (0.05, 0.0), visible=every)
+    flasher = Actor("square", "blue", 0.1, (0.55, 0.8), visible=((2, 4), (6, 7)))
+    changer = Actor("triangle", "green", 0.1, (0.8, 0.2), visible=every, change=(5, "yellow"))
+    scene = VideoScene(10, (240, 240, 240), (), (mover, flasher, changer), line=0.4)
+    got = sorted(aux_questions(scene))
+    want = sorted([
+        ("is the red circle on the left or the right at the start?", "left", "aux_x"),
+        ("is the red circle on the left or the right at the end?", "right", "aux_x"),
+        ("is the red circle at the top or the bottom at the start?", "top", "aux_y"),
+        ("is the red circle at the top or the bottom at the end?", "top", "aux_y"),
+        ("is the red circle left or right of the line at the start?", "left", "aux_line"),
+        ("is the red circle left or right of the line at the end?", "right", "aux_line"),
+        # x = 0.55 is within the margin of the middle: no left / right question
+        ("is the blue square at the top or the bottom at the start?", "bottom", "aux_y"),
+        ("is the blue square at the top or the bottom at the end?", "bottom", "aux_y"),
+        ("is the blue square left or right of the line at the start?", "right", "aux_line"),
+        ("is the blue square left or right of the line at the end?", "right", "aux_line"),
+        ("in how many frames is the blue square shown?", "3", "aux_frames"),
+    ])
+    assert got == want
+    draw = pick_aux(got)
+    kinds = [draw(random.Random(i))[2] for i in range(400)]
+    assert {k: kinds.count(k) / 400 for k in set(kinds)} == pytest.approx(
+        {"aux_x": 0.25, "aux_y": 0.25, "aux_line": 0.25, "aux_frames": 0.25}, abs=0.06)
+    assert pick_aux([]) is None
+
+
 def test_token_probe_hand_computed():
     """Three actor tokens and one background token, projected onto one-hot rows of the word table: the first
     token reads its own description, the second the right colour with the wrong shape, the third background."""

@@ -168,6 +168,61 @@ def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor]) -> torch
     return torch.nan_to_num(vec, nan=0.0)
 
 
+AUX_MARGIN = 0.08  # a place this close to the middle (or to the line) is not asked about: too close to call
+
+
+def aux_questions(scene: VideoScene) -> list[tuple[str, str, str]]:
+    """``[(question, answer, kind)]``: one-frame reads of the scene that the temporal kinds are built from.
+
+    Why: ``direction`` is "where at the start" against "where at the end", ``crossings`` is which side of
+    the line, frame after frame, and ``count_flashes`` is in how many frames an object shows. Asked on
+    their own (same scenes, same cached features), each needs one read of one place or a count of
+    frames, so the LoRA can learn the reads before it must compose them. Only actors named by one
+    colour and shape through the whole video are asked about (a colour changer is not), and no place
+    within :data:`AUX_MARGIN` of the middle or the line. Kinds: ``aux_x``, ``aux_y``, ``aux_line``,
+    ``aux_frames``.
+    """
+    shows: dict[tuple[str, str], int] = {}
+    for a in scene.actors:
+        for key in {(c, a.shape) for c in a.colours()}:
+            shows[key] = shows.get(key, 0) + 1
+    out = []
+    for a in scene.actors:
+        if a.change is not None or shows[(a.colour, a.shape)] > 1:
+            continue
+        frames = [t for t in range(scene.frames) if a.is_visible(t)]
+        if not frames:
+            continue
+        name = f"{a.colour} {a.shape}"
+        for when, t in (("start", frames[0]), ("end", frames[-1])):
+            x, y = a.centre(t)
+            if abs(x - 0.5) >= AUX_MARGIN:
+                out.append((f"is the {name} on the left or the right at the {when}?", "left" if x < 0.5 else "right",
+                            "aux_x"))
+            if abs(y - 0.5) >= AUX_MARGIN:
+                out.append((f"is the {name} at the top or the bottom at the {when}?", "top" if y < 0.5 else "bottom",
+                            "aux_y"))
+            if scene.line is not None and abs(x - scene.line) >= AUX_MARGIN:
+                out.append((f"is the {name} left or right of the line at the {when}?",
+                            "left" if x < scene.line else "right", "aux_line"))
+        if len(frames) < min(10, scene.frames):  # "10" would share its first token with "1"
+            out.append((f"in how many frames is the {name} shown?", str(len(frames)), "aux_frames"))
+    return out
+
+
+def pick_aux(items: list[tuple[str, str, str]]):
+    """A sampler over ``items`` that first draws a kind uniformly, then a question of it (``None`` if empty):
+    a scene's static actors give many place questions, and a kind-first draw keeps the rarer ones
+    (the line, frame counts) from being swamped."""
+    if not items:
+        return None
+    by_kind: dict[str, list[tuple[str, str, str]]] = {}
+    for it in items:
+        by_kind.setdefault(it[2], []).append(it)
+    kinds = sorted(by_kind)
+    return lambda rng: rng.choice(by_kind[rng.choice(kinds)])
+
+
 def line_tokens(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     """``[T*cells^2] bool``: the cells the ``crossings`` line runs through (all False without a line)."""
     out = torch.zeros(scene.frames, cells, cells, dtype=torch.bool)
@@ -386,6 +441,8 @@ def main(argv=None) -> None:
                         help="alignment objective: MSE to the word targets, or that plus description_loss")
     parser.add_argument("--place-weight", type=float, default=0.0,
                         help="add this x the place words of token_places to every alignment target (0: none)")
+    parser.add_argument("--aux-share", type=float, default=0.0,
+                        help="share of answer-stage questions swapped for one of the same scene's aux_questions")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="LLM forward/backward and val under bf16 autocast")
@@ -436,6 +493,12 @@ def main(argv=None) -> None:
     print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
 
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
+    aux = [pick_aux(aux_questions(s)) for s, _ in train] if args.aux_share else None
+    val_aux = []  # one aux question a val scene, seeded by its index: logged, never used to pick a checkpoint
+    for i, (scene, _) in enumerate(val if args.aux_share else []):
+        draw = pick_aux(aux_questions(scene))
+        if draw is not None:
+            val_aux.append((i, *draw(random.Random(i))))
 
     def targets(idx: list[int]) -> torch.Tensor:
         """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
@@ -456,12 +519,14 @@ def main(argv=None) -> None:
         items = [(i, q.question, q.answer, q.kind) for i, (_, q) in enumerate(val)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             acc, per_kind = first_token_accuracy(model, batcher, val_feats, items)
+            aux_acc, aux_kind = first_token_accuracy(model, batcher, val_feats, val_aux) if args.aux_share else (None, {})
         projector.train()
         with log_path.open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, "loss": loss, "val_first_token_acc": acc,
-                                "per_kind": per_kind, "time": time.strftime("%H:%M:%S")}) + "\n")
+                                "per_kind": per_kind, "aux_acc": aux_acc, "aux_per_kind": aux_kind,
+                                "time": time.strftime("%H:%M:%S")}) + "\n")
         print(f"eval step {step}: val first-token accuracy {acc:.3f} " +
-              " ".join(f"{k} {v:.2f}" for k, v in per_kind.items()), flush=True)
+              " ".join(f"{k} {v:.2f}" for k, v in {**per_kind, **aux_kind}.items()), flush=True)
         return acc
 
     batcher = VideoBatcher(model, processor)
@@ -541,9 +606,12 @@ def main(argv=None) -> None:
         if is_short(step):
             rng = random.Random(args.seed * 1_000_003 + step)
             keep = [focal_tokens(labels[i][1], lines[i], args.focal_others, rng) for i in idx]
+        qa = [(train[i][1].question, train[i][1].answer) for i in idx]
+        if aux is not None:  # the same scene, a one-frame read instead of its question
+            rng_aux = random.Random(args.seed * 7_000_003 + step)
+            qa = [aux[i](rng_aux)[:2] if aux[i] and rng_aux.random() < args.aux_share else x for i, x in zip(idx, qa)]
         projected = projector(feats[idx].flatten(1, 2).float())  # [B, T*m, D]
-        embeds, mask, lab, pos, _ = batcher(projected, [train[i][1].question for i in idx],
-                                            [train[i][1].answer for i in idx], keep)
+        embeds, mask, lab, pos, _ = batcher(projected, [x[0] for x in qa], [x[1] for x in qa], keep)
         loss_answer = answer_loss(model, embeds, mask, lab, pos, args.bf16)
         loss = loss_answer + args.align_weight * align_objective(projected, idx)
         optimiser_step(loss, opt, sched, list(trainable.values()))
