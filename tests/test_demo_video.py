@@ -140,6 +140,8 @@ def test_token_places_hand_computed():
     words = {w: torch.eye(4)[i] for i, w in enumerate(["left", "right", "up", "down"])}
     vec = place_vectors(torch.tensor([[0.25, 1.0], [float("nan"), float("nan")]]), words)
     assert vec.tolist() == [[0.375, 0.125, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]
+    halves = place_vectors(torch.tensor([[0.25, 1.0], [0.5, 0.49], [float("nan"), float("nan")]]), words, halves=True)
+    assert halves.tolist() == [[0.5, 0.0, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]
 
 
 def test_aux_questions_hand_computed():

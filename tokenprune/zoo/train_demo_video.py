@@ -159,11 +159,14 @@ def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     return torch.from_numpy(out.reshape(-1, 2)).float()
 
 
-def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor]) -> torch.Tensor:
+def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor], halves: bool = False) -> torch.Tensor:
     """``[..., 2]`` places (``nan``: none) -> ``[..., D]``: ``((1-x) left + x right + (1-y) up + y down) / 2``,
     zero where there is no place. The words are ``direction``'s answers, so "where it ends" and "which
-    way it moves" share a vocabulary."""
+    way it moves" share a vocabulary. ``halves``: x and y rounded to 0 / 1 at the middle first, so a token
+    names one side (``left`` or ``right``, ``up`` or ``down``) as it names one colour."""
     x, y = places[..., :1], places[..., 1:]
+    if halves:
+        x, y = torch.where(x.isnan(), x, (x >= 0.5).to(x.dtype)), torch.where(y.isnan(), y, (y >= 0.5).to(y.dtype))
     vec = ((1 - x) * words["left"] + x * words["right"] + (1 - y) * words["up"] + y * words["down"]) / 2
     return torch.nan_to_num(vec, nan=0.0)
 
@@ -439,6 +442,8 @@ def main(argv=None) -> None:
     parser.add_argument("--align-weight", type=float, default=0.1)
     parser.add_argument("--align-loss", choices=["mse", "mse+ce"], default="mse",
                         help="alignment objective: MSE to the word targets, or that plus description_loss")
+    parser.add_argument("--place-halves", action="store_true",
+                        help="place words by side (left or right, up or down of the middle), not mixed by x and y")
     parser.add_argument("--place-weight", type=float, default=0.0,
                         help="add this x the place words of token_places to every alignment target (0: none)")
     parser.add_argument("--aux-share", type=float, default=0.0,
@@ -504,7 +509,7 @@ def main(argv=None) -> None:
         """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
         out = table[codes[idx]]
         if places is not None:
-            out = out + args.place_weight * place_vectors(places[idx], words)
+            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves)
         return out
 
     def align_objective(projected: torch.Tensor, idx: list[int]) -> torch.Tensor:
