@@ -444,10 +444,14 @@ def main(argv=None) -> None:
                         help="alignment objective: MSE to the word targets, or that plus description_loss")
     parser.add_argument("--place-halves", action="store_true",
                         help="place words by side (left or right, up or down of the middle), not mixed by x and y")
+    parser.add_argument("--place-actors-only", action="store_true",
+                        help="place words on the tokens that show an actor only (the others carry none)")
     parser.add_argument("--place-weight", type=float, default=0.0,
                         help="add this x the place words of token_places to every alignment target (0: none)")
     parser.add_argument("--aux-share", type=float, default=0.0,
                         help="share of answer-stage questions swapped for one of the same scene's aux_questions")
+    parser.add_argument("--aux-kinds", default=None,
+                        help="comma-separated aux kinds to ask (default: all of aux_questions' kinds)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="LLM forward/backward and val under bf16 autocast")
@@ -498,10 +502,17 @@ def main(argv=None) -> None:
     print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
 
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
-    aux = [pick_aux(aux_questions(s)) for s, _ in train] if args.aux_share else None
+    if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
+        places[~torch.stack([shows for _, shows in labels])] = float("nan")
+    aux_kinds = set(args.aux_kinds.split(",")) if args.aux_kinds else None
+
+    def scene_aux(scene: VideoScene) -> list[tuple[str, str, str]]:
+        return [x for x in aux_questions(scene) if aux_kinds is None or x[2] in aux_kinds]
+
+    aux = [pick_aux(scene_aux(s)) for s, _ in train] if args.aux_share else None
     val_aux = []  # one aux question a val scene, seeded by its index: logged, never used to pick a checkpoint
     for i, (scene, _) in enumerate(val if args.aux_share else []):
-        draw = pick_aux(aux_questions(scene))
+        draw = pick_aux(scene_aux(scene))
         if draw is not None:
             val_aux.append((i, *draw(random.Random(i))))
 
