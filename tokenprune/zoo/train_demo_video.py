@@ -35,13 +35,15 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..benchmarks.tasks.base import SHORT_ANSWER
-from ..benchmarks.tasks.shapes_video import (ACTOR_COLOURS, KINDS, SHAPES, VideoScene, actor_mask,
+from ..benchmarks.tasks.shapes_video import (ACTOR_COLOURS, KINDS, SHAPES, VideoScene, _shows, actor_mask,
                                               make_question, render)
 from .train_demo import add_lora, alignment_loss, answer_loss, optimiser_step, trained_tensors, word_vector
 
@@ -185,10 +187,7 @@ def aux_questions(scene: VideoScene) -> list[tuple[str, str, str]]:
     within :data:`AUX_MARGIN` of the middle or the line. Kinds: ``aux_x``, ``aux_y``, ``aux_line``,
     ``aux_frames``.
     """
-    shows: dict[tuple[str, str], int] = {}
-    for a in scene.actors:
-        for key in {(c, a.shape) for c in a.colours()}:
-            shows[key] = shows.get(key, 0) + 1
+    shows = Counter(key for a in scene.actors for key in _shows(a))  # how many actors show each (colour, shape)
     out = []
     for a in scene.actors:
         if a.change is not None or shows[(a.colour, a.shape)] > 1:
@@ -213,7 +212,7 @@ def aux_questions(scene: VideoScene) -> list[tuple[str, str, str]]:
     return out
 
 
-def pick_aux(items: list[tuple[str, str, str]]):
+def pick_aux(items: list[tuple[str, str, str]]) -> Callable[[random.Random], tuple[str, str, str]] | None:
     """A sampler over ``items`` that first draws a kind uniformly, then a question of it (``None`` if empty):
     a scene's static actors give many place questions, and a kind-first draw keeps the rarer ones
     (the line, frame counts) from being swamped."""

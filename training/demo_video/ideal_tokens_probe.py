@@ -22,8 +22,7 @@ for i, (s, _) in enumerate(val):
     if d:
         q = d(random.Random(i)); items.append((len(ideal), *q))
         codes, shows = token_labels(s, 112, 4); pl = token_places(s, 112, 4); pl[~shows] = float("nan")
-        for scale in [1.0]:
-            ideal.append(table[codes] + place_vectors(pl, w, halves=True))
+        ideal.append(table[codes] + place_vectors(pl, w, halves=True))
 feats = torch.stack(ideal)  # already projected: bypass the projector
 class Id(torch.nn.Module):
     def forward(self, x): return x
