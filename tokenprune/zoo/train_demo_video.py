@@ -122,6 +122,15 @@ def covering_actor(scene: VideoScene, size: int, cells: int) -> tuple[np.ndarray
     return weight.argmax(0), weight.max(0) > 0
 
 
+def target_words(embed: torch.nn.Module, tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The alignment targets' vocabulary: ``{word: [D]}`` for every colour, shape, "background" and the four
+    place words, and the description table ``[len(DESCRIPTIONS) + 1, D]`` (row i the mean of description i's
+    colour and shape, the last row "background") that :func:`token_labels`' codes index."""
+    words = {w: word_vector(embed, tokenizer, w) for w in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
+    table = torch.stack([(words[c] + words[s]) / 2 for c, s in DESCRIPTIONS] + [words[BACKGROUND]])
+    return words, table
+
+
 def token_labels(scene: VideoScene, size: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes [T*cells^2] long, shows_actor [T*cells^2] bool)`` in token order (frame-major).
 
@@ -495,9 +504,7 @@ def main(argv=None) -> None:
     lines = [line_tokens(s, size, cells) for s, _ in train]
     codes = torch.stack([c for c, _ in labels])  # [N, T*C]
     embed = model.model.language_model.embed_tokens
-    words = {w: word_vector(embed, processor.tokenizer, w)
-             for w in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
-    table = torch.stack([(words[c] + words[s]) / 2 for c, s in DESCRIPTIONS] + [words[BACKGROUND]])  # [16, D]
+    words, table = target_words(embed, processor.tokenizer)  # table [16, D]
     print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
 
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None

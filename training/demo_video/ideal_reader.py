@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tokenprune.benchmarks.tasks.shapes_video import ACTOR_COLOURS, SHAPES
-from tokenprune.zoo.demo_video import build_demo_video
-from tokenprune.zoo.train_demo import add_lora, answer_loss, optimiser_step, trained_tensors, word_vector
-from tokenprune.zoo.train_demo_video import (BACKGROUND, DESCRIPTIONS, VideoBatcher, aux_questions, first_token_accuracy,
-                                             focal_tokens, line_tokens, load_lora_only, questions, token_labels,
-                                             token_places, place_vectors)
+from tokenprune.zoo.demo_video import FRAME_SIZE, build_demo_video
+from tokenprune.zoo.train_demo import add_lora, answer_loss, optimiser_step, trained_tensors
+from tokenprune.zoo.train_demo_video import (VideoBatcher, aux_questions, first_token_accuracy, focal_tokens,
+                                             line_tokens, load_lora_only, place_vectors, questions, target_words,
+                                             token_labels, token_places)
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--train", type=int, default=3000)
@@ -60,9 +59,8 @@ else:
     load_lora_only(model, Path(a.init))
     params = [q for n, q in lm.named_parameters() if "lora_" in n]
 model.model.multi_modal_projector = torch.nn.Identity()  # the tokens below are already in the LLM's space
-w = {k: word_vector(lm.embed_tokens, processor.tokenizer, k)
-     for k in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
-table = torch.stack([(w[c] + w[s]) / 2 for c, s in DESCRIPTIONS] + [w[BACKGROUND]])
+w, table = target_words(lm.embed_tokens, processor.tokenizer)
+cells = FRAME_SIZE // 14 // model.config.spatial_pool_stride  # tokens a frame side, as the trainer derives it
 kinds = None if a.kinds == "main" else set(a.kinds.split(","))
 
 
@@ -70,15 +68,15 @@ def build(split: str, n: int):
     """Ideal tokens ``[n, 160, D]``, candidate questions per scene, actor / line token masks."""
     feats, items, shows_all, lines = [], [], [], []
     for i, (scene, q) in enumerate(questions(split, n, 10)):
-        codes, shows = token_labels(scene, 112, 4)
+        codes, shows = token_labels(scene, FRAME_SIZE, cells)
         tokens = table[codes]
         if a.place != "none":
-            places = token_places(scene, 112, 4)
+            places = token_places(scene, FRAME_SIZE, cells)
             places[~shows] = float("nan")
             tokens = tokens + place_vectors(places, w, halves=a.place == "halves")
         feats.append(tokens)
         shows_all.append(shows)
-        lines.append(line_tokens(scene, 112, 4))
+        lines.append(line_tokens(scene, FRAME_SIZE, cells))
         cands = [(q.question, q.answer, q.kind)] if kinds is None else [x for x in aux_questions(scene) if x[2] in kinds]
         items.append([(i, *x) for x in cands])
     return torch.stack(feats), items, shows_all, lines

@@ -4,18 +4,16 @@ actor tokens, `--place-halves --place-actors-only`) instead of the projector out
 """
 import torch, random
 from tokenprune.zoo.train_demo_video import (questions, aux_questions, pick_aux, VideoBatcher, token_labels, token_places,
-    place_vectors, first_token_accuracy, DESCRIPTIONS, BACKGROUND)
-from tokenprune.zoo.train_demo import add_lora, word_vector
+    place_vectors, first_token_accuracy, target_words)
+from tokenprune.zoo.train_demo import add_lora
 from tokenprune.zoo.demo_video import build_demo_video
-from tokenprune.benchmarks.tasks.shapes_video import ACTOR_COLOURS, SHAPES
 torch.set_num_threads(2)
 model, processor = build_demo_video(weights=None)
 add_lora(model.model.language_model, 8, 16.0)
 model.load_state_dict(torch.load("runs/demo-video-train-v7/checkpoint.pt")["trainable"], strict=False)
 val = questions("val", 240, 10)
 emb = model.model.language_model.embed_tokens
-w = {k: word_vector(emb, processor.tokenizer, k) for k in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
-table = torch.stack([(w[c] + w[s]) / 2 for c, s in DESCRIPTIONS] + [w[BACKGROUND]])
+w, table = target_words(emb, processor.tokenizer)
 items, ideal = [], []
 for i, (s, _) in enumerate(val):
     d = pick_aux([x for x in aux_questions(s) if x[2] in ("aux_x", "aux_y")])

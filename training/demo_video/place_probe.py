@@ -3,11 +3,8 @@ token residual (after its description) along right-left / down-up with its true 
     python training/demo_video/place_probe.py runs/demo-video-train-v3b/aligned.pt
 """
 import torch, numpy as np
-from pathlib import Path
-from tokenprune.zoo.train_demo_video import questions, token_places, token_labels, DESCRIPTIONS, BACKGROUND
-from tokenprune.zoo.train_demo import word_vector
+from tokenprune.zoo.train_demo_video import questions, token_places, token_labels, DESCRIPTIONS, target_words
 from tokenprune.zoo.demo_video import build_demo_video
-from tokenprune.benchmarks.tasks.shapes_video import ACTOR_COLOURS, SHAPES
 torch.set_num_threads(1)
 model, processor = build_demo_video(weights=None)
 proj = model.model.multi_modal_projector
@@ -23,8 +20,7 @@ feats = torch.load("runs/demo-video-train-v3/features_val_240_112px_10f_4l.pt")
 places = torch.stack([token_places(s, 112, 4) for s, _ in val])
 codes = torch.stack([token_labels(s, 112, 4)[0] for s, _ in val])
 embed = model.model.language_model.embed_tokens
-w = {k: word_vector(embed, processor.tokenizer, k) for k in [*ACTOR_COLOURS, *SHAPES, BACKGROUND, "left", "right", "up", "down"]}
-table = torch.stack([(w[c] + w[s]) / 2 for c, s in DESCRIPTIONS] + [w[BACKGROUND]])
+w, table = target_words(embed, processor.tokenizer)
 with torch.no_grad():
     p = proj(feats.flatten(1, 2).float())
 resid = p - table[codes]
