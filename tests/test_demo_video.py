@@ -144,6 +144,21 @@ def test_token_places_hand_computed():
     assert halves.tolist() == [[0.5, 0.0, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]
 
 
+def test_place_vectors_split_at_the_line():
+    """With ``x_split`` the line's x, ``left`` / ``right`` say the side of the line: x 0.45 is right of a line at 0.4
+    (though left of the middle), x 0.35 left of it; y still splits at 0.5; ``x_splits`` is the line or 0.5."""
+    from tokenprune.benchmarks.tasks.shapes_video import VideoScene
+    from tokenprune.zoo.train_demo_video import place_vectors, x_splits
+
+    words = {w: torch.eye(4)[i] for i, w in enumerate(["left", "right", "up", "down"])}
+    places = torch.tensor([[[0.45, 0.2], [0.35, 0.7]], [[0.45, 0.2], [0.35, 0.7]]])  # two scenes, two tokens
+    splits = x_splits([VideoScene(2, (240, 240, 240), (), (), line=0.4), VideoScene(2, (240, 240, 240), (), ())])
+    assert splits.flatten().tolist() == pytest.approx([0.4, 0.5])
+    vec = place_vectors(places, words, halves=True, x_split=splits)
+    assert vec.tolist() == [[[0.0, 0.5, 0.5, 0.0], [0.5, 0.0, 0.0, 0.5]],   # line at 0.4: right, then left
+                            [[0.5, 0.0, 0.5, 0.0], [0.5, 0.0, 0.0, 0.5]]]   # no line: both left of 0.5
+
+
 def test_aux_questions_hand_computed():
     """A red circle moving right from x 0.2 to 0.65 (y 0.3), a blue square shown in frames 2, 3, 6 at (0.55, 0.8),
     a green triangle that turns yellow (never asked about), a line at x = 0.4: each one-frame read by hand."""
@@ -214,3 +229,12 @@ def test_description_loss_prefers_the_right_description():
     # a background token (weight 0.2) right and a description token wrong: the weighted mean
     both = description_loss(table[[2, 1]][None], torch.tensor([[2, 0]]), table, scale=2.0)
     assert float(both) == pytest.approx((0.2 * float(right) + float(wrong)) / 1.2, rel=1e-5)
+
+
+def test_line_sides_needs_halves(capsys):
+    """``--place-line-sides`` without ``--place-halves`` is refused in one line before any work."""
+    from tokenprune.zoo.train_demo_video import main
+
+    with pytest.raises(SystemExit):
+        main(["--place-line-sides", "--work", "/nonexistent/never-made"])
+    assert "add --place-halves" in capsys.readouterr().err

@@ -170,16 +170,26 @@ def token_places(scene: VideoScene, size: int, cells: int) -> torch.Tensor:
     return torch.from_numpy(out.reshape(-1, 2)).float()
 
 
-def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor], halves: bool = False) -> torch.Tensor:
+def place_vectors(places: torch.Tensor, words: dict[str, torch.Tensor], halves: bool = False,
+                  x_split: torch.Tensor | float = 0.5) -> torch.Tensor:
     """``[..., 2]`` places (``nan``: none) -> ``[..., D]``: ``((1-x) left + x right + (1-y) up + y down) / 2``,
     zero where there is no place. The words are ``direction``'s answers, so "where it ends" and "which
-    way it moves" share a vocabulary. ``halves``: x and y rounded to 0 / 1 at the middle first, so a token
-    names one side (``left`` or ``right``, ``up`` or ``down``) as it names one colour."""
+    way it moves" share a vocabulary. ``halves``: x and y rounded to 0 / 1 first, so a token names one side
+    (``left`` or ``right``, ``up`` or ``down``) as it names one colour; y splits at the middle, x at
+    ``x_split`` (a float, or ``[..., 1]`` broadcast against ``places``: :func:`x_splits` gives each scene's
+    line, so that in a ``crossings`` scene "left" / "right" say the side *of the line* and a crossing is a
+    change of word)."""
     x, y = places[..., :1], places[..., 1:]
     if halves:
-        x, y = torch.where(x.isnan(), x, (x >= 0.5).to(x.dtype)), torch.where(y.isnan(), y, (y >= 0.5).to(y.dtype))
+        x, y = torch.where(x.isnan(), x, (x >= x_split).to(x.dtype)), torch.where(y.isnan(), y, (y >= 0.5).to(y.dtype))
     vec = ((1 - x) * words["left"] + x * words["right"] + (1 - y) * words["up"] + y * words["down"]) / 2
     return torch.nan_to_num(vec, nan=0.0)
+
+
+def x_splits(scenes: list[VideoScene]) -> torch.Tensor:
+    """``[N, 1, 1]``: where each scene's left / right split is for ``place_vectors(..., halves=True)``: its
+    ``crossings`` line if it has one, else the middle (0.5)."""
+    return torch.tensor([0.5 if s.line is None else s.line for s in scenes]).view(-1, 1, 1)
 
 
 AUX_MARGIN = 0.08  # a place this close to the middle (or to the line) is not asked about: too close to call
@@ -452,6 +462,9 @@ def main(argv=None) -> None:
                         help="alignment objective: MSE to the word targets, or that plus description_loss")
     parser.add_argument("--place-halves", action="store_true",
                         help="place words by side (left or right, up or down of the middle), not mixed by x and y")
+    parser.add_argument("--place-line-sides", action="store_true",
+                        help="with --place-halves: left / right of the scene's crossings line where it has one "
+                             "(x_splits), so crossings can be read as changes of word")
     parser.add_argument("--place-actors-only", action="store_true",
                         help="place words on the tokens that show an actor only (the others carry none)")
     parser.add_argument("--place-weight", type=float, default=0.0,
@@ -470,6 +483,8 @@ def main(argv=None) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="instead of training: token_probe of the --work checkpoint's projector on the cached val features")
     args = parser.parse_args(argv)
+    if args.place_line_sides and not args.place_halves:
+        parser.error("--place-line-sides splits the halves of --place-halves; add --place-halves")
     if args.rules:
         rules(args.rules, args.frames, single_frame=args.single_frame, out=Path(args.log) if args.log else None)
         return
@@ -510,6 +525,7 @@ def main(argv=None) -> None:
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
     if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
         places[~torch.stack([shows for _, shows in labels])] = float("nan")
+    splits = x_splits([s for s, _ in train]) if args.place_line_sides else torch.full((len(train), 1, 1), 0.5)
     aux_kinds = set(args.aux_kinds.split(",")) if args.aux_kinds else None
 
     def scene_aux(scene: VideoScene) -> list[tuple[str, str, str]]:
@@ -526,7 +542,7 @@ def main(argv=None) -> None:
         """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
         out = table[codes[idx]]
         if places is not None:
-            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves)
+            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves, splits[idx])
         return out
 
     def align_objective(projected: torch.Tensor, idx: list[int]) -> torch.Tensor:

@@ -5,7 +5,7 @@ Trains only the LLM side -- the rank-8 LoRA started from the image demo's, as th
 the mean word embedding of the colour and shape of the actor covering its cell ("background" elsewhere),
 plus, on actor tokens, its place words (``--place halves``: one side word in x and one in y, as
 ``--place-halves --place-actors-only``; ``mixed``: left/right and up/down mixed by the true x / y as
-``place_vectors``; ``none``). Same batches as the trainer's answer stage: 3 steps in 4 on the focal tokens
+``place_vectors``; ``line-sides``: halves, x split at the ``crossings`` line where there is one; ``none``). Same batches as the trainer's answer stage: 3 steps in 4 on the focal tokens
 (actors, the line, 8 others), every 4th on all 160; val first-token accuracy on one question per val scene.
 This bounds what any projector can give this reader on CPU budgets.
 
@@ -24,7 +24,7 @@ import torch
 from tokenprune.zoo.demo_video import FRAME_SIZE, build_demo_video
 from tokenprune.zoo.train_demo import add_lora, answer_loss, optimiser_step, trained_tensors
 from tokenprune.zoo.train_demo_video import (VideoBatcher, aux_questions, first_token_accuracy, focal_tokens,
-                                             line_tokens, load_lora_only, place_vectors, questions, target_words,
+                                             line_tokens, load_lora_only, place_vectors, questions, target_words, x_splits,
                                              token_labels, token_places)
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +36,8 @@ p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--full", action="store_true", help="train every LLM weight instead of the LoRA")
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--eval-every", type=int, default=25)
-p.add_argument("--place", choices=["halves", "mixed", "none"], default="halves")
+p.add_argument("--place", choices=["halves", "line-sides", "mixed", "none"], default="halves",
+               help="line-sides: halves, but left / right of the crossings line where a scene has one (x_splits)")
 p.add_argument("--init", default="tokenprune/zoo/weights/demo_projector.safetensors", help="LoRA start (image demo)")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--log", default=None)
@@ -73,7 +74,8 @@ def build(split: str, n: int):
         if a.place != "none":
             places = token_places(scene, FRAME_SIZE, cells)
             places[~shows] = float("nan")
-            tokens = tokens + place_vectors(places, w, halves=a.place == "halves")
+            split = x_splits([scene])[0] if a.place == "line-sides" else 0.5
+            tokens = tokens + place_vectors(places, w, halves=a.place in ("halves", "line-sides"), x_split=split)
         feats.append(tokens)
         shows_all.append(shows)
         lines.append(line_tokens(scene, FRAME_SIZE, cells))
