@@ -238,3 +238,28 @@ def test_line_sides_needs_halves(capsys):
     with pytest.raises(SystemExit):
         main(["--place-line-sides", "--work", "/nonexistent/never-made"])
     assert "add --place-halves" in capsys.readouterr().err
+
+
+def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """A few videos through both stages: alignment, answer steps, a val-best export that the demo loads, a
+    checkpoint a rerun resumes from (no new steps: it reports the step it stopped at); ``--device cuda``
+    on a torch without CUDA is refused in one line."""
+    from tokenprune.zoo.demo_video import build_demo_video
+    from tokenprune.zoo.train_demo_video import main
+
+    work, export = tmp_path / "work", tmp_path / "demo_video_tiny.safetensors"
+    args = ["--work", str(work), "--train", "6", "--val", "6", "--frames", "10", "--align-steps", "2",
+            "--align-batch", "4", "--align-loss", "mse+ce", "--place-weight", "1.0", "--place-halves",
+            "--place-line-sides", "--place-actors-only", "--steps", "2", "--eval-every", "2", "--batch", "2",
+            "--batch-short", "2", "--full-every", "2", "--focal-others", "2", "--export", str(export)]
+    main(args)
+    out = capsys.readouterr().out
+    assert "stage 1" in out and "eval step 2:" in out and export.exists()
+    assert torch.load(work / "checkpoint.pt")["step"] == 2
+    model, _ = build_demo_video(weights=export)  # the exported file is in the shipped format
+    assert model.model.multi_modal_projector.linear_1.weight.abs().sum() > 0
+    main(args)
+    assert "resumed at step 2" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main(args + ["--device", "cuda"])

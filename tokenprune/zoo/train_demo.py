@@ -344,7 +344,7 @@ def answer_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.T
     the LM head over every position would cost more than the whole projector."""
     target = labels[:, 1:]
     where = target != -100
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(embeds.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                           position_ids=position_ids).last_hidden_state
         logits = model.lm_head(out[:, :-1][where])

@@ -70,6 +70,7 @@ def pooled_features(model, pixels: torch.Tensor) -> torch.Tensor:
     average-pooled by the model's ``vision_resampler`` -- exactly what ``get_video_features`` hands the projector."""
     cfg = model.config
     v, t = pixels.shape[:2]
+    pixels = pixels.to(model.model.vision_tower.device)
     hidden = model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states
     feats = hidden[cfg.vision_feature_layer][:, 1:]
     pooled = model.model.vision_resampler(feats)
@@ -86,7 +87,7 @@ def cache_features(model, processor, scenes: list[VideoScene], size: int, path: 
     for i in range(0, len(scenes), batch):
         videos = [render(s, size) for s in scenes[i:i + batch]]
         pixels = fp(videos, return_tensors="pt")["pixel_values_videos"]
-        out.append(pooled_features(model, pixels).to(torch.float16))
+        out.append(pooled_features(model, pixels).to(torch.float16).cpu())
         if (i // batch) % 25 == 0:
             print(f"  features {i + len(videos)}/{len(scenes)} ({time.time() - t0:.0f} s)", flush=True)
     feats = torch.cat(out)
@@ -287,7 +288,8 @@ class VideoBatcher:
                  keep: list[torch.Tensor] | None = None):
         """``projected`` ``[B, N, D]`` video tokens; ``keep``: sorted token indices per sample (placed at their
         full-sequence positions). Returns embeds ``[B, L, D]``, mask, labels ``[B, L]``, positions ``[B, L]``,
-        first-answer-token positions ``[B]`` (right padding)."""
+        first-answer-token positions ``[B]`` (right padding), all on ``projected``'s device."""
+        dev = projected.device
         rows, labels, positions, answer_pos = [], [], [], []
         n = projected.shape[1]
         for b, q in enumerate(qs):
@@ -296,7 +298,7 @@ class VideoBatcher:
             ans = self.tok(answers[b], add_special_tokens=False)["input_ids"] + [self.end] if answers else []
             pre, post = torch.tensor(ids[:cut]), torch.tensor(ids[cut + 1:] + ans)
             toks = torch.arange(n) if keep is None else keep[b]
-            rows.append(torch.cat([self.embed(pre), projected[b, toks], self.embed(post)]))
+            rows.append(torch.cat([self.embed(pre.to(dev)), projected[b, toks.to(dev)], self.embed(post.to(dev))]))
             positions.append(torch.cat([torch.arange(cut), cut + toks, cut + n + torch.arange(len(post))]))
             n_prompt = len(pre) + len(toks) + len(ids) - cut - 1
             lab = torch.full((rows[-1].shape[0],), -100)
@@ -305,14 +307,14 @@ class VideoBatcher:
             labels.append(lab)
             answer_pos.append(n_prompt - 1)
         length = max(r.shape[0] for r in rows)
-        embeds = torch.zeros(len(rows), length, rows[0].shape[1])
+        embeds = torch.zeros(len(rows), length, rows[0].shape[1], device=dev)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         lab = torch.full((len(rows), length), -100)
         pos = torch.zeros(len(rows), length, dtype=torch.long)
         for b, (r, l, p) in enumerate(zip(rows, labels, positions)):
             k = r.shape[0]
             embeds[b, :k], mask[b, :k], lab[b, :k], pos[b, :k] = r, 1, l, p
-        return embeds, mask, lab, pos, torch.tensor(answer_pos)
+        return embeds, mask.to(dev), lab.to(dev), pos.to(dev), torch.tensor(answer_pos, device=dev)
 
 
 @torch.no_grad()
@@ -322,7 +324,8 @@ def first_token_accuracy(model, batcher, feats, items, batch: int = 32) -> tuple
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        projected = model.model.multi_modal_projector(torch.stack([feats[c[0]].flatten(0, 1).float() for c in chunk]))
+        dev = model.lm_head.weight.device
+        projected = model.model.multi_modal_projector(torch.stack([feats[c[0]].flatten(0, 1) for c in chunk]).to(dev).float())
         embeds, mask, _, pos, at = batcher(projected, [c[1] for c in chunk], None)
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         pred = model.lm_head(out[torch.arange(len(chunk)), at]).argmax(-1)
@@ -476,6 +479,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="LLM forward/backward and val under bf16 autocast")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model trains (cpu, cuda, cuda:1); cached features stay in host memory and "
+                             "travel a batch at a time")
     parser.add_argument("--export", default=None, help="write the best projector + LoRA here (safetensors, fp16)")
     parser.add_argument("--rules", type=int, default=0,
                         help="instead of training: the image-blind and single-frame rules on this many test questions")
@@ -498,11 +504,15 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log) if args.log else work / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
     model, processor = build_demo_video(weights=None)
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
     add_lora(model.model.language_model, args.lora_rank, 2.0 * args.lora_rank)
+    model.to(device)
     lora_params = [p for n, p in model.model.language_model.named_parameters() if "lora_" in n]
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     size = FRAME_SIZE
@@ -517,7 +527,7 @@ def main(argv=None) -> None:
     val_feats = cache_features(model, processor, [s for s, _ in val], size, work / f"features_val_{args.val}_{tag}.pt")
     labels = [token_labels(s, size, cells) for s, _ in train]
     lines = [line_tokens(s, size, cells) for s, _ in train]
-    codes = torch.stack([c for c, _ in labels])  # [N, T*C]
+    codes = torch.stack([c for c, _ in labels]).to(device)  # [N, T*C]
     embed = model.model.language_model.embed_tokens
     words, table = target_words(embed, processor.tokenizer)  # table [16, D]
     print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
@@ -525,7 +535,9 @@ def main(argv=None) -> None:
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
     if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
         places[~torch.stack([shows for _, shows in labels])] = float("nan")
+    places = places.to(device) if places is not None else None
     splits = x_splits([s for s, _ in train]) if args.place_line_sides else torch.full((len(train), 1, 1), 0.5)
+    splits = splits.to(device)
     aux_kinds = set(args.aux_kinds.split(",")) if args.aux_kinds else None
 
     def scene_aux(scene: VideoScene) -> list[tuple[str, str, str]]:
@@ -555,7 +567,7 @@ def main(argv=None) -> None:
     def evaluate(step: int, loss: float, stage: str) -> float:
         projector.eval()
         items = [(i, q.question, q.answer, q.kind) for i, (_, q) in enumerate(val)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             acc, per_kind = first_token_accuracy(model, batcher, val_feats, items)
             aux_acc, aux_kind = first_token_accuracy(model, batcher, val_feats, val_aux) if args.aux_share else (None, {})
         projector.train()
@@ -574,14 +586,14 @@ def main(argv=None) -> None:
         if not source.exists():
             raise SystemExit(f"--probe: {work} holds no aligned.pt or checkpoint.pt; run the training command "
                              "with this --work first")
-        state = torch.load(source)
+        state = torch.load(source, map_location=device)
         if source == ckpt:
             model.load_state_dict(state["trainable"], strict=False)
         else:
             projector.load_state_dict(state)
         val_codes = torch.stack([token_labels(s, size, cells)[0] for s, _ in val])
         with torch.no_grad():
-            result = token_probe(projector(val_feats.flatten(1, 2).float()), val_codes, table)
+            result = token_probe(projector(val_feats.flatten(1, 2).to(device).float()), val_codes.to(device), table)
         print(json.dumps({"checkpoint": str(source), "step": state["step"] if source == ckpt else 0, **result}, indent=1))
         return
     if not ckpt.exists() and not aligned.exists():
@@ -591,7 +603,7 @@ def main(argv=None) -> None:
         rng = random.Random(args.seed)
         for s in range(1, args.align_steps + 1):
             idx = rng.sample(range(len(train)), args.align_batch)
-            loss = align_objective(projector(feats[idx].flatten(1, 2).float()), idx)
+            loss = align_objective(projector(feats[idx].flatten(1, 2).to(device).float()), idx)
             optimiser_step(loss, opt, sched)
             if s % 100 == 0:
                 print(f"align step {s}/{args.align_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
@@ -606,14 +618,14 @@ def main(argv=None) -> None:
                                               0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     step, best = 0, -1.0
     if ckpt.exists():
-        state = torch.load(ckpt)
+        state = torch.load(ckpt, map_location=device)
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, best = state["step"], state["best"]
         print(f"resumed at step {step} (best val accuracy {best:.3f})", flush=True)
     else:
-        projector.load_state_dict(torch.load(aligned))
+        projector.load_state_dict(torch.load(aligned, map_location=device))
         if args.init_lora:
             load_lora_only(model, Path(args.init_lora))
 
@@ -648,7 +660,7 @@ def main(argv=None) -> None:
         if aux is not None:  # the same scene, a one-frame read instead of its question
             rng_aux = random.Random(args.seed * 7_000_003 + step)
             qa = [aux[i](rng_aux)[:2] if aux[i] and rng_aux.random() < args.aux_share else x for i, x in zip(idx, qa)]
-        projected = projector(feats[idx].flatten(1, 2).float())  # [B, T*m, D]
+        projected = projector(feats[idx].flatten(1, 2).to(device).float())  # [B, T*m, D]
         embeds, mask, lab, pos, _ = batcher(projected, [x[0] for x in qa], [x[1] for x in qa], keep)
         loss_answer = answer_loss(model, embeds, mask, lab, pos, args.bf16)
         loss = loss_answer + args.align_weight * align_objective(projected, idx)
@@ -666,7 +678,7 @@ def main(argv=None) -> None:
                         "sched": sched.state_dict(), "step": step, "best": best}, ckpt)
             if improved and args.export:
                 Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.to(torch.float16) for k, v in trained_tensors(model).items()}, args.export)
+                save_file({k: v.to(torch.float16).cpu() for k, v in trained_tensors(model).items()}, args.export)
                 print(f"  exported to {args.export}", flush=True)
 
 

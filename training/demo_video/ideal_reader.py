@@ -40,6 +40,7 @@ p.add_argument("--place", choices=["halves", "line-sides", "mixed", "none"], def
                help="line-sides: halves, but left / right of the crossings line where a scene has one (x_splits)")
 p.add_argument("--init", default="tokenprune/zoo/weights/demo_projector.safetensors", help="LoRA start (image demo)")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--device", default="cpu", help="where the LLM trains (cpu, cuda); the ideal tokens stay in host memory")
 p.add_argument("--log", default=None)
 p.add_argument("--export", default=None, help="write the trained LoRA here (fp16, the shipped format): a start "
                "for the real trainer's --init-lora (reader first, then the projector)")
@@ -60,7 +61,9 @@ else:
     load_lora_only(model, Path(a.init))
     params = [q for n, q in lm.named_parameters() if "lora_" in n]
 model.model.multi_modal_projector = torch.nn.Identity()  # the tokens below are already in the LLM's space
-w, table = target_words(lm.embed_tokens, processor.tokenizer)
+w, table = target_words(lm.embed_tokens, processor.tokenizer)  # on the host, as the tokens built from it
+device = torch.device(a.device)
+model.to(device)
 cells = FRAME_SIZE // 14 // model.config.spatial_pool_stride  # tokens a frame side, as the trainer derives it
 kinds = None if a.kinds == "main" else set(a.kinds.split(","))
 
@@ -97,7 +100,7 @@ sched = torch.optim.lr_scheduler.LambdaLR(
 
 
 def evaluate(step: int) -> None:
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         acc, per_kind = first_token_accuracy(model, batcher, val_feats.unsqueeze(2), val)
     print(f"eval {step}: {acc:.3f} " + " ".join(f"{k} {v:.2f}" for k, v in per_kind.items()), flush=True)
     if a.log:
@@ -111,7 +114,7 @@ for step in range(1, a.steps + 1):
     idx = rng.sample(usable, a.batch)
     qa = [rng.choice(train_items[i]) for i in idx]
     keep = [focal_tokens(shows[i], lines[i], 8, rng) for i in idx] if step % 4 else None
-    embeds, mask, lab, pos, _ = batcher(feats[idx], [x[1] for x in qa], [x[2] for x in qa], keep)
+    embeds, mask, lab, pos, _ = batcher(feats[idx].to(device), [x[1] for x in qa], [x[2] for x in qa], keep)
     loss = answer_loss(model, embeds, mask, lab, pos, True)
     optimiser_step(loss, opt, sched, params)
     if step % 5 == 0:
@@ -122,5 +125,5 @@ for step in range(1, a.steps + 1):
 if a.export:
     from safetensors.torch import save_file
 
-    save_file({k: v.to(torch.float16) for k, v in trained_tensors(model).items()}, a.export)
+    save_file({k: v.to(torch.float16).cpu() for k, v in trained_tensors(model).items()}, a.export)
     print(f"LoRA written to {a.export}", flush=True)
