@@ -27,6 +27,9 @@ Two stages, as the image demo (:mod:`tokenprune.zoo.train_demo`):
 Every ``--eval-every`` steps: first-answer-token accuracy per kind on the val questions (logged to
 ``--log``, default ``<work>/log.jsonl``), a checkpoint in ``--work`` (rerunning the same command resumes),
 and, when val accuracy improved, the projector + LoRA exported (fp16).
+
+``--device cuda`` trains on a GPU: the model moves there, the cached features (1.5 GB for 12,000 videos)
+stay in host memory and travel a batch at a time; checkpoints and exports are the CPU run's format.
 """
 from __future__ import annotations
 
