@@ -251,7 +251,7 @@ def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
     args = ["--work", str(work), "--train", "6", "--val", "6", "--frames", "10", "--align-steps", "2",
             "--align-batch", "4", "--align-loss", "mse+ce", "--place-weight", "1.0", "--place-halves",
             "--place-line-sides", "--place-actors-only", "--steps", "2", "--eval-every", "2", "--batch", "2",
-            "--batch-short", "2", "--full-every", "2", "--focal-others", "2", "--export", str(export)]
+            "--batch-short", "2", "--full-every", "2", "--focal-others", "2", "--bf16", "--export", str(export)]
     main(args)
     out = capsys.readouterr().out
     assert "stage 1" in out and "eval step 2:" in out and export.exists()

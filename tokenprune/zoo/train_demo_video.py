@@ -328,7 +328,8 @@ def first_token_accuracy(model, batcher, feats, items, batch: int = 32) -> tuple
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
         dev = model.lm_head.weight.device
-        projected = model.model.multi_modal_projector(torch.stack([feats[c[0]].flatten(0, 1) for c in chunk]).to(dev).float())
+        # fp32 before the stack: under CPU bf16 autocast a stack of fp16 features is an error
+        projected = model.model.multi_modal_projector(torch.stack([feats[c[0]].flatten(0, 1).float() for c in chunk]).to(dev))
         embeds, mask, _, pos, at = batcher(projected, [c[1] for c in chunk], None)
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         pred = model.lm_head(out[torch.arange(len(chunk)), at]).argmax(-1)
