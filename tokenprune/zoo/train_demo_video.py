@@ -540,8 +540,7 @@ def main(argv=None) -> None:
     if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
         places[~torch.stack([shows for _, shows in labels])] = float("nan")
     places = places.to(device) if places is not None else None
-    splits = x_splits([s for s, _ in train]) if args.place_line_sides else torch.full((len(train), 1, 1), 0.5)
-    splits = splits.to(device)
+    splits = x_splits([s for s, _ in train]).to(device) if args.place_line_sides else None
     aux_kinds = set(args.aux_kinds.split(",")) if args.aux_kinds else None
 
     def scene_aux(scene: VideoScene) -> list[tuple[str, str, str]]:
@@ -558,7 +557,8 @@ def main(argv=None) -> None:
         """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
         out = table[codes[idx]]
         if places is not None:
-            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves, splits[idx])
+            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves,
+                                                         0.5 if splits is None else splits[idx])
         return out
 
     def align_objective(projected: torch.Tensor, idx: list[int]) -> torch.Tensor:

@@ -77,8 +77,8 @@ def build(split: str, n: int):
         if a.place != "none":
             places = token_places(scene, FRAME_SIZE, cells)
             places[~shows] = float("nan")
-            split = x_splits([scene])[0] if a.place == "line-sides" else 0.5
-            tokens = tokens + place_vectors(places, w, halves=a.place in ("halves", "line-sides"), x_split=split)
+            x_split = x_splits([scene])[0] if a.place == "line-sides" else 0.5
+            tokens = tokens + place_vectors(places, w, halves=a.place in ("halves", "line-sides"), x_split=x_split)
         feats.append(tokens)
         shows_all.append(shows)
         lines.append(line_tokens(scene, FRAME_SIZE, cells))

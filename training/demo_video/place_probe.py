@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from tokenprune.zoo.demo_video import build_demo_video
+from tokenprune.zoo.demo_video import FRAME_SIZE, build_demo_video
 from tokenprune.zoo.train_demo_video import DESCRIPTIONS, questions, target_words, token_labels, token_places, x_splits
 
 torch.set_num_threads(1)
@@ -21,10 +21,11 @@ if "trainable" in st:
     proj.load_state_dict({k.split("multi_modal_projector.")[1]: v for k, v in st["trainable"].items() if "multi_modal_projector" in k})
 else:
     proj.load_state_dict(st)
+cells = FRAME_SIZE // 14 // model.config.spatial_pool_stride  # tokens a frame side, as the trainer derives it
 val = questions("val", 240, 10)
 feats = torch.load(sys.argv[2] if len(sys.argv) > 2 else "runs/demo-video-train-v8/features_val_240_112px_10f_4l.pt")
-places = torch.stack([token_places(s, 112, 4) for s, _ in val])
-codes = torch.stack([token_labels(s, 112, 4)[0] for s, _ in val])
+places = torch.stack([token_places(s, FRAME_SIZE, cells) for s, _ in val])
+codes = torch.stack([token_labels(s, FRAME_SIZE, cells)[0] for s, _ in val])
 w, table = target_words(model.model.language_model.embed_tokens, processor.tokenizer)
 with torch.no_grad():
     p = proj(feats.flatten(1, 2).float())
@@ -40,5 +41,5 @@ has_line = torch.tensor([s.line is not None for s, _ in val]).view(-1, 1).expand
 differ = has_line & ((x >= line) != (x >= 0.5))
 right = sx > sx.median()
 print(f"line scenes: {int(has_line.sum())} actor tokens, {int(differ.sum())} where the line's side and the middle's differ; "
-      f"there the right-left sign names the line's side {float((right[differ] == (x >= line)[differ]).float().mean()):.2f}, "
+      f"there the right-left part (split at its median) names the line's side {float((right[differ] == (x >= line)[differ]).float().mean()):.2f}, "
       f"the middle's {float((right[differ] == (x >= 0.5)[differ]).float().mean()):.2f}")
