@@ -159,6 +159,59 @@ def test_place_vectors_split_at_the_line():
                             [[0.5, 0.0, 0.5, 0.0], [0.5, 0.0, 0.0, 0.5]]]   # no line: both left of 0.5
 
 
+def test_place_sides_hand_computed():
+    """x 0.45 is right of a line at 0.4, x 0.35 left of it; y 0.2 is up, 0.7 down; no place stays ``nan``."""
+    from tokenprune.zoo.train_demo_video import place_sides
+
+    nan = float("nan")
+    got = place_sides(torch.tensor([[0.45, 0.2], [nan, nan], [0.35, 0.7]]), 0.4)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0.0], [nan, nan], [0.0, 1.0]]), equal_nan=True)
+
+
+def test_place_loss_hand_computed():
+    """Words on axes (left e0, right e1, up e2, down e3; description e4, background e5): a token equal to the
+    description + (right, up) words has cosine 1 with that target, 5/6 with the two targets one word away, 2/3
+    with the opposite one. Named (right, up) its cross-entropy at scale 50 is l = log(1 + 2 e^(-50/6) + e^(-50/3));
+    named (left, down) it is 50/3 + l; a token with no place is not counted; none at all gives 0."""
+    import math
+
+    from tokenprune.zoo.train_demo_video import place_loss
+
+    eye = torch.eye(6)
+    words = {w: eye[i] for i, w in enumerate(["left", "right", "up", "down"])}
+    table = eye[4:6]  # description 0, then background
+    token = eye[4] + (eye[1] + eye[2]) / 2
+    projected = torch.stack([token, token, -token]).unsqueeze(0)  # [1, 3, 6]
+    codes = torch.tensor([[0, 0, 1]])
+    nan = float("nan")
+    sides = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [nan, nan]]])
+    l = math.log(1 + 2 * math.exp(-50 / 6) + math.exp(-50 / 3))
+    assert place_loss(projected, codes, sides, table, words).item() == pytest.approx((2 * l + 50 / 3) / 2, rel=1e-4)
+    none = place_loss(projected.clone().requires_grad_(), codes, torch.full_like(sides, nan), table, words)
+    assert none.item() == 0.0 and none.requires_grad  # 0, and still part of the graph a loss sums into
+
+
+def test_weighted_alignment_loss_hand_computed():
+    """Token errors (mean over dims) 0.5 and 2, weights 3 and 1: (1.5 + 2) / 4 = 0.875, over the targets'
+    variance 1 (values 0, 0, 0, 2); equal weights give the unweighted ``alignment_loss`` (1.25)."""
+    from tokenprune.zoo.train_demo import alignment_loss
+    from tokenprune.zoo.train_demo_video import weighted_alignment_loss
+
+    projected, target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.tensor([[[0.0, 0.0], [0.0, 2.0]]])
+    assert weighted_alignment_loss(projected, target, torch.tensor([[3.0, 1.0]])).item() == pytest.approx(0.875)
+    assert weighted_alignment_loss(projected, target, torch.ones(1, 2)).item() == pytest.approx(1.25)
+    assert alignment_loss(projected, target).item() == pytest.approx(1.25)
+
+
+def test_place_loss_needs_halves(capsys):
+    """``--place-loss-weight`` without the halves targets it reads is refused in one line before any work."""
+    from tokenprune.zoo.train_demo_video import main
+
+    with pytest.raises(SystemExit):
+        main(["--place-loss-weight", "1", "--work", "/nonexistent/never-made"])
+    assert "add --place-halves" in capsys.readouterr().err
+
+
 def test_aux_questions_hand_computed():
     """A red circle moving right from x 0.2 to 0.65 (y 0.3), a blue square shown in frames 2, 3, 6 at (0.55, 0.8),
     a green triangle that turns yellow (never asked about), a line at x = 0.4: each one-frame read by hand."""
@@ -250,7 +303,8 @@ def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
     work, export = tmp_path / "work", tmp_path / "demo_video_tiny.safetensors"
     args = ["--work", str(work), "--train", "6", "--val", "6", "--frames", "10", "--align-steps", "2",
             "--align-batch", "4", "--align-loss", "mse+ce", "--place-weight", "1.0", "--place-halves",
-            "--place-line-sides", "--place-actors-only", "--steps", "2", "--eval-every", "2", "--batch", "2",
+            "--place-line-sides", "--place-actors-only", "--place-loss-weight", "1.0", "--actor-weight", "10",
+            "--steps", "2", "--eval-every", "2", "--batch", "2",
             "--batch-short", "2", "--full-every", "2", "--focal-others", "2", "--bf16", "--export", str(export)]
     main(args)
     out = capsys.readouterr().out

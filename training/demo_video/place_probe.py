@@ -1,4 +1,6 @@
-"""Does the projector put the place words of --place-weight into the tokens? Correlation of each val actor's
+"""Does the projector put the place words of --place-weight into the tokens? The place read: on how many val
+actor tokens the nearest (cosine) of the four halves targets -- description + left / right (of the line, where
+the scene has one) x up / down, the choice ``place_loss`` trains -- has the right x side and the right y side. Correlation of each val actor's
 token residual (after its description) along right-left / down-up with its true x / y; and, in scenes with a
 crossings line, how often the right-left part (above or below its median) names the actor's side of the *line* (what
 ``--place-line-sides`` aligns to) or of the middle (``--place-halves``), on the tokens where the two differ.
@@ -11,7 +13,8 @@ import numpy as np
 import torch
 
 from tokenprune.zoo.demo_video import FRAME_SIZE, build_demo_video
-from tokenprune.zoo.train_demo_video import DESCRIPTIONS, questions, target_words, token_labels, token_places, x_splits
+from tokenprune.zoo.train_demo_video import (DESCRIPTIONS, place_sides, place_vectors, questions, target_words, token_labels,
+                                             token_places, x_splits)
 
 torch.set_num_threads(1)
 model, processor = build_demo_video(weights=None)
@@ -43,3 +46,8 @@ right = sx > sx.median()
 print(f"line scenes: {int(has_line.sum())} actor tokens, {int(differ.sum())} where the line's side and the middle's differ; "
       f"there the right-left part (split at its median) names the line's side {float((right[differ] == (x >= line)[differ]).float().mean()):.2f}, "
       f"the middle's {float((right[differ] == (x >= 0.5)[differ]).float().mean()):.2f}")
+sides = place_sides(places, x_splits([s for s, _ in val]))[m]  # [M, 2] the true halves (line sides)
+variants = torch.stack([table[codes[m]] + place_vectors(torch.tensor([float(a), float(b)]), w) for a in (0, 1) for b in (0, 1)], 1)
+pick = torch.nn.functional.cosine_similarity(p[m].unsqueeze(1), variants, dim=-1).argmax(-1)  # (left, up), (left, down), ...
+print(f"place read (nearest of the four halves targets): x side {float(((pick // 2) == sides[:, 0]).float().mean()):.3f}, "
+      f"y side {float(((pick % 2) == sides[:, 1]).float().mean()):.3f}")
