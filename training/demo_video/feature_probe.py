@@ -2,7 +2,8 @@
 fitted on the actor tokens of the first 3,000 train videos' cached features, scored on the 240 val videos':
 x half, y half, the token's cell column (a control: the position embedding), and the side of the crossings
 line in line scenes. Session 7's finding: x / y half 0.96 (linear), line side 0.89 (MLP) -- the place is
-there, so v9's tokens naming their side at chance (place_probe.py) was the alignment objective's fault.
+there, so v9's tokens naming their side little better than chance (0.60 / 0.63, place_probe.py) was the
+alignment objective's fault.
     python training/demo_video/feature_probe.py [features_train.pt features_val.pt]   (~6 min on 2 cores)
 """
 import sys

@@ -51,3 +51,5 @@ variants = torch.stack([table[codes[m]] + place_vectors(torch.tensor([float(a), 
 pick = torch.nn.functional.cosine_similarity(p[m].unsqueeze(1), variants, dim=-1).argmax(-1)  # (left, up), (left, down), ...
 print(f"place read (nearest of the four halves targets): x side {float(((pick // 2) == sides[:, 0]).float().mean()):.3f}, "
       f"y side {float(((pick % 2) == sides[:, 1]).float().mean()):.3f}")
+print(f"  on the {int(differ.sum())} tokens where the line's side and the middle's differ: x side (the line's) "
+      f"{float(((pick // 2) == sides[:, 0])[differ].float().mean()):.3f}")
