@@ -209,8 +209,8 @@ def place_loss(projected: torch.Tensor, codes: torch.Tensor, sides: torch.Tensor
 
     ``projected`` ``[B, N, D]``, ``codes`` ``[B, N]`` (:func:`token_labels`), ``sides`` ``[B, N, 2]`` 0 / 1
     (:func:`place_sides`; ``nan``: no place, not counted), ``table`` the description table. Why, beside the
-    MSE: the place words are a small part of a target (the description dominates its norm, and ~95% of the
-    tokens carry none), so the MSE leaves them unlearnt -- v9's aligned tokens name their x side 0.60 of the
+    MSE: the place words are a small part of a target (the description dominates its norm, and with
+    ``--place-actors-only`` the ~83% of tokens that show no actor carry none), so the MSE leaves them unlearnt -- v9's aligned tokens name their x side 0.60 of the
     time (``place_probe.py``), although a linear probe on the same pooled features reads it 0.96. Asking for
     the right one of the four variants is the decision the reader makes. Zero when no token has a place.
     """
@@ -583,7 +583,7 @@ def main(argv=None) -> None:
     shows = torch.stack([s for _, s in labels]).to(device).float()  # [N, T*C] 1 where a token shows an actor
     embed = model.model.language_model.embed_tokens
     words, table = target_words(embed, processor.tokenizer)  # table [16, D]
-    print(f"labels: {float(torch.stack([s for _, s in labels]).float().mean()):.3f} of tokens show an actor", flush=True)
+    print(f"labels: {float(shows.mean()):.3f} of tokens show an actor", flush=True)
 
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
     if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
