@@ -217,11 +217,17 @@ def place_loss(projected: torch.Tensor, codes: torch.Tensor, sides: torch.Tensor
     has = ~sides[..., 0].isnan()
     if not has.any():
         return projected.sum() * 0.0
-    p, base, side = projected[has].float(), table[codes[has]].float(), sides[has].long()
-    variants = torch.stack([base + place_weight * place_vectors(torch.tensor([float(a), float(b)], device=p.device), words)
-                            for a in (0, 1) for b in (0, 1)], 1)  # [M, 4, D]: (left, up), (left, down), (right, up), (right, down)
-    logits = scale * torch.nn.functional.cosine_similarity(p.unsqueeze(1), variants.float(), dim=-1)
+    p, side = projected[has].float(), sides[has].long()
+    variants = halves_variants(table[codes[has]].float(), words, place_weight)
+    logits = scale * torch.nn.functional.cosine_similarity(p.unsqueeze(1), variants, dim=-1)
     return torch.nn.functional.cross_entropy(logits, side[:, 0] * 2 + side[:, 1])
+
+
+def halves_variants(base: torch.Tensor, words: dict[str, torch.Tensor], place_weight: float = 1.0) -> torch.Tensor:
+    """``[M, D]`` descriptions -> ``[M, 4, D]``: each + ``place_weight`` x the place words of (left, up), (left,
+    down), (right, up), (right, down) -- index ``2 * x side + y side`` (:func:`place_sides`)."""
+    corners = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=base.device)
+    return base.unsqueeze(1) + place_weight * place_vectors(corners, words).to(base.dtype)
 
 
 def weighted_alignment_loss(projected: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -580,14 +586,15 @@ def main(argv=None) -> None:
     labels = [token_labels(s, size, cells) for s, _ in train]
     lines = [line_tokens(s, size, cells) for s, _ in train]
     codes = torch.stack([c for c, _ in labels]).to(device)  # [N, T*C]
-    shows = torch.stack([s for _, s in labels]).to(device).float()  # [N, T*C] 1 where a token shows an actor
+    shows_actor = torch.stack([s for _, s in labels])  # [N, T*C] bool
+    shows = shows_actor.to(device).float()  # 1 where a token shows an actor (--actor-weight)
     embed = model.model.language_model.embed_tokens
     words, table = target_words(embed, processor.tokenizer)  # table [16, D]
     print(f"labels: {float(shows.mean()):.3f} of tokens show an actor", flush=True)
 
     places = torch.stack([token_places(s, size, cells) for s, _ in train]) if args.place_weight else None
     if places is not None and args.place_actors_only:  # a background token's place would drown an actor's
-        places[~torch.stack([s for _, s in labels])] = float("nan")
+        places[~shows_actor] = float("nan")
     places = places.to(device) if places is not None else None
     splits = x_splits([s for s, _ in train]).to(device) if args.place_line_sides else None
     aux_kinds = set(args.aux_kinds.split(",")) if args.aux_kinds else None
@@ -602,12 +609,15 @@ def main(argv=None) -> None:
         if draw is not None:
             val_aux.append((i, *draw(random.Random(i))))
 
+    def split_at(idx: list[int]) -> torch.Tensor | float:
+        """Where left / right split for videos ``idx``: their lines (``--place-line-sides``) or the middle."""
+        return 0.5 if splits is None else splits[idx]
+
     def targets(idx: list[int]) -> torch.Tensor:
         """``[B, T*m, D]``: each token's description (+ ``--place-weight`` x its place words)."""
         out = table[codes[idx]]
         if places is not None:
-            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves,
-                                                         0.5 if splits is None else splits[idx])
+            out = out + args.place_weight * place_vectors(places[idx], words, args.place_halves, split_at(idx))
         return out
 
     def align_objective(projected: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -620,7 +630,7 @@ def main(argv=None) -> None:
         if args.align_loss == "mse+ce":
             loss = loss + description_loss(projected, codes[idx], table)
         if args.place_loss_weight:
-            sides = place_sides(places[idx], 0.5 if splits is None else splits[idx])
+            sides = place_sides(places[idx], split_at(idx))
             loss = loss + args.place_loss_weight * place_loss(projected, codes[idx], sides, table, words,
                                                                  args.place_weight)
         return loss

@@ -16,8 +16,10 @@ from tokenprune.zoo.train_demo_video import DESCRIPTIONS, questions, token_label
 torch.set_num_threads(2)
 N = 3000
 cells = FRAME_SIZE // 14 // POOL_STRIDE
-train_path = sys.argv[1] if len(sys.argv) > 2 else "runs/demo-video-train-v8/features_train_12000_112px_10f_4l.pt"
-val_path = sys.argv[2] if len(sys.argv) > 2 else "runs/demo-video-train-v8/features_val_240_112px_10f_4l.pt"
+if len(sys.argv) not in (1, 3):
+    raise SystemExit("usage: feature_probe.py [features_train.pt features_val.pt] (both, or neither for v8's)")
+train_path, val_path = sys.argv[1:] or ["runs/demo-video-train-v8/features_train_12000_112px_10f_4l.pt",
+                                        "runs/demo-video-train-v8/features_val_240_112px_10f_4l.pt"]
 
 
 def actor_tokens(qs, feats):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tokenprune.zoo.demo_video import FRAME_SIZE, build_demo_video
-from tokenprune.zoo.train_demo_video import (DESCRIPTIONS, place_sides, place_vectors, questions, target_words, token_labels,
+from tokenprune.zoo.train_demo_video import (DESCRIPTIONS, halves_variants, place_sides, questions, target_words, token_labels,
                                              token_places, x_splits)
 
 torch.set_num_threads(1)
@@ -39,15 +39,16 @@ sx = (resid[m] @ dx) / (dx @ dx) / 0.5; sy = (resid[m] @ dy) / (dy @ dy) / 0.5
 x = places[m][:, 0]; y = places[m][:, 1]
 print("actor tokens", int(m.sum()), "corr x", np.corrcoef(sx, x)[0, 1], "corr y", np.corrcoef(sy, y)[0, 1])
 print("slope x", float(((sx - sx.mean()) * (x - x.mean())).sum() / ((x - x.mean()) ** 2).sum()))
-line = x_splits([s for s, _ in val]).view(-1, 1).expand_as(codes)[m]
+splits = x_splits([s for s, _ in val])  # [N, 1, 1] each scene's line, else the middle
+line = splits.view(-1, 1).expand_as(codes)[m]
 has_line = torch.tensor([s.line is not None for s, _ in val]).view(-1, 1).expand_as(codes)[m]
 differ = has_line & ((x >= line) != (x >= 0.5))
 right = sx > sx.median()
 print(f"line scenes: {int(has_line.sum())} actor tokens, {int(differ.sum())} where the line's side and the middle's differ; "
       f"there the right-left part (split at its median) names the line's side {float((right[differ] == (x >= line)[differ]).float().mean()):.2f}, "
       f"the middle's {float((right[differ] == (x >= 0.5)[differ]).float().mean()):.2f}")
-sides = place_sides(places, x_splits([s for s, _ in val]))[m]  # [M, 2] the true halves (line sides)
-variants = torch.stack([table[codes[m]] + place_vectors(torch.tensor([float(a), float(b)]), w) for a in (0, 1) for b in (0, 1)], 1)
+sides = place_sides(places, splits)[m]  # [M, 2] the true halves (line sides)
+variants = halves_variants(table[codes[m]], w)  # [M, 4, D]
 pick = torch.nn.functional.cosine_similarity(p[m].unsqueeze(1), variants, dim=-1).argmax(-1)  # (left, up), (left, down), ...
 print(f"place read (nearest of the four halves targets): x side {float(((pick // 2) == sides[:, 0]).float().mean()):.3f}, "
       f"y side {float(((pick % 2) == sides[:, 1]).float().mean()):.3f}")
