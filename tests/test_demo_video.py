@@ -295,7 +295,8 @@ def test_line_sides_needs_halves(capsys):
 
 def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
     """A few videos through both stages: alignment, answer steps, a val-best export that the demo loads, a
-    checkpoint a rerun resumes from (no new steps: it reports the step it stopped at); ``--device cuda``
+    checkpoint a rerun resumes from (no new steps: it reports the step it stopped at), re-evaluated first when
+    the rerun's ``--val`` differs; ``--device cuda``
     on a torch without CUDA is refused in one line."""
     from tokenprune.zoo.demo_video import build_demo_video
     from tokenprune.zoo.train_demo_video import main
@@ -314,7 +315,12 @@ def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
     trained = torch.load(work / "checkpoint.pt")["trainable"]["model.multi_modal_projector.linear_1.weight"]
     torch.testing.assert_close(model.model.multi_modal_projector.linear_1.weight.float(), trained.float(), atol=1e-3, rtol=1e-3)
     main(args)
-    assert "resumed at step 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resumed at step 2" in out and "eval step" not in out  # same val questions: the recorded best stands
+    other_val = [x if x != "6" or args[i - 1] != "--val" else "4" for i, x in enumerate(args)]
+    main(other_val)  # other val questions: the resumed weights are measured on them and set the bar
+    out = capsys.readouterr().out
+    assert "chosen on 6 val questions, this run's on 4" in out and "eval step 2:" in out
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             main(args + ["--device", "cuda"])

@@ -29,7 +29,9 @@ Two stages, as the image demo (:mod:`tokenprune.zoo.train_demo`):
 
 Every ``--eval-every`` steps: first-answer-token accuracy per kind on the val questions (logged to
 ``--log``, default ``<work>/log.jsonl``), a checkpoint in ``--work`` (rerunning the same command resumes),
-and, when val accuracy improved, the projector + LoRA exported (fp16).
+and, when val accuracy improved, the projector + LoRA exported (fp16). A checkpoint resumed with another
+``--val`` (say, more questions for a less noisy choice) is first evaluated on the new val questions, and its
+accuracy there is the bar a later step must beat to be exported.
 
 ``--device cuda`` trains on a GPU: the model moves there, the cached features (1.5 GB for 12,000 videos)
 stay in host memory and travel a batch at a time; checkpoints and exports are the CPU run's format.
@@ -695,6 +697,10 @@ def main(argv=None) -> None:
         sched.load_state_dict(state["sched"])
         step, best = state["step"], state["best"]
         print(f"resumed at step {step} (best val accuracy {best:.3f})", flush=True)
+        if state.get("val") != args.val:  # a best from other val questions is no bar for these: measure anew
+            print(f"the checkpoint's best was chosen on {state.get('val', 'unrecorded')} val questions, this run's "
+                  f"on {args.val}: the resumed weights are the bar", flush=True)
+            best = evaluate(step, float("nan"), "resume")
     else:
         projector.load_state_dict(torch.load(aligned, map_location=device))
         if args.init_lora:
@@ -746,7 +752,7 @@ def main(argv=None) -> None:
             improved = acc > best
             best = max(best, acc)
             torch.save({"trainable": {n: p.detach().clone() for n, p in trainable.items()}, "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "step": step, "best": best}, ckpt)
+                        "sched": sched.state_dict(), "step": step, "best": best, "val": args.val}, ckpt)
             if improved and args.export:
                 Path(args.export).parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.to(torch.float16).cpu() for k, v in trained_tensors(model).items()}, args.export)
