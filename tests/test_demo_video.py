@@ -349,3 +349,25 @@ def test_shipped_demo_watches_the_video():
     # (measured: 0.72 forward; reversed, order 1.00 -> 0.17, final_state 0.83 -> 0.00, direction 0.50 -> 0.00)
     assert reversed_kind["order"] <= 0.5 < per_kind["order"], (reversed_kind, per_kind)
     assert reversed_kind["final_state"] < per_kind["final_state"], (reversed_kind, per_kind)
+
+
+def test_soup_is_the_exact_average_of_the_lora_deltas():
+    """training/demo_video/soup.py: two rank-1 LoRAs, up1 @ down1 = [[3, 6], [4, 8]] and up2 @ down2 = [[0, 2],
+    [0, 0]], stack into one rank-2 pair whose product is their mean [[1.5, 4], [2, 4]] (averaging down and up
+    apart would give [[0.75, 2.25], [1, 3]]); projectors are averaged."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "training" / "demo_video" / "soup.py"
+    spec = importlib.util.spec_from_file_location("demo_video_soup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = {"multi_modal_projector.linear_1.weight": torch.tensor([[1.0]]),
+         "lora.layers.0.q_proj.down": torch.tensor([[1.0, 2.0]]), "lora.layers.0.q_proj.up": torch.tensor([[3.0], [4.0]])}
+    b = {"multi_modal_projector.linear_1.weight": torch.tensor([[3.0]]),
+         "lora.layers.0.q_proj.down": torch.tensor([[0.0, 1.0]]), "lora.layers.0.q_proj.up": torch.tensor([[2.0], [0.0]])}
+    mixed = module.soup([a, b])
+    assert mixed["lora.layers.0.q_proj.down"].shape == (2, 2) and mixed["lora.layers.0.q_proj.up"].shape == (2, 2)
+    delta = mixed["lora.layers.0.q_proj.up"] @ mixed["lora.layers.0.q_proj.down"]
+    assert torch.equal(delta, torch.tensor([[1.5, 4.0], [2.0, 4.0]]))
+    assert torch.equal(mixed["multi_modal_projector.linear_1.weight"], torch.tensor([[2.0]]))
