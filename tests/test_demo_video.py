@@ -317,7 +317,8 @@ def test_trainer_runs_end_to_end_and_resumes(tmp_path, capsys):
     main(args)
     out = capsys.readouterr().out
     assert "resumed at step 2" in out and "eval step" not in out  # same val questions: the recorded best stands
-    other_val = [x if x != "6" or args[i - 1] != "--val" else "4" for i, x in enumerate(args)]
+    other_val = list(args)
+    other_val[other_val.index("--val") + 1] = "4"
     main(other_val)  # other val questions: the resumed weights are measured on them and set the bar
     out = capsys.readouterr().out
     assert "chosen on 6 val questions, this run's on 4" in out and "eval step 2:" in out
@@ -354,7 +355,7 @@ def test_shipped_demo_watches_the_video():
 def test_soup_is_the_exact_average_of_the_lora_deltas():
     """training/demo_video/soup.py: two rank-1 LoRAs, up1 @ down1 = [[3, 6], [4, 8]] and up2 @ down2 = [[0, 2],
     [0, 0]], stack into one rank-2 pair whose product is their mean [[1.5, 4], [2, 4]] (averaging down and up
-    apart would give [[0.75, 2.25], [1, 3]]); projectors are averaged."""
+    apart would give [[1.25, 3.75], [1, 3]]); projectors are averaged."""
     import importlib.util
     from pathlib import Path
 

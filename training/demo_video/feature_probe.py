@@ -1,9 +1,10 @@
 """Is an actor's place in the pooled tower features the projector reads? Probes (logistic, and a 256-unit MLP)
 fitted on the actor tokens of the first 3,000 train videos' cached features, scored on the 240 val videos':
 x half, y half, the token's cell column (a control: the position embedding), and the side of the crossings
-line in line scenes. Session 7's finding: x / y half 0.96 (linear), line side 0.89 (MLP) -- the place is
-there, so v9's tokens naming their side little better than chance (0.60 / 0.63, place_probe.py) was the
-alignment objective's fault.
+line in line scenes. Session 7's finding: x / y half 0.96 (linear) -- the place is there, so v9's tokens naming
+their side little better than chance (0.60 / 0.63, place_probe.py) was the alignment objective's fault. Line
+side 0.89 (MLP) is over all line scenes' actor tokens, where the middle's side agrees with the line's on 0.93:
+it does not show the line's side is there where the two differ (session 8's reading, docs/demo.md).
     python training/demo_video/feature_probe.py [features_train.pt features_val.pt]   (~6 min on 2 cores)
 """
 import sys

@@ -29,16 +29,23 @@ from tokenprune.zoo.train_demo import add_lora, trained_tensors
 from tokenprune.zoo.train_demo_video import VideoBatcher, first_token_accuracy, questions
 
 
-def exported_tensors(path: Path, lora_rank: int) -> dict[str, torch.Tensor]:
-    """The shipped-format tensors (projector + ``lora.<module>.down/up``) of an export or a trainer checkpoint."""
+def exported_tensors(path: Path, trainer_model) -> dict[str, torch.Tensor]:
+    """The shipped-format tensors (projector + ``lora.<module>.down/up``) of an export, or of a trainer checkpoint
+    loaded into ``trainer_model`` (the demo with peft LoRA, as the trainer builds it; every trained tensor is
+    overwritten, so one model serves all checkpoints)."""
     if path.suffix == ".safetensors":
         return {k: v.float() for k, v in load_file(str(path)).items()}
+    result = trainer_model.load_state_dict(torch.load(path, map_location="cpu")["trainable"], strict=False)
+    if result.unexpected_keys:
+        raise SystemExit(f"{path}: {len(result.unexpected_keys)} tensors this model lacks; pass --lora-rank")
+    return {k: v.float() for k, v in trained_tensors(trainer_model).items()}
+
+
+def trainer_model(lora_rank: int):
+    """The demo with rank-``lora_rank`` peft LoRA, as the trainer builds it (what its checkpoints load into)."""
     model, _ = build_demo_video(weights=None)
-    add_lora(model.model.language_model, lora_rank, 2.0 * lora_rank)  # as the trainer builds it
-    missing = model.load_state_dict(torch.load(path, map_location="cpu")["trainable"], strict=False)
-    if missing.unexpected_keys:
-        raise SystemExit(f"{path}: {len(missing.unexpected_keys)} tensors this model lacks; pass --lora-rank")
-    return {k: v.float() for k, v in trained_tensors(model).items()}
+    add_lora(model.model.language_model, lora_rank, 2.0 * lora_rank)
+    return model
 
 
 def soup(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -70,7 +77,8 @@ def main() -> None:
     if len(feats) != len(val):
         raise SystemExit(f"{args.features} holds {len(feats)} videos, --val asks {len(val)}")
     items = [(i, q.question, q.answer, q.kind) for i, (_, q) in enumerate(val)]
-    parts = [exported_tensors(p, args.lora_rank) for p in args.inputs]
+    peft_model = trainer_model(args.lora_rank) if any(p.suffix != ".safetensors" for p in args.inputs) else None
+    parts = [exported_tensors(p, peft_model) for p in args.inputs]
     mixed = soup(parts)
     # fp16 first, as shipped: every score below is of the weights a file would hold
     candidates = [] if args.soup_only else [(str(p), t) for p, t in zip(args.inputs, parts)]
